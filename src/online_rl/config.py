@@ -1,0 +1,187 @@
+"""Typed schemas for every Hydra config group.
+
+Each group's YAML files start from one of these dataclasses (registered in Hydra's ConfigStore), so a
+misspelt key or a value of the wrong type fails when the config is composed, before any model loads,
+with an error that names the key. Every field carries one line saying what it does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ScaleRewards(str, Enum):
+    group = "group"  # divide by the std of the prompt's G rewards (GRPO paper)
+    batch = "batch"  # divide by the std of the whole generation batch (more robust, Dr. GRPO discussion)
+    none = "none"  # centre only (Dr. GRPO: no std scaling)
+
+
+class LossType(str, Enum):
+    grpo = "grpo"  # mean over each sequence's tokens, then over sequences (GRPO paper)
+    bnpo = "bnpo"  # token mean over each micro-batch
+    dr_grpo = "dr_grpo"  # token sum / (sequences x max_completion_length) (Dr. GRPO)
+    dapo = "dapo"  # token mean over the whole generation batch (DAPO)
+
+
+class EngineMode(str, Enum):
+    off = "off"  # transformers `generate` on the trainer's own model
+
+
+class LoggerBackend(str, Enum):
+    trackio = "trackio"
+    none = "none"
+
+
+class LrScheduler(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+@dataclass
+class GRPOConfig:
+    name: str = "grpo"
+    num_generations: int = 8  # G: completions sampled per prompt; the group that normalises advantages
+    scale_rewards: ScaleRewards = ScaleRewards.group  # group | batch | none
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = (
+        None  # upper clip: ratio <= 1 + epsilon_high; null = epsilon (DAPO uses 0.28)
+    )
+    num_iterations: int = 1  # mu: optimizer passes over one rollout, each against the rollout's old log-probs
+    loss_type: LossType = LossType.dapo  # grpo | bnpo | dr_grpo | dapo (how token losses are averaged)
+    beta: float = 0.0  # KL weight to the reference model (k3 estimator); 0 loads no reference model
+    mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
+
+
+@dataclass
+class EngineConfig:
+    mode: EngineMode = EngineMode.off  # which engine generates: off = transformers generate
+
+
+@dataclass
+class RandomInitConfig:
+    """A Qwen2-architecture model with random weights and a byte-level BPE tokenizer trained on the data."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4  # head_dim = hidden_size / num_heads; vLLM's CPU attention needs >= 32
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    tokenizer_vocab_size: int = 512  # BPE merges are learnt until this size (or the data runs out)
+    model_vocab_size: int | None = None  # null = the tokenizer's size rounded up to 64; 151936 = Qwen2 shape
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    seed: int = 0  # weights and tokenizer depend only on this and the data, not on the run's seed
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False  # train LoRA adapters instead of all weights
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # hub id or local directory; with random_init, the name of the built model
+    random_init: RandomInitConfig | None = None  # build a random model instead of loading name_or_path
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust the repo
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class RewardConfig:
+    fn: str = MISSING  # import path of the function, e.g. rewards.format.think_answer_format
+    weight: float = 1.0  # weight in the total reward; 0 = logged only
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments bound to the function
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "cpu"  # cpu | cuda
+    param_dtype: str = "float32"  # dtype of the trained weights (float32 | bfloat16)
+    autocast_dtype: str | None = None  # mixed precision for forward passes (bfloat16 on GPU), null = off
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # datasets.load_dataset path: hub id, or a builder such as json
+    subset: str | None = None  # dataset config name (gsm8k: main)
+    data_files: str | None = None  # local files for builders such as json
+    split: str = "train"
+    synthetic_rows: int | None = None  # instead of loading: this many arithmetic problems made in code
+    prompt_column: str = "prompt"  # the question shown to the model
+    solution_column: str | None = "solution"  # reference answer, passed to rewards as `solution`
+    solution_regex: str | None = None  # keep only this regex's first group of the solution (gsm8k: '#### N')
+    system_prompt: str | None = None  # null = no system message
+    max_prompt_length: int = 512  # prompts longer than this (in tokens) keep their last tokens
+    shuffle: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.trackio  # trackio (local, offline) | none
+    project: str = "online-rl"  # trackio project name
+    log_every: int = 1  # steps between log lines on the console
+    sample_table_every: int = 10  # steps between tables of sample prompts / completions / rewards
+    sample_table_rows: int = 8
+
+
+@dataclass
+class SamplingConfig:
+    max_completion_length: int = 256  # new tokens per completion; longer ones are truncated
+    temperature: float = 1.0  # the trainer scores tokens at this temperature too
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    lr_scheduler: LrScheduler = LrScheduler.constant  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    algo: Any = MISSING  # one of the algo group's schemas (GRPOConfig, ...)
+    vllm: EngineConfig = MISSING
+    model: ModelConfig = MISSING
+    rewards: dict[str, RewardConfig] = field(default_factory=dict)
+    hardware: HardwareConfig = MISSING
+    data: DataConfig = MISSING
+    logger: LoggerConfig = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 42  # seeds python, numpy, torch (CPU and CUDA), the data order and sampling
+    max_steps: int = 100  # optimizer steps
+    prompts_per_step: int = (
+        8  # prompts per rollout; the rollout has prompts_per_step x num_generations samples
+    )
+    micro_batch_size: int = 8  # completions per forward/backward; gradients accumulate over the rollout
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
+    output_dir: str = "${hydra:runtime.output_dir}"  # where config, checkpoints and trackio data go
+
+
+def register_configs() -> None:
+    """Put the schemas into Hydra's ConfigStore.
+
+    The top-level schema types every group but `algo`, whose options have different fields: each
+    algo YAML names its own schema (`/schema/algo/grpo@_here_`) at the head of its defaults list.
+    """
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(group="schema/algo", name="grpo", node=GRPOConfig)

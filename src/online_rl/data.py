@@ -1,0 +1,148 @@
+"""Prompts: load a dataset, normalise its columns, format prompts into token ids, and sample batches.
+
+Every row leaves `load_prompts` with a `prompt` (the question) and, when the data has one, a
+`solution` (the reference answer); the dataset's other columns stay and reach the reward functions.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+import datasets
+import torch
+
+SYNTHETIC_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def synthetic_arithmetic(num_rows: int, seed: int = 0) -> datasets.Dataset:
+    """Arithmetic word problems with integer answers, made in code so the quickstart needs no download."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = rng.choice(list(SYNTHETIC_OPERATIONS))
+        rows.append({"prompt": f"What is {a} {op} {b}?", "solution": str(SYNTHETIC_OPERATIONS[op](a, b))})
+    return datasets.Dataset.from_list(rows)
+
+
+def load_prompts(data_cfg: Any) -> datasets.Dataset:
+    """The dataset named by `data_cfg`, with `prompt` and `solution` columns (see DataConfig)."""
+    if data_cfg.synthetic_rows:
+        return synthetic_arithmetic(data_cfg.synthetic_rows)
+    if not data_cfg.path:
+        raise ValueError(
+            "data.path is empty: set data.path (a hub id or a builder such as json) or data.synthetic_rows"
+        )
+    try:
+        dataset = datasets.load_dataset(
+            data_cfg.path, data_cfg.subset, data_files=data_cfg.data_files, split=data_cfg.split
+        )
+    except StopIteration as error:  # what the json builder raises on an empty file
+        raise ValueError(
+            f"the dataset has no rows: data.data_files={data_cfg.data_files} is empty"
+        ) from error
+    return normalise_columns(
+        dataset, data_cfg.prompt_column, data_cfg.solution_column, data_cfg.solution_regex
+    )
+
+
+def normalise_columns(
+    dataset: datasets.Dataset, prompt_column: str, solution_column: str | None, solution_regex: str | None
+) -> datasets.Dataset:
+    """Rename the question column to `prompt` and the answer column to `solution` (cut by solution_regex)."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset has no rows: check data.path, data.data_files and data.split")
+    for key, column in (("data.prompt_column", prompt_column), ("data.solution_column", solution_column)):
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(
+                f"the dataset has no column {column!r} ({key}); its columns are {dataset.column_names}. "
+                f"Fix it with {key}=<one of those>"
+                + (" or data.solution_column=null" if key.startswith("data.sol") else "")
+            )
+    renames = {prompt_column: "prompt"}
+    if solution_column is not None:
+        renames[solution_column] = "solution"
+    clashes = [new for old, new in renames.items() if old != new and new in dataset.column_names]
+    dataset = dataset.remove_columns(clashes).rename_columns({o: n for o, n in renames.items() if o != n})
+    if solution_column is not None and solution_regex:
+        pattern = re.compile(solution_regex, re.MULTILINE)
+
+        def cut(row: dict) -> dict:
+            match = pattern.search(row["solution"])
+            return {"solution": match.group(1) if match else row["solution"]}
+
+        dataset = dataset.map(cut)
+    return dataset
+
+
+def prompt_messages(question: str, system_prompt: str | None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": question}]
+
+
+def prompt_text(tokenizer: Any, question: str, system_prompt: str | None) -> str:
+    """The text the model continues: the chat template when the tokenizer has one, else plain text."""
+    if tokenizer.chat_template:
+        messages = prompt_messages(question, system_prompt)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{system_prompt}\n\n{question}\n" if system_prompt else f"{question}\n"
+
+
+def tokenize_prompts(
+    tokenizer: Any, questions: list[str], system_prompt: str | None, max_prompt_length: int
+) -> list[list[int]]:
+    """Token ids per prompt, left-truncated to max_prompt_length (the end, where the question is, stays)."""
+    texts = [prompt_text(tokenizer, q, system_prompt) for q in questions]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [row[-max_prompt_length:] for row in ids]
+
+
+def check_prompt_budget(tokenizer: Any, system_prompt: str | None, max_prompt_length: int) -> None:
+    """Fail early when the template and system prompt alone use up max_prompt_length."""
+    overhead = len(tokenize_prompts(tokenizer, [""], system_prompt, 10**9)[0])
+    if overhead >= max_prompt_length:
+        raise ValueError(
+            f"data.max_prompt_length={max_prompt_length} tokens, but the chat template and system prompt "
+            f"alone take {overhead}: left-truncation would cut the system prompt. "
+            f"Raise it, e.g. data.max_prompt_length={overhead + 256}, or shorten data.system_prompt"
+        )
+
+
+class PromptSampler:
+    """Yields batches of rows, reshuffled every epoch by its own seeded generator.
+
+    Its state (epoch and position) is part of a checkpoint, so a resumed run sees the same prompts.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, batch_size: int, seed: int, shuffle: bool = True):
+        if batch_size > len(dataset):
+            raise ValueError(
+                f"prompts_per_step={batch_size} is larger than the dataset ({len(dataset)} rows): lower prompts_per_step"
+            )
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def next_batch(self) -> list[dict]:
+        """The next batch_size rows; an epoch's tail too short for a batch is skipped."""
+        if self.position + self.batch_size > len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        indices = self._order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return [self.dataset[i] for i in indices]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._epoch_order()

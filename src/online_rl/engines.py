@@ -1,0 +1,138 @@
+"""Generation engines. They know prompts, token ids, weights and sampling settings, never the algorithm.
+
+Every engine answers the same calls:
+- `generate(prompt_ids, n, sampling) -> Rollout`: n samples per prompt, prompt-major;
+- `sync_weights(model)`: make the engine generate with the trainer's current weights;
+- `close()`: free what the engine holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Rollout:
+    """n completions per prompt, prompt-major: completion k of prompt p is at index p * n + k."""
+
+    completion_ids: list[list[int]]  # sampled tokens, EOS included when the model emitted it
+    finished: list[bool]  # True when the completion ended with EOS, False when max_completion_length cut it
+    sampler_logprobs: (
+        list[list[float]] | None
+    )  # the engine's log-prob of each sampled token, if it reports them
+
+
+class Engine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (len(rows), longest row), padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """The tokens up to and including the first EOS, and whether there was one."""
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+class TransformersEngine:
+    """`vllm=off`: transformers `generate` on the trainer's own model object.
+
+    It is the baseline without vLLM and the engine for CPU-only machines. Because it samples from
+    the very module the optimizer updates, it always generates with the latest weights.
+    It reports no sampler log-probs: the trainer's own forward pass computes them.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, device: torch.device, autocast_dtype: torch.dtype | None
+    ):
+        self.model, self.tokenizer, self.device, self.autocast_dtype = (
+            model,
+            tokenizer,
+            device,
+            autocast_dtype,
+        )
+        eos = (
+            model.generation_config.eos_token_id
+            if model.generation_config.eos_token_id is not None
+            else tokenizer.eos_token_id
+        )
+        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        self.eos_ids.add(tokenizer.eos_token_id)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
+        ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            repetition_penalty=1.0,  # explicit: a hub generation_config must not change what the trainer scores
+            max_new_tokens=sampling.max_completion_length,
+            num_return_sequences=n,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            with autocast:
+                sequences = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    generation_config=config,
+                )
+        finally:
+            self.model.train(was_training)
+        new_tokens = sequences[:, ids.shape[1] :].tolist()  # (P * n, <= max_completion_length)
+        cut = [cut_at_eos(row, self.eos_ids) for row in new_tokens]
+        return Rollout(
+            completion_ids=[tokens for tokens, _ in cut],
+            finished=[ended for _, ended in cut],
+            sampler_logprobs=None,
+        )
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to copy: this engine generates with the trainer's module itself."""
+        if model is not self.model:
+            raise ValueError(
+                "TransformersEngine generates with the trainer's own model; it cannot sync another one"
+            )
+
+    def close(self) -> None:
+        self.model = None
+
+
+def make_engine(
+    engine_cfg: Any, model: torch.nn.Module, tokenizer: Any, device: torch.device, autocast_dtype
+):
+    if engine_cfg.mode == "off":
+        return TransformersEngine(model, tokenizer, device, autocast_dtype)
+    raise ValueError(f"vllm.mode={engine_cfg.mode!r} is not an engine this version has: use vllm=off")

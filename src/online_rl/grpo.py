@@ -1,0 +1,107 @@
+"""GRPO maths as small pure functions of tensors. Imports torch only.
+
+Shapes: N = completions in the rollout (prompts x G), B = completions in a micro-batch, T = completion
+tokens (padded). `mask` is 1 on real completion tokens (the EOS included), 0 on padding.
+
+Departures from the GRPO paper (arXiv:2402.03300), all selectable:
+- `epsilon_high` clips the ratio asymmetrically (DAPO, arXiv:2503.14476 "clip-higher");
+- `loss_type` picks how token losses are averaged (the paper's per-sequence mean is `grpo`);
+- `scale_rewards` may skip the std division (Dr. GRPO, arXiv:2503.20783) or use the batch std.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str) -> torch.Tensor:
+    """A_i = (r_i - mean(group)) / (std + 1e-4), the paper's outcome-supervised advantage.
+
+    rewards: (N,), ordered prompt-major so each run of `group_size` entries shares a prompt.
+    scale_rewards: "group" divides by the group's std, "batch" by the std of all N rewards, "none" not at all.
+    Returns (N,). A group whose rewards are all equal gets advantage 0 everywhere: it carries no signal.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)  # (N/G, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        centred = centred / (rewards.std() + 1e-4)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be group, batch or none, not {scale_rewards!r}")
+    return centred.reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman, 2020).
+
+    logp, ref_logp: (B, T) log-probs of the sampled tokens. Returns (B, T).
+    """
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-style clipped surrogate per token: -min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A).
+
+    logp, old_logp: (B, T); advantages: (B,), one per completion, broadcast over its tokens.
+    Returns (loss (B, T), ratio (B, T)). With old_logp = logp.detach() the ratio is 1 and the
+    gradient is the plain policy gradient, as in one-pass GRPO.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1)  # (B, 1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
+    return -torch.min(unclipped, clipped), ratio
+
+
+def aggregate_loss(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    num_micro_batches: int,
+    rollout_token_count: int,
+    max_completion_length: int,
+) -> torch.Tensor:
+    """Reduce a micro-batch's token losses (B, T) to its share of the step's loss (a scalar).
+
+    Summing the returned value over the rollout's micro-batches gives the step loss:
+    - grpo:    mean over sequences of each sequence's token mean, averaged over micro-batches;
+    - bnpo:    token mean over the micro-batch, averaged over micro-batches;
+    - dr_grpo: token sum / (B x max_completion_length), averaged over micro-batches;
+    - dapo:    token sum / rollout_token_count, the token mean over the whole rollout.
+    """
+    masked = token_loss * mask
+    if loss_type == "grpo":
+        per_sequence = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return per_sequence.mean() / num_micro_batches
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1) / num_micro_batches
+    if loss_type == "dr_grpo":
+        return masked.sum() / (mask.shape[0] * max_completion_length) / num_micro_batches
+    if loss_type == "dapo":
+        return masked.sum() / max(rollout_token_count, 1)
+    raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, not {loss_type!r}")
+
+
+def clip_fractions(
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float, epsilon_high: float
+) -> dict[str, torch.Tensor]:
+    """Share of tokens whose gradient the clip removed: below 1-eps with A<0 (low), above 1+eps with A>0 (high)."""
+    adv = advantages.unsqueeze(1)
+    low = (ratio < 1 - epsilon_low) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    tokens = mask.sum().clamp(min=1)
+    return {
+        "clip_low": (low * mask).sum() / tokens,
+        "clip_high": (high * mask).sum() / tokens,
+        "clip_region": ((low | high) * mask).sum() / tokens,
+    }

@@ -1,0 +1,157 @@
+"""Models: load from the hub or a directory, or build a random Qwen2-architecture model offline; LoRA.
+
+A random model is written to disk like any checkpoint (weights + tokenizer), so every engine, vLLM
+included, loads it by path exactly as it would a hub model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+log = logging.getLogger(__name__)
+
+END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# The ChatML layout Qwen2 models use, so prompts for the random model look like the real ones.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def train_byte_level_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (what Qwen2Tokenizer expects) learnt from `texts`, with ChatML specials."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=IM_END, pad_token=END_OF_TEXT)
+    wrapped.chat_template = CHATML_TEMPLATE
+    return wrapped
+
+
+def build_random_model(spec: Any, texts: Iterable[str], directory: Path) -> Path:
+    """Write a Qwen2-architecture model with random weights and a tokenizer trained on `texts` to `directory`."""
+    tokenizer = train_byte_level_tokenizer(texts, spec.tokenizer_vocab_size)
+    vocab_size = spec.model_vocab_size or -(-len(tokenizer) // 64) * 64
+    if vocab_size < len(tokenizer):
+        raise ValueError(
+            f"model_vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)"
+        )
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config)
+    # A random model must not stop on hub generation defaults, only on EOS and max_new_tokens.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def resolve_model_path(model_cfg: Any, texts: Iterable[str], output_dir: Path) -> str:
+    """The path or hub id to load: a freshly built random model, or model.name_or_path."""
+    if model_cfg.random_init is None:
+        return model_cfg.name_or_path
+    directory = output_dir / "random_init" / model_cfg.name_or_path
+    log.info(
+        "Building %s (random weights, tokenizer trained on the data) in %s", model_cfg.name_or_path, directory
+    )
+    return str(build_random_model(model_cfg.random_init, texts, directory))
+
+
+def load_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only pads; padded positions are masked everywhere
+    return tokenizer
+
+
+def load_policy(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The trainable model: all weights, or LoRA adapters on a frozen base when model.lora.enabled."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+    ).to(device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if model_cfg.lora.enabled:
+        model = add_lora(model, model_cfg.lora)
+    return model
+
+
+def add_lora(model: torch.nn.Module, lora_cfg: Any) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(lora_cfg.target_modules) - module_names)
+    if missing:
+        linear_names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ValueError(
+            f"model.lora.target_modules has {missing}, which this model does not have. "
+            f"Its linear layers are {linear_names}: e.g. model.lora.target_modules=[q_proj,v_proj]"
+        )
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input under LoRA
+    return get_peft_model(model, config)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The reference policy for a full fine-tune: the initial weights, frozen."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter")
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}: use one of {sorted(dtypes)}")
+    return dtypes[name]

@@ -1,0 +1,114 @@
+"""Reward functions from config: import them, call them with one signature, check and combine what they return.
+
+Signature of every reward: fn(prompts, completions, **columns) -> list[float | None], where columns are
+the dataset's columns (one value per completion) plus `completion_lengths` (tokens per completion).
+None means "no opinion": the sample is left out of that reward's mean and adds 0 to the total.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RewardFunction:
+    name: str
+    fn: Callable[..., list]
+    weight: float
+
+
+class RewardError(RuntimeError):
+    """A reward function raised or returned something unusable; the message names it and shows a sample."""
+
+
+def import_function(path: str) -> Callable:
+    module_name, _, attribute = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"reward fn {path!r} is not an import path like rewards.format.think_answer_format")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import reward fn {path!r}: {error}") from error
+
+
+def load_reward_functions(rewards_cfg: Mapping[str, Any]) -> list[RewardFunction]:
+    if not rewards_cfg:
+        raise ValueError("no reward functions configured: pick some, e.g. rewards=[format,math_accuracy]")
+    loaded = []
+    for name, spec in rewards_cfg.items():
+        fn = import_function(spec.fn)
+        if spec.kwargs:
+            fn = functools.partial(fn, **spec.kwargs)
+        loaded.append(RewardFunction(name=name, fn=fn, weight=float(spec.weight)))
+    return loaded
+
+
+def check_scores(
+    name: str, scores: Any, expected: int, prompts: list[str], completions: list[str]
+) -> list[float | None]:
+    """The scores as floats / None, or a RewardError that names the reward and shows an offending sample."""
+    if not isinstance(scores, (list, tuple)) or len(scores) != expected:
+        size = len(scores) if hasattr(scores, "__len__") else type(scores).__name__
+        raise RewardError(
+            f"reward '{name}' returned {size} scores for {expected} completions: return one per completion"
+        )
+    checked: list[float | None] = []
+    for i, score in enumerate(scores):
+        if score is not None:
+            score = float(score)
+            if not math.isfinite(score):
+                raise RewardError(
+                    f"reward '{name}' returned {score} for completion {i}; return a finite float, or None for "
+                    f"no opinion.\n  prompt: {prompts[i][:200]!r}\n  completion: {completions[i][:200]!r}"
+                )
+        checked.append(score)
+    return checked
+
+
+def score_completions(
+    reward_functions: list[RewardFunction],
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list],
+) -> dict[str, list[float | None]]:
+    """{reward name: one score or None per completion}."""
+    scores = {}
+    for reward in reward_functions:
+        try:
+            raw = reward.fn(prompts, completions, **columns)
+        except Exception as error:
+            raise RewardError(
+                f"reward '{reward.name}' raised {type(error).__name__}: {error}\n"
+                f"  first sample: prompt={prompts[0][:200]!r} completion={completions[0][:200]!r}"
+            ) from error
+        scores[reward.name] = check_scores(reward.name, raw, len(completions), prompts, completions)
+    return scores
+
+
+def total_reward(
+    reward_functions: list[RewardFunction], scores: dict[str, list[float | None]]
+) -> torch.Tensor:
+    """Weighted sum per completion, (N,); a None adds nothing."""
+    count = len(next(iter(scores.values())))
+    total = torch.zeros(count)
+    for reward in reward_functions:
+        values = torch.tensor([0.0 if s is None else s for s in scores[reward.name]])
+        total += reward.weight * values
+    return total
+
+
+def reward_metrics(scores: dict[str, list[float | None]]) -> dict[str, float]:
+    """reward/<name>_mean over the samples that got a score, and the share that got None."""
+    metrics = {}
+    for name, values in scores.items():
+        given = [v for v in values if v is not None]
+        metrics[f"reward/{name}_mean"] = sum(given) / len(given) if given else float("nan")
+        metrics[f"reward/{name}_none_frac"] = 1 - len(given) / len(values)
+    return metrics

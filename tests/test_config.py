@@ -1,0 +1,115 @@
+"""Every option of every config group composes; bad overrides fail at compose time and name the key."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from .conftest import CONF, ROOT, compose_config
+
+
+def group_options():
+    """(group, option) for every YAML under conf/, found recursively (recipes come in through conf/recipe)."""
+    found = []
+    for folder, _, files in os.walk(CONF, followlinks=True):
+        group = Path(folder).relative_to(CONF).as_posix()
+        found += [
+            (group, Path(name).stem) for name in sorted(files) if name.endswith(".yaml") and group != "."
+        ]
+    return sorted(found)
+
+
+def test_every_group_of_the_design_is_there():
+    groups = {group for group, _ in group_options()}
+    assert {"algo", "vllm", "model", "rewards", "hardware", "data", "logger", "recipe"} <= groups
+
+
+@pytest.mark.parametrize("group, option", group_options())
+def test_every_option_composes(group, option):
+    if group == "rewards":
+        override = f"rewards=[{option}]"
+    elif group == "recipe":
+        override = f"+recipe={option}"
+    else:
+        override = f"{group}={option}"
+    cfg = compose_config([override])
+    OmegaConf.resolve(cfg.rewards)  # interpolations such as ${sampling.max_completion_length} resolve
+    if group == "rewards":
+        assert list(cfg.rewards) == [option]
+    for key in ("algo", "vllm", "model", "hardware", "data", "logger"):
+        assert OmegaConf.get_type(cfg[key]).__module__ == "online_rl.config", key  # typed by its schema
+
+
+def test_the_readme_command_parses():
+    cfg = compose_config(["algo=grpo", "vllm=off", "model=qwen2_0.5b", "rewards=[format,math_accuracy]"])
+    assert cfg.model.name_or_path == "Qwen/Qwen2-0.5B-Instruct"
+    assert list(cfg.rewards) == ["format", "math_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algo.epsiloon=0.1", "Key 'epsiloon' not in 'GRPOConfig'"),
+        ("algo.epsilon=abc", "Value 'abc' of type 'str' could not be converted to Float"),
+        ("algo.scale_rewards=grop", "Invalid value 'grop', expected one of \\[group, batch, none\\]"),
+        ("algo.loss_type=ppo", "Invalid value 'ppo'"),
+        ("max_stepz=3", "Key 'max_stepz' not in 'TrainConfig'"),
+        ("model.lora.r=eight", "could not be converted to Integer"),
+        ("rewards.digits.wieght=2", "Key 'wieght' not in 'RewardConfig'"),
+        ("optim.lr_scheduler=exponential", "Invalid value 'exponential'"),
+    ],
+)
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config([override])
+    chain = []
+    error = caught.value
+    while error is not None:  # Hydra wraps OmegaConf's message; the whole chain is what the user sees
+        chain.append(str(error))
+        error = error.__cause__
+    assert any(re.search(message, text) for text in chain), chain
+
+
+def test_unknown_option_lists_the_available_ones():
+    with pytest.raises(MissingConfigException, match="Could not find 'algo/grpoo'"):
+        compose_config(["algo=grpoo"])
+
+
+def test_command_line_error_is_readable():
+    result = subprocess.run(
+        [sys.executable, "train.py", "algo.epsilon=abc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "full_key: algo.epsilon" in result.stderr
+
+
+def test_multirun_sweep_runs_every_job(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "algo.loss_type=grpo,dr_grpo",
+            "max_steps=1",
+            "logger=none",
+            "data.synthetic_rows=64",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp_path / job / "checkpoints" / "step_000001" / "model.safetensors").exists()
+    assert OmegaConf.load(tmp_path / "1" / "config_resolved.yaml").algo.loss_type == "dr_grpo"

@@ -1,0 +1,105 @@
+"""GRPO maths on small tensors whose answers are worked out by hand in the comments."""
+
+import math
+
+import pytest
+import torch
+
+from online_rl import grpo
+
+
+def test_group_advantages_group_scaling():
+    # group 1: rewards 1,0,0,1 -> mean 0.5, unbiased std sqrt(1/3) = 0.57735
+    # group 2: all equal -> advantages 0 (no signal)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = grpo.group_advantages(rewards, group_size=4, scale_rewards="group")
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+
+
+def test_group_advantages_batch_and_none_scaling():
+    rewards = torch.tensor([1.0, 0.0, 3.0, 5.0])  # groups of 2: means 0.5 and 4
+    centred = torch.tensor([0.5, -0.5, -1.0, 1.0])
+    torch.testing.assert_close(grpo.group_advantages(rewards, 2, "none"), centred)
+    batch_std = rewards.std()  # std over all four rewards, not per group
+    torch.testing.assert_close(grpo.group_advantages(rewards, 2, "batch"), centred / (batch_std + 1e-4))
+
+
+def test_group_advantages_rejects_bad_input():
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo.group_advantages(torch.zeros(4), 3, "group")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo.group_advantages(torch.zeros(4), 2, "grop")
+
+
+def test_k3_kl_is_zero_at_equality_and_matches_formula():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.0, -1.5]])
+    kl = grpo.k3_kl(logp, ref)
+    d = 0.5  # ref - logp for the second token
+    torch.testing.assert_close(kl, torch.tensor([[0.0, math.exp(d) - d - 1]]))
+
+
+def test_clipped_loss_clips_each_side_only_where_it_should():
+    # ratios e^0.5=1.65 and e^-0.5=0.61 with eps_low 0.2, eps_high 0.28
+    logp = torch.tensor([[0.5, -0.5], [0.5, -0.5]])
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([1.0, -1.0])
+    loss, ratio = grpo.clipped_token_loss(logp, old, adv, 0.2, 0.28)
+    r_hi, r_lo = math.exp(0.5), math.exp(-0.5)
+    # A=+1: min(r, clip(r)) -> 1.28 for the high ratio, 0.61 (unclipped, it is smaller) for the low one
+    # A=-1: min(-r, -clip(r)) -> -1.65 (unclipped) for the high ratio, -0.8 (clipped) for the low one
+    expected = -torch.tensor([[1.28, r_lo], [-r_hi, -0.8]])
+    torch.testing.assert_close(loss, expected)
+    fractions = grpo.clip_fractions(ratio, adv, torch.ones(2, 2), 0.2, 0.28)
+    assert fractions["clip_high"] == pytest.approx(0.25)  # token (0,0): r > 1.28 with A > 0
+    assert fractions["clip_low"] == pytest.approx(0.25)  # token (1,1): r < 0.8 with A < 0
+    assert fractions["clip_region"] == pytest.approx(0.5)
+
+
+def test_ratio_one_gives_plain_policy_gradient():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, ratio = grpo.clipped_token_loss(logp, logp.detach(), torch.tensor([2.0]), 0.2, 0.2)
+    loss.sum().backward()
+    torch.testing.assert_close(ratio, torch.ones(1, 2))
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2.0, -2.0]]))  # d(-r*A)/dlogp = -A at r=1
+
+
+# Two micro-batches of one rollout. Token losses (masked positions hold junk that must not count):
+#   micro-batch 1: seq a = [1, 2, 3] (3 tokens), seq b = [4, x, x] (1 token)
+#   micro-batch 2: seq c = [6, 6, x] (2 tokens), seq d = [0, x, x] (1 token)
+LOSS_1 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
+MASK_1 = torch.tensor([[1, 1, 1], [1, 0, 0]])
+LOSS_2 = torch.tensor([[6.0, 6.0, 99.0], [0.0, 99.0, 99.0]])
+MASK_2 = torch.tensor([[1, 1, 0], [1, 0, 0]])
+ROLLOUT_TOKENS = 7
+MAX_LEN = 4
+
+
+def step_loss(loss_type):
+    return sum(
+        float(grpo.aggregate_loss(loss, mask, loss_type, 2, ROLLOUT_TOKENS, MAX_LEN))
+        for loss, mask in ((LOSS_1, MASK_1), (LOSS_2, MASK_2))
+    )
+
+
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        # per-sequence means: a 2, b 4 -> 3; c 6, d 0 -> 3; mean over micro-batches -> 3
+        ("grpo", 3.0),
+        # token mean per micro-batch: 10/4 = 2.5 and 12/3 = 4 -> 3.25
+        ("bnpo", 3.25),
+        # sum / (2 seqs x 4): 10/8 = 1.25 and 12/8 = 1.5 -> 1.375
+        ("dr_grpo", 1.375),
+        # all tokens of the rollout: (10 + 12) / 7
+        ("dapo", 22 / 7),
+    ],
+)
+def test_loss_aggregation(loss_type, expected):
+    assert step_loss(loss_type) == pytest.approx(expected)
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.aggregate_loss(LOSS_1, MASK_1, "ppo", 1, 4, 4)

@@ -1,0 +1,57 @@
+"""The trainer's token log-probs, and the transformers engine that samples."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from online_rl.engines import TransformersEngine, cut_at_eos
+from online_rl.logprobs import completion_logprobs, pack
+
+from .conftest import compose_config
+
+
+def unpadded_logprobs(model, prompt, completion, temperature):
+    ids = torch.tensor([prompt + completion])
+    logits = model(ids).logits[0, len(prompt) - 1 : -1] / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+
+
+def test_padding_does_not_change_logprobs(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]  # the second is left-padded by 3
+    completions = [[20, 21], [22, 23, 24, 25]]  # the first is right-padded by 2
+    batch = pack(prompts, completions, pad_id=0)
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(model, batch, temperature=0.7, with_entropy=True)
+        for i in range(2):
+            expected = unpadded_logprobs(model, prompts[i], completions[i], 0.7)
+            torch.testing.assert_close(logp[i, : len(completions[i])], expected, atol=1e-5, rtol=1e-5)
+    assert batch.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    vocab = model.config.vocab_size
+    assert ((entropy > 0) & (entropy <= torch.log(torch.tensor(float(vocab))) + 1e-4)).all()
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([4, 5, 2, 7, 2], {2}) == ([4, 5, 2], True)
+    assert cut_at_eos([4, 5, 6], {2}) == ([4, 5, 6], False)
+
+
+def test_transformers_engine_samples_n_per_prompt(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.train()
+    engine = TransformersEngine(model, tokenizer, torch.device("cpu"), None)
+    sampling = compose_config(["sampling.max_completion_length=6"]).sampling
+    prompts = [tokenizer("What is 1 + 2?")["input_ids"], tokenizer("What is 40 - 3?")["input_ids"]]
+    torch.manual_seed(0)
+    first = engine.generate(prompts, n=3, sampling=sampling)
+    torch.manual_seed(0)
+    again = engine.generate(prompts, n=3, sampling=sampling)
+    assert (
+        len(first.completion_ids) == 6 and first.completion_ids == again.completion_ids
+    )  # seeded sampling repeats
+    assert len(set(map(tuple, first.completion_ids))) > 1  # it samples, not greedy
+    for ids, finished in zip(first.completion_ids, first.finished):
+        assert 0 < len(ids) <= 6
+        assert finished == (ids[-1] == tokenizer.eos_token_id)
+        assert tokenizer.pad_token_id not in ids[:-1]
+    assert model.training  # the engine restores train mode after sampling in eval mode

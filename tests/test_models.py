@@ -1,0 +1,85 @@
+"""model=tiny: a real Qwen2-architecture model and byte-level BPE tokenizer that load with the Auto classes."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from online_rl.models import add_lora
+
+
+def test_tiny_tokenizer_round_trips_through_auto_classes(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"  # what transformers picks for model_type qwen2
+    for text in [
+        "What is 12 + 30?",
+        "<think>ünïcode ✓ 数学</think><answer>\\frac{1}{2}</answer>",
+        "  spaces\n\ttabs  ",
+    ]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) > 0
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == tokenizer.eos_token_id
+
+
+def test_tiny_model_loads_and_fits_vllm_cpu_attention(tiny_model_dir):
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert config.model_type == "qwen2"
+    assert (
+        config.hidden_size // config.num_attention_heads >= 32
+    )  # vLLM's CPU attention rejects smaller heads
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert model.config.vocab_size >= len(tokenizer)
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_random_init_is_deterministic(tiny_model_dir, tmp_path):
+    from online_rl.models import build_random_model
+
+    from .conftest import compose_config
+
+    spec = compose_config().model.random_init
+    texts = ["What is 1 + 1?", "2"] * 50
+    first = AutoModelForCausalLM.from_pretrained(build_random_model(spec, texts, tmp_path / "a"))
+    second = AutoModelForCausalLM.from_pretrained(build_random_model(spec, texts, tmp_path / "b"))
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_lora_on_missing_modules_names_the_real_ones(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = OmegaConf.create(
+        {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "query_key_value"]}
+    )
+    with pytest.raises(ValueError, match=r"\['query_key_value'\].*Its linear layers are .*'q_proj'"):
+        add_lora(model, lora)
+
+
+def test_lora_trains_only_adapters(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    peft_model = add_lora(model, lora)
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_build_random_model_script(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = tmp_path / "tiny"
+    result = subprocess.run(
+        [sys.executable, "scripts/build_random_model.py", "model=tiny", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert AutoConfig.from_pretrained(out).model_type == "qwen2"
+    assert AutoTokenizer.from_pretrained(out).decode([]) == ""

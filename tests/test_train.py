@@ -1,0 +1,153 @@
+"""End-to-end runs of the loop on the tiny model: smoke, learning, every algorithm option, checkpoints."""
+
+import errno
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from online_rl.checkpoint import save_checkpoint
+from online_rl.loop import run
+
+from .conftest import ROOT
+
+SMALL = ["data.synthetic_rows=64", "prompts_per_step=4", "algo.num_generations=4", "micro_batch_size=8"]
+
+
+def test_two_step_smoke_run_writes_config_and_checkpoint(make_config, tmp_path):
+    summary = run(make_config("max_steps=2", *SMALL))
+    assert len(summary.history) == 2
+    checkpoint = tmp_path / "checkpoints" / "step_000002"
+    assert summary.final_checkpoint == checkpoint
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"):
+        assert (checkpoint / name).exists(), name
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and state["sampler"]["position"] == 8 and state["optimizer"]["state"]
+    assert (tmp_path / "config_resolved.yaml").read_text().count("${") == 0  # resolved, no interpolations
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    metrics = summary.history[-1]
+    for key in (
+        "reward/total_mean",
+        "reward/digits_mean",
+        "reward/overlong_mean",
+        "adv/std",
+        "train/loss",
+        "train/kl",
+        "train/entropy",
+        "train/clip_region_frac",
+        "train/grad_norm",
+        "train/lr",
+        "rollout/len_mean",
+        "rollout/len_max",
+        "rollout/truncated_frac",
+        "time/generate_s",
+        "time/reward_s",
+        "time/train_s",
+        "perf/completion_tokens_per_s",
+    ):
+        assert key in metrics, key
+
+
+def test_quickstart_reward_rises(make_config):
+    """The default config (`python train.py`): the tiny random model learns the quickstart's rewards."""
+    summary = run(make_config())
+    rewards = summary.reward_means
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.4, (first, last)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algo.loss_type=grpo", "algo.scale_rewards=batch"],
+        ["algo.loss_type=bnpo", "algo.scale_rewards=none", "algo.mask_truncated_completions=true"],
+        ["algo.loss_type=dr_grpo", "optim.lr_scheduler=cosine", "optim.warmup_steps=1"],
+        ["algo.num_iterations=2", "algo.epsilon_high=0.28"],
+        ["algo.beta=0.1"],
+        ["model.lora.enabled=true", "algo.beta=0.1", "model.lora.target_modules=[q_proj,v_proj]"],
+        ["model.gradient_checkpointing=true", "model.lora.enabled=true"],
+    ],
+    ids=["grpo", "bnpo-masked", "dr_grpo-cosine", "mu2-cliphigh", "kl-full", "kl-lora", "ckpt-lora"],
+)
+def test_algorithm_options_train(make_config, tmp_path, overrides):
+    summary = run(make_config("max_steps=4", "optim.lr=1e-2", *SMALL, *overrides))
+    history = summary.history
+    assert len(history) == 4
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in history)
+    if "algo.beta=0.1" in overrides:
+        assert history[0]["train/kl"] == pytest.approx(0, abs=1e-6)  # policy == reference before any update
+        assert history[-1]["train/kl"] > 0  # the reference stayed where it was while the policy moved
+    if "algo.num_iterations=2" in overrides:
+        assert history[0]["train/clip_region_frac"] == 0  # the first pass has ratio 1
+    if "model.lora.enabled=true" in overrides:
+        adapter = tmp_path / "checkpoints" / "step_000004" / "adapter_model.safetensors"
+        assert adapter.exists() and all("lora_" in key for key in load_file(adapter))
+
+
+def test_same_seed_same_run(make_config):
+    first = run(make_config("max_steps=2", *SMALL)).history
+    second = run(make_config("max_steps=2", *SMALL)).history
+    assert [m["reward/total_mean"] for m in first] == [m["reward/total_mean"] for m in second]
+    assert [m["train/loss"] for m in first] == [m["train/loss"] for m in second]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo.num_generations=1"], "num_generations=1"),
+        (["micro_batch_size=5"], "micro_batch_size=5 must divide"),
+        (["model.lora.enabled=true", "model.lora.target_modules=[c_attn]"], "does not have"),
+        (["hardware=1gpu"], "torch sees no CUDA GPU"),
+    ],
+)
+def test_bad_settings_fail_before_training(make_config, overrides, message):
+    if "hardware=1gpu" in overrides and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=message):
+        run(make_config("max_steps=1", *SMALL, *overrides))
+
+
+def test_checkpoint_is_atomic_when_the_disk_fills(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    root = tmp_path / "checkpoints"
+    good = save_checkpoint(root, 1, model, tokenizer, {"note": "first"})
+    before = (good / "model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(root, 2, model, tokenizer, {"note": "second"})
+    assert sorted(p.name for p in root.iterdir()) == ["step_000001"]  # no half-written step_000002
+    assert (good / "model.safetensors").read_bytes() == before
+
+
+def test_command_line_quickstart_logs_to_trackio(tmp_path):
+    """`python train.py` as a user runs it (3 steps): progress bar, log lines, trackio data, dashboard hint."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "max_steps=3", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "step 3/3 | reward" in output and "GRPO: 100%" in output
+    assert f"Dashboard: TRACKIO_DIR={tmp_path}/trackio trackio show" in output
+    assert (tmp_path / "train.log").exists() and (tmp_path / "checkpoints" / "step_000003").exists()
+    with sqlite3.connect(tmp_path / "trackio" / "online-rl.db") as db:
+        rows = db.execute("select step, metrics from metrics order by step").fetchall()
+    logged = [
+        step
+        for step, text in rows
+        if b"reward/total_mean" in (text if isinstance(text, bytes) else text.encode())
+    ]
+    assert logged == [1, 2, 3]
