@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.engines import TransformersEngine, cut_at_eos
+from online_rl.engines.transformers_engine import TransformersEngine, cut_at_eos
 from online_rl.logprobs import completion_logprobs, pack
 
 from .conftest import compose_config
@@ -55,3 +55,10 @@ def test_transformers_engine_samples_n_per_prompt(tiny_model_dir):
         assert finished == (ids[-1] == tokenizer.eos_token_id)
         assert tokenizer.pad_token_id not in ids[:-1]
     assert model.training  # the engine restores train mode after sampling in eval mode
+
+
+def test_packed_batch_keeps_sampler_logprobs_when_moved():
+    batch = pack([[1, 2], [3]], [[4], [5, 6]], pad_id=0, sampler_logprobs=[[-0.5], [-1.0, -2.0]])
+    moved = batch.to(torch.device("cpu"))
+    assert moved.sampler_logp.tolist() == [[-0.5, 0.0], [-1.0, -2.0]]
+    assert moved.completion_mask.tolist() == [[1, 0], [1, 1]]

@@ -30,6 +30,13 @@ class LossType(str, Enum):
 
 class EngineMode(str, Enum):
     off = "off"  # transformers `generate` on the trainer's own model
+    auto = "auto"  # colocate when CUDA and vLLM are present, else off
+    colocate = "colocate"  # vllm.LLM in the trainer process, asleep while the trainer trains
+
+
+class ModelImpl(str, Enum):
+    vllm = "vllm"  # vLLM's own model code
+    transformers = "transformers"  # vLLM running the transformers modelling code
 
 
 class LoggerBackend(str, Enum):
@@ -64,6 +71,35 @@ class EngineConfig:
 
 
 @dataclass
+class VLLMCheckConfig:
+    """What every vLLM engine shares: checking that the weights arrived, and correcting what remains."""
+
+    # Stop when vLLM's log-probs of its sampled tokens differ from the trainer's by more than this on
+    # average (nats per token): the engine is not generating with the trainer's weights.
+    max_logp_gap: float = 0.1
+    importance_sampling_correction: bool = True  # weight each token by min(pi_trainer / pi_vllm, cap)
+    importance_sampling_cap: float = 2.0  # truncation of that weight (truncated importance sampling)
+
+
+@dataclass
+class VLLMColocateConfig(VLLMCheckConfig):
+    mode: EngineMode = EngineMode.colocate  # colocate, or auto (colocate with CUDA and vLLM, else off)
+    gpu_memory_utilization: float = 0.3  # share of the GPU vLLM takes for weights + KV cache while awake
+    max_model_len: int | None = None  # null = data.max_prompt_length + sampling.max_completion_length
+    enable_prefix_caching: bool = True  # the G samples of a prompt share its prefill
+    enforce_eager: bool = False  # skip CUDA graphs: faster start, slower decoding
+    dtype: str = "bfloat16"  # vLLM's weight dtype (float32 on CPU for exact comparisons)
+    sleep_level: int = 1  # 0 = never sleep, 1 = offload weights + free KV cache, 2 = free both (CUDA only)
+    tensor_parallel_size: int = 1  # GPUs one engine spans (multi-GPU ranks)
+    model_impl: ModelImpl = ModelImpl.vllm  # vllm | transformers
+    seed: int | None = None  # vLLM's sampling seed; null = the run's seed
+    max_num_seqs: int | None = None  # sequences decoded at once; null = vLLM's default
+    max_num_batched_tokens: int | None = None  # tokens per scheduler step; null = vLLM's default
+    regex: str | None = None  # structured generation: every completion matches this regex
+    cpu_kv_cache_gib: int = 1  # KV cache size when vLLM runs on a CPU (VLLM_CPU_KVCACHE_SPACE)
+
+
+@dataclass
 class RandomInitConfig:
     """A Qwen2-architecture model with random weights and a byte-level BPE tokenizer trained on the data."""
 
@@ -95,6 +131,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust the repo
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    disable_dropout: bool = True  # dropout off in every forward, so log-probs match the engine's sampling
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -158,7 +195,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     algo: Any = MISSING  # one of the algo group's schemas (GRPOConfig, ...)
-    vllm: EngineConfig = MISSING
+    vllm: Any = MISSING  # one of the vllm group's schemas (EngineConfig, VLLMColocateConfig)
     model: ModelConfig = MISSING
     rewards: dict[str, RewardConfig] = field(default_factory=dict)
     hardware: HardwareConfig = MISSING
@@ -179,9 +216,12 @@ class TrainConfig:
 def register_configs() -> None:
     """Put the schemas into Hydra's ConfigStore.
 
-    The top-level schema types every group but `algo`, whose options have different fields: each
-    algo YAML names its own schema (`/schema/algo/grpo@_here_`) at the head of its defaults list.
+    The top-level schema types every group but `algo` and `vllm`, whose options have different
+    fields: each of their YAMLs names its own schema (`/schema/algo/grpo@_here_`) at the head of
+    its defaults list.
     """
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(group="schema/algo", name="grpo", node=GRPOConfig)
+    store.store(group="schema/vllm", name="off", node=EngineConfig)
+    store.store(group="schema/vllm", name="colocate", node=VLLMColocateConfig)

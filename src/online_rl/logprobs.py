@@ -15,6 +15,7 @@ class PackedBatch:
     input_ids: torch.Tensor  # (B, P + C)
     attention_mask: torch.Tensor  # (B, P + C)
     completion_mask: torch.Tensor  # (B, C), 1 on sampled tokens
+    sampler_logp: torch.Tensor | None = None  # (B, C), the engine's log-probs of the sampled tokens
 
     @property
     def completion_width(self) -> int:
@@ -22,11 +23,19 @@ class PackedBatch:
 
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device)
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+            self.sampler_logp.to(device) if self.sampler_logp is not None else None,
         )
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> PackedBatch:
+def pack(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    sampler_logprobs: list[list[float]] | None = None,
+) -> PackedBatch:
     """One batch of (prompt, completion) token rows, padded only as wide as its own longest rows."""
     prompt_width = max(len(p) for p in prompts)
     completion_width = max(1, max(len(c) for c in completions))
@@ -42,7 +51,12 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
         )
         attention_mask[i, start : prompt_width + len(completion)] = 1
         completion_mask[i, : len(completion)] = 1
-    return PackedBatch(input_ids, attention_mask, completion_mask)
+    sampler_logp = None
+    if sampler_logprobs is not None:
+        sampler_logp = torch.zeros((batch, completion_width))
+        for i, row in enumerate(sampler_logprobs):
+            sampler_logp[i, : len(row)] = torch.tensor(row)
+    return PackedBatch(input_ids, attention_mask, completion_mask, sampler_logp)
 
 
 def completion_logprobs(

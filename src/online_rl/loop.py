@@ -24,7 +24,7 @@ from transformers import get_scheduler, set_seed
 from online_rl import grpo
 from online_rl.checkpoint import save_checkpoint
 from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenize_prompts
-from online_rl.engines import make_engine
+from online_rl.engines import make_engine, resolve_mode
 from online_rl.logprobs import completion_logprobs, pack
 from online_rl.models import (
     frozen_copy,
@@ -35,7 +35,8 @@ from online_rl.models import (
     torch_dtype,
 )
 from online_rl.rewarding import load_reward_functions, reward_metrics, score_completions, total_reward
-from online_rl.tracking import make_tracker
+from online_rl.sampler_correction import logp_gap, truncated_importance_weights
+from online_rl.tracking import append_metrics, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,19 @@ def run(cfg: DictConfig) -> RunSummary:
         num_warmup_steps=cfg.optim.warmup_steps,
         num_training_steps=cfg.max_steps,
     )
-    engine = make_engine(cfg.vllm, model, tokenizer, device, autocast_dtype)
+    engine_mode = resolve_mode(cfg.vllm.mode.value, device)
+    engine = make_engine(
+        engine_mode,
+        cfg.vllm,
+        model,
+        model_path,
+        tokenizer,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        seed=cfg.seed,
+        max_model_len=cfg.data.max_prompt_length + sampling.max_completion_length,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     reward_functions = load_reward_functions(cfg.rewards)
     tracker = make_tracker(cfg.logger, run_name, tracking_dir, OmegaConf.to_container(cfg, resolve=True))
     log.info(
@@ -158,10 +171,13 @@ def run(cfg: DictConfig) -> RunSummary:
                 tokenizer, questions, cfg.data.system_prompt, cfg.data.max_prompt_length
             )
 
-            # 3. G completions per prompt, prompt-major.
+            # 3. The engine takes the trainer's current weights, then samples G completions per prompt.
             t = time.perf_counter()
+            engine.sync_weights(model)
+            sync_s = time.perf_counter() - t
             rollout = engine.generate(prompt_ids, G, sampling)
-            generate_s = time.perf_counter() - t
+            generate_s = time.perf_counter() - t - sync_s
+            memory = gpu_memory_metrics(device)  # after generate: a sleeping engine is asleep again
             completion_ids = rollout.completion_ids  # N = len(rows) * G rows
             completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
@@ -185,7 +201,11 @@ def run(cfg: DictConfig) -> RunSummary:
             micro_batches = []
             for start in range(0, len(completion_ids), cfg.micro_batch_size):
                 index = slice(start, start + cfg.micro_batch_size)
-                batch = pack(full_prompts[index], completion_ids[index], tokenizer.pad_token_id).to(device)
+                sampler_rows = (
+                    rollout.sampler_logprobs[index] if rollout.sampler_logprobs is not None else None
+                )
+                batch = pack(full_prompts[index], completion_ids[index], tokenizer.pad_token_id, sampler_rows)
+                batch = batch.to(device)
                 if algo.mask_truncated_completions:
                     finished = torch.tensor(rollout.finished[index], device=device).unsqueeze(1)
                     batch.completion_mask = batch.completion_mask * finished
@@ -211,15 +231,11 @@ def run(cfg: DictConfig) -> RunSummary:
                     else None
                 )
 
-            for _ in range(algo.num_iterations):
-                totals = {
-                    "loss": 0.0,
-                    "kl": 0.0,
-                    "entropy": 0.0,
-                    "clip_low": 0.0,
-                    "clip_high": 0.0,
-                    "clip_region": 0.0,
-                }
+            for iteration in range(algo.num_iterations):
+                totals = dict.fromkeys(
+                    ("loss", "kl", "entropy", "clip_low", "clip_high", "clip_region", "gap", "is_weight"), 0.0
+                )
+                gap_max = 0.0
                 for i, (batch, adv) in enumerate(micro_batches):
                     logp, entropy = completion_logprobs(
                         model, batch, sampling.temperature, autocast_dtype, with_entropy=True
@@ -227,6 +243,17 @@ def run(cfg: DictConfig) -> RunSummary:
                     old = old_logps[i] if old_logps is not None else logp.detach()
                     token_loss, ratio = grpo.clipped_token_loss(logp, old, adv, algo.epsilon, epsilon_high)
                     mask = batch.completion_mask
+                    if batch.sampler_logp is not None:
+                        if iteration == 0:  # the rollout policy vs the engine that sampled it
+                            gap_sum, gap_peak = logp_gap(old, batch.sampler_logp, mask)
+                            totals["gap"] += gap_sum
+                            gap_max = max(gap_max, gap_peak)
+                        if cfg.vllm.importance_sampling_correction:
+                            weights = truncated_importance_weights(
+                                old, batch.sampler_logp, cfg.vllm.importance_sampling_cap
+                            )
+                            token_loss = token_loss * weights
+                            totals["is_weight"] += float((weights * mask).sum())
                     if ref_logps is not None:
                         kl = grpo.k3_kl(logp, ref_logps[i])
                         token_loss = token_loss + algo.beta * kl
@@ -246,22 +273,19 @@ def run(cfg: DictConfig) -> RunSummary:
                         ratio, adv, mask, algo.epsilon, epsilon_high
                     ).items():
                         totals[key] += float(value) * float(mask.sum())
+                token_count = max(rollout_tokens, 1)
+                if iteration == 0 and rollout.sampler_logprobs is not None:
+                    check_sync(totals["gap"] / token_count, gap_max, cfg.vllm.max_logp_gap, step)
                 max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                train_s = time.perf_counter() - t
 
-                # 7. The engine generates the next rollout with the weights just updated.
-                t_sync = time.perf_counter()
-                engine.sync_weights(model)
-                sync_s = time.perf_counter() - t_sync
-
-                # 8. Log, checkpoint.
-                train_s = time.perf_counter() - t - sync_s
+                # 7. Log, checkpoint. (The next rollout starts by pushing these weights to the engine.)
                 step_s = time.perf_counter() - step_started
-                token_count = max(rollout_tokens, 1)
                 lengths = torch.tensor(columns["completion_lengths"], dtype=torch.float)
                 metrics = {
                     "reward/total_mean": float(rewards.mean()),
@@ -288,11 +312,19 @@ def run(cfg: DictConfig) -> RunSummary:
                     "time/reward_s": reward_s,
                     "time/train_s": train_s,
                     "time/sync_s": sync_s,
+                    **memory,
+                    **rollout.stats,
                     "time/step_s": step_s,
                     "perf/completion_tokens_per_s": float(lengths.sum()) / step_s,
                 }
+                if rollout.sampler_logprobs is not None:
+                    metrics["sync/logp_gap_mean"] = totals["gap"] / token_count
+                    metrics["sync/logp_gap_max"] = gap_max
+                    if cfg.vllm.importance_sampling_correction:
+                        metrics["sync/is_weight_mean"] = totals["is_weight"] / token_count
                 summary.history.append(metrics)
                 tracker.log(metrics, step)
+                append_metrics(output_dir / "metrics.jsonl", step, metrics)
                 progress.update(1)
                 progress.set_postfix(
                     reward=f"{metrics['reward/total_mean']:.3f}", len=f"{metrics['rollout/len_mean']:.0f}"
@@ -327,6 +359,31 @@ def run(cfg: DictConfig) -> RunSummary:
     summary.seconds = time.perf_counter() - started
     report(summary, tracker)
     return summary
+
+
+class SyncError(RuntimeError):
+    """The engine's log-probs say it is not generating with the trainer's weights."""
+
+
+def check_sync(gap_mean: float, gap_max: float, threshold: float, step: int) -> None:
+    if gap_mean > threshold:
+        raise SyncError(
+            f"before step {step + 1}, vLLM's log-probs of its own samples differ from the trainer's by "
+            f"{gap_mean:.4f} nats per token on average (max {gap_max:.3f}; threshold vllm.max_logp_gap={threshold}): "
+            "the engine is not generating with the trainer's current weights. Check the weight sync "
+            "(names, dtype, LoRA merge); raise vllm.max_logp_gap only if the gap is numerical noise."
+        )
+
+
+def gpu_memory_metrics(device: torch.device) -> dict[str, float]:
+    """GPU memory in use on the whole device (vLLM's sleep-mode pool included) while the engine sleeps, in GiB."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "memory/device_used_asleep_gib": (total - free) / 2**30,
+        "memory/torch_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+    }
 
 
 def tokenizer_corpus(dataset, system_prompt: str | None):
@@ -383,7 +440,7 @@ def report(summary: RunSummary, tracker) -> None:
         window,
         last,
     )
-    log.info("Outputs: %s (config_resolved.yaml, train log, checkpoints/)", summary.output_dir)
+    log.info("Outputs: %s (config_resolved.yaml, train.log, metrics.jsonl, checkpoints/)", summary.output_dir)
     log.info("Final checkpoint: %s", summary.final_checkpoint)
     command = tracker.dashboard_command()
     if command:

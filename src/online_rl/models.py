@@ -109,7 +109,19 @@ def load_policy(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.dev
         model.config.use_cache = False
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora)
+    if model_cfg.disable_dropout:
+        disable_dropout(model)
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Make training forwards the same function the engine sampled from: dropout would make the
+    on-policy ratio differ from 1 and blur the trainer-vs-engine log-prob check."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def add_lora(model: torch.nn.Module, lora_cfg: Any) -> torch.nn.Module:

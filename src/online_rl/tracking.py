@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -64,6 +65,12 @@ class ConsoleOnlyTracker:
 
     def dashboard_command(self) -> None:
         return None
+
+
+def append_metrics(path: Path, step: int, metrics: dict[str, float]) -> None:
+    """One JSON line per step in the run directory: the run's record, whatever the logger."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def make_tracker(logger_cfg: Any, run_name: str, directory: Path, config: dict):

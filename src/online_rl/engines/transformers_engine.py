@@ -1,38 +1,14 @@
-"""Generation engines. They know prompts, token ids, weights and sampling settings, never the algorithm.
-
-Every engine answers the same calls:
-- `generate(prompt_ids, n, sampling) -> Rollout`: n samples per prompt, prompt-major;
-- `sync_weights(model)`: make the engine generate with the trainer's current weights;
-- `close()`: free what the engine holds.
-"""
+"""`vllm=off`: transformers `generate` on the trainer's own model."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
 
-
-@dataclass
-class Rollout:
-    """n completions per prompt, prompt-major: completion k of prompt p is at index p * n + k."""
-
-    completion_ids: list[list[int]]  # sampled tokens, EOS included when the model emitted it
-    finished: list[bool]  # True when the completion ended with EOS, False when max_completion_length cut it
-    sampler_logprobs: (
-        list[list[float]] | None
-    )  # the engine's log-prob of each sampled token, if it reports them
-
-
-class Engine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout: ...
-
-    def sync_weights(self, model: torch.nn.Module) -> None: ...
-
-    def close(self) -> None: ...
+from online_rl.engines.protocol import Rollout
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +104,3 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = None
-
-
-def make_engine(
-    engine_cfg: Any, model: torch.nn.Module, tokenizer: Any, device: torch.device, autocast_dtype
-):
-    if engine_cfg.mode == "off":
-        return TransformersEngine(model, tokenizer, device, autocast_dtype)
-    raise ValueError(f"vllm.mode={engine_cfg.mode!r} is not an engine this version has: use vllm=off")

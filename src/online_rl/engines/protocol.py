@@ -1,0 +1,31 @@
+"""What every engine returns and answers. Engines know prompts, token ids, weights and sampling
+settings, never the algorithm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """n completions per prompt, prompt-major: completion k of prompt p is at index p * n + k."""
+
+    completion_ids: list[list[int]]  # sampled tokens, EOS included when the model emitted it
+    finished: list[bool]  # True when the completion ended with EOS, False when max_completion_length cut it
+    # the engine's log-prob of each sampled token, if it reports them
+    sampler_logprobs: list[list[float]] | None
+    stats: dict[str, float] = field(default_factory=dict)  # the engine's own timings and memory, logged as is
+
+
+class Engine(Protocol):
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine generate with `model`'s current weights (called before every rollout)."""
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
+        """n samples per prompt, prompt-major."""
+
+    def close(self) -> None:
+        """Free what the engine holds."""

@@ -1,0 +1,154 @@
+"""`vllm=colocate`: a vllm.LLM inside the trainer process, sharing its GPU, asleep while the trainer trains.
+
+The order of one rollout, as the loop drives it:
+
+    sync_weights(model):  wake the weights -> load the trainer's current weights -> reset the prefix cache
+    generate(...):        wake the KV cache -> generate -> sleep (level 1: weights to CPU, KV cache freed;
+                          level 2: both freed)
+
+The weights that generate are always the ones just pushed from the trainer, never the checkpoint on
+disk: at level 2 the woken weights are uninitialised memory, and `generate` refuses to run on them
+until `sync_weights` has filled them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from online_rl.engines.protocol import Rollout
+from online_rl.engines.weights import inference_weights
+
+log = logging.getLogger(__name__)
+
+
+class VLLMColocateEngine:
+    def __init__(
+        self,
+        model_path: str,
+        cfg: Any,
+        device: torch.device,
+        seed: int,
+        max_model_len: int,
+        trust_remote_code: bool = False,
+    ):
+        if cfg.sleep_level and device.type != "cuda":
+            raise ValueError(
+                f"vllm.sleep_level={cfg.sleep_level} needs CUDA (vLLM's sleep mode frees GPU memory); "
+                "on a CPU use vllm.sleep_level=0"
+            )
+        # The engine core runs in this process, so the trainer's tensors reach it by reference.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if device.type == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
+        from vllm import LLM
+
+        self.cfg, self.sleep_level = cfg, cfg.sleep_level
+        optional = {
+            key: value
+            for key, value in (
+                ("max_num_seqs", cfg.max_num_seqs),
+                ("max_num_batched_tokens", cfg.max_num_batched_tokens),
+            )
+            if value is not None
+        }
+        self.llm = LLM(
+            model=model_path,
+            dtype=cfg.dtype,
+            seed=cfg.seed if cfg.seed is not None else seed,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len or max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            enforce_eager=cfg.enforce_eager,
+            enable_sleep_mode=cfg.sleep_level > 0,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            model_impl=cfg.model_impl.value,
+            trust_remote_code=trust_remote_code,
+            # log-probs after temperature (and top-k/top-p), i.e. of the distribution that sampled
+            logprobs_mode="processed_logprobs",
+            **optional,
+        )
+        self.device = device
+        self.weights_asleep = self.kv_cache_asleep = False
+        self.weights_loaded = True  # the checkpoint on disk is the trainer's starting point
+        self.stats: dict[str, float] = {}
+        self.sleep()  # give the GPU to the trainer until the first rollout
+
+    def sleep(self) -> None:
+        if self.sleep_level == 0:
+            return
+        started = time.perf_counter()
+        self.llm.sleep(level=self.sleep_level)
+        self.stats["time/sleep_s"] = time.perf_counter() - started
+        self.weights_asleep = self.kv_cache_asleep = True
+        # Level 1 keeps a CPU copy of the weights; level 2 drops them, so they must be pushed again.
+        self.weights_loaded = self.sleep_level == 1
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        started = time.perf_counter()
+        if self.weights_asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.weights_asleep = False
+        woken = time.perf_counter()
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": inference_weights(model), "is_checkpoint_format": True},
+        )
+        self.weights_loaded = True
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self.stats["time/wake_weights_s"] = woken - started
+        self.stats["time/load_weights_s"] = time.perf_counter() - woken
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if not self.weights_loaded or self.weights_asleep:
+            raise RuntimeError(
+                "the vLLM engine has no current weights: call sync_weights(model) before generate"
+            )
+        if self.kv_cache_asleep:
+            started = time.perf_counter()
+            self.llm.wake_up(tags=["kv_cache"])
+            self.stats["time/wake_kv_cache_s"] = time.perf_counter() - started
+            self.kv_cache_asleep = False
+        params = SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_completion_length,
+            logprobs=0,  # the sampled token's own log-prob
+            detokenize=False,  # the loop decodes once, with the trainer's tokenizer
+            structured_outputs=StructuredOutputsParams(regex=self.cfg.regex) if self.cfg.regex else None,
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+        )
+        completion_ids, finished, logprobs = [], [], []
+        for request in outputs:  # in prompt order
+            for sample in request.outputs:
+                tokens = list(sample.token_ids)
+                completion_ids.append(tokens)
+                finished.append(sample.finish_reason == "stop")
+                logprobs.append([position[token].logprob for position, token in zip(sample.logprobs, tokens)])
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.stats["memory/device_used_awake_gib"] = (total - free) / 2**30
+        self.sleep()
+        stats, self.stats = self.stats, {}
+        return Rollout(
+            completion_ids=completion_ids, finished=finished, sampler_logprobs=logprobs, stats=stats
+        )
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        del self.llm
+        self.llm = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,35 @@
+"""The trainer's weights as an inference engine wants them: full tensors under the checkpoint's names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+PEFT_PREFIX = "base_model.model."
+BASE_WEIGHT_SUFFIX = ".base_layer.weight"
+
+
+def inference_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs named as in the model's checkpoint, one at a time.
+
+    Full fine-tune: the parameters themselves, no copy. LoRA: each adapted weight is W + scale * B A,
+    computed out of place. The base weights are never merged into and unmerged from: that round trip
+    is not exact in floating point, and repeated every step it would drift the frozen base.
+    """
+    if not hasattr(model, "peft_config"):
+        for name, param in model.named_parameters():
+            yield name, param.detach()
+        return
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        tensor = param.detach()
+        if name.endswith(BASE_WEIGHT_SUFFIX):
+            layer = modules[name.removesuffix(BASE_WEIGHT_SUFFIX)]
+            with torch.no_grad():
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+        yield name.removeprefix(PEFT_PREFIX).replace(".base_layer", ""), tensor

