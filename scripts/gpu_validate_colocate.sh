@@ -18,9 +18,10 @@ run() {
 RUNS=${RUNS:-"sleep1 sleep2 lora"}  # a subset fits one 10-minute device call
 for name in $RUNS; do
   case $name in
-    sleep1) run sleep1 vllm.sleep_level=1 optim.lr=2e-4 ;;
-    sleep2) run sleep2 vllm.sleep_level=2 optim.lr=2e-4 ;;
-    lora) run lora vllm.sleep_level=1 model.lora.enabled=true optim.lr=2e-3 ;;
+    sleep1) run sleep1 vllm.sleep_level=1 optim.lr=1e-3 ;;
+    sleep2) run sleep2 vllm.sleep_level=2 optim.lr=1e-3 ;;
+    lora) run lora vllm.sleep_level=1 model.lora.enabled=true optim.lr=2e-2 \
+            'model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]' ;;
   esac
 done
 python scripts/summarize_metrics.py "$OUT"/*.metrics.jsonl > "$OUT/summary.md"

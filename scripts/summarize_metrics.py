@@ -40,7 +40,7 @@ def main() -> None:
     )
     parser.add_argument("files", nargs="+", type=Path)
     for path in parser.parse_args().files:
-        print(f"\n### {path.parent.name}\n\n{table(path)}")
+        print(f"\n### {path.name.split('.')[0]}\n\n{table(path)}")
 
 
 if __name__ == "__main__":
