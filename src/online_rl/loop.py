@@ -1,7 +1,8 @@
 """The training loop. One rollout per iteration, read top to bottom:
 
-    prompts -> token ids -> engine.generate (G per prompt) -> rewards -> group advantages
-    -> num_iterations optimizer steps over the rollout in micro-batches -> engine.sync_weights -> log, checkpoint
+    prompts -> token ids -> engine.sync_weights + engine.generate (G per prompt) -> rewards
+    -> group advantages -> num_iterations optimizer steps over the rollout in micro-batches
+       (checking the engine's log-probs against the trainer's) -> log, checkpoint
 
 This is the only module that knows the data, the model, the engine, the rewards and the algorithm.
 """
