@@ -46,9 +46,10 @@ def test_every_option_composes(group, option):
 
 
 def test_the_readme_command_parses():
-    cfg = compose_config(["algo=grpo", "vllm=off", "model=qwen2_0.5b", "rewards=[format,math_accuracy]"])
+    cfg = compose_config(["algo=grpo", "vllm=colocate", "model=qwen2_0.5b", "rewards=[format,math_accuracy]"])
     assert cfg.model.name_or_path == "Qwen/Qwen2-0.5B-Instruct"
     assert list(cfg.rewards) == ["format", "math_accuracy"]
+    assert cfg.vllm.mode == "colocate" and cfg.vllm.sleep_level == 1
 
 
 @pytest.mark.parametrize(
