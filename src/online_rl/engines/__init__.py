@@ -29,23 +29,32 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
 
 def make_engine(
-    mode: str, engine_cfg: Any, model: torch.nn.Module, model_path: str, tokenizer: Any, **settings
+    mode: str,
+    engine_cfg: Any,
+    model: torch.nn.Module,
+    model_path: str,
+    tokenizer: Any,
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    seed: int,
+    max_model_len: int,
+    trust_remote_code: bool,
 ) -> Engine:
-    """The engine for `mode` (already resolved from auto). settings: device, autocast_dtype, seed, max_model_len,
-    trust_remote_code."""
+    """The engine for `mode` (already resolved from auto)."""
     if mode == "off":
         from online_rl.engines.transformers_engine import TransformersEngine
 
-        return TransformersEngine(model, tokenizer, settings["device"], settings["autocast_dtype"])
+        return TransformersEngine(model, tokenizer, device, autocast_dtype)
     if mode == "colocate":
         from online_rl.engines.vllm_colocate import VLLMColocateEngine
 
         return VLLMColocateEngine(
             model_path,
             engine_cfg,
-            device=settings["device"],
-            seed=settings["seed"],
-            max_model_len=settings["max_model_len"],
-            trust_remote_code=settings["trust_remote_code"],
+            device=device,
+            seed=seed,
+            max_model_len=max_model_len,
+            trust_remote_code=trust_remote_code,
         )
     raise ValueError(f"vllm.mode={mode!r} is not an engine this version has: use vllm=off or vllm=colocate")

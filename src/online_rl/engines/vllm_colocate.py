@@ -13,7 +13,6 @@ until `sync_weights` has filled them.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any
@@ -22,8 +21,6 @@ import torch
 
 from online_rl.engines.protocol import Rollout
 from online_rl.engines.weights import inference_weights
-
-log = logging.getLogger(__name__)
 
 
 class VLLMColocateEngine:
@@ -148,7 +145,6 @@ class VLLMColocateEngine:
     def close(self) -> None:
         if self.llm is None:
             return
-        del self.llm
-        self.llm = None
+        self.llm = None  # drops the engine and its memory pool
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
+from online_rl.models import is_lora
+
 PEFT_PREFIX = "base_model.model."
 BASE_WEIGHT_SUFFIX = ".base_layer.weight"
 
@@ -17,7 +19,7 @@ def inference_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
     computed out of place. The base weights are never merged into and unmerged from: that round trip
     is not exact in floating point, and repeated every step it would drift the frozen base.
     """
-    if not hasattr(model, "peft_config"):
+    if not is_lora(model):
         for name, param in model.named_parameters():
             yield name, param.detach()
         return
