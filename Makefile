@@ -5,7 +5,7 @@ PYTHON ?= python
 TORCH ?= 2.11.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-gpu test test-gpu train lint format
+.PHONY: help install install-gpu test test-gpu train config serve lint format
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,24 @@ test-gpu:  ## GPU tests (needs a CUDA GPU)
 
 train:  ## the quickstart; pass Hydra overrides with ARGS="algo.beta=0.04 max_steps=50"
 	$(PYTHON) train.py $(ARGS)
+
+config:  ## print the resolved config of a run without running it, e.g. ARGS="algo.beta=0.04 model=qwen2_0.5b"
+	$(PYTHON) train.py $(ARGS) --cfg job --resolve
+
+# make serve's settings (MODEL has no default). Plain `=`: the command line sets them, a stray HOST or PORT
+# in the environment does not.
+GPUS = 0
+TP = 1
+DP = 1
+PORT = 8000
+HOST = 127.0.0.1
+MEM = 0.9
+MAX_LEN =
+EXTRA =
+
+serve:  ## vLLM's OpenAI server for vllm=server: make serve MODEL=... [GPUS=0 TP=1 DP=1 PORT=8000 HOST MEM MAX_LEN EXTRA]
+	@MODEL="$(MODEL)" GPUS="$(GPUS)" TP="$(TP)" DP="$(DP)" PORT="$(PORT)" HOST="$(HOST)" MEM="$(MEM)" \
+	MAX_LEN="$(MAX_LEN)" EXTRA="$(EXTRA)" PYTHON="$(PYTHON)" bash scripts/serve.sh
 
 lint:  ## ruff: lint and format check
 	$(PYTHON) -m ruff check .

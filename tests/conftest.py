@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -25,10 +32,10 @@ def compose_config(overrides: list[str] = ()):
 
 @pytest.fixture
 def make_config(tmp_path):
-    """compose_config with the run's outputs in tmp_path and no trackio."""
+    """compose_config with the run's outputs in tmp_path, no trackio and no evaluation unless asked for."""
 
     def make(*overrides: str):
-        return compose_config([f"output_dir={tmp_path}", "logger=none", *overrides])
+        return compose_config([f"output_dir={tmp_path}", "logger=none", "eval_every=0", *overrides])
 
     return make
 
@@ -43,3 +50,67 @@ def tiny_model_dir(tmp_path_factory):
     rows = synthetic_arithmetic(500)
     texts = [cfg.data.system_prompt, *rows["prompt"], *rows["solution"]]
     return build_random_model(cfg.model.random_init, texts, tmp_path_factory.mktemp("tiny"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServeScript:
+    """`scripts/serve.sh` (what `make serve` runs) on a free port, with its settings as environment variables.
+
+    stop() sends it SIGTERM, as Ctrl-C or a job scheduler would; its trap stops the servers it started.
+    """
+
+    def __init__(self, log_path: Path, **settings: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {**os.environ, "PORT": str(self.port), **settings}
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(
+                ["bash", "scripts/serve.sh"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve.sh exited early:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"the server did not come up in {timeout} s:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM to serve.sh; its exit status (143 when its trap ran)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature):
+    """(mean, max) |trainer - engine| log-prob over the tokens the engine sampled (n per prompt)."""
+    from online_rl.logprobs import completion_logprobs, pack
+    from online_rl.sampler_correction import logp_gap
+
+    n = len(rollout.completion_ids) // len(prompt_ids)
+    batch = pack(
+        [p for p in prompt_ids for _ in range(n)],
+        rollout.completion_ids,
+        tokenizer.pad_token_id,
+        rollout.sampler_logprobs,
+    )
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, batch, temperature)
+    total, peak = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
+    return total / float(batch.completion_mask.sum()), peak

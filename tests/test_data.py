@@ -55,6 +55,19 @@ def test_missing_column_names_the_fix():
         load_prompts(cfg)
 
 
+def test_missing_solution_column_names_the_fix():
+    cfg = data_config(
+        "numina_math_tir",
+        "data.path=json",
+        f"data.data_files={DATA / 'gsm8k_sample.jsonl'}",
+        "data.prompt_column=question",
+    )
+    with pytest.raises(
+        ValueError, match=r"no column 'solution' \(data.solution_column\).*or data.solution_column=null"
+    ):
+        load_prompts(cfg)
+
+
 def test_empty_dataset_is_an_error(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -8,6 +8,7 @@ import pytest
 from online_rl.rewarding import (
     RewardError,
     load_reward_functions,
+    reward_error_metrics,
     reward_metrics,
     score_completions,
     total_reward,
@@ -147,3 +148,20 @@ def test_bad_rewards_fail_with_their_name(fn, message):
 def test_unimportable_reward_is_named():
     with pytest.raises(ValueError, match="cannot import reward fn 'rewards.nope.fn'"):
         load_reward_functions(reward_config(r={"fn": "rewards.nope.fn", "weight": 1.0, "kwargs": {}}))
+
+
+def fails_on_b(prompts, completions, **columns):
+    return [{"a": 1.0}[completion] for completion in completions]  # KeyError on "b"
+
+
+def test_reward_that_raises_shows_the_failing_sample_or_is_skipped():
+    spec = reward_config(r={"fn": "tests.test_rewards.fails_on_b", "weight": 1.0, "kwargs": {}})
+    with pytest.raises(
+        RewardError, match=r"(?s)raised KeyError.*on sample 1: .*completion='b'.*on_reward_error=skip"
+    ):
+        score_completions(load_reward_functions(spec), ["q", "q"], ["a", "b"], {})
+    skipping = load_reward_functions(spec, on_error="skip")
+    assert score_completions(skipping, ["q"] * 3, ["a", "b", "a"], {}) == {"r": [1.0, None, 1.0]}
+    assert reward_error_metrics(skipping) == {"reward/r_errors": 1.0}
+    assert score_completions(skipping, ["q"], ["a"], {}) == {"r": [1.0]}
+    assert reward_error_metrics(skipping) == {"reward/r_errors": 0.0}  # counted per call, not summed

@@ -1,6 +1,7 @@
 """End-to-end runs of the loop on the tiny model: smoke, learning, every algorithm option, checkpoints."""
 
 import errno
+import re
 import sqlite3
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_checkpoint_is_atomic_when_the_disk_fills(tiny_model_dir, tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"No space left .*the checkpoints before it are intact.*resume=auto"):
         save_checkpoint(root, 2, model, tokenizer, {"note": "second"})
     assert sorted(p.name for p in root.iterdir()) == ["step_000001"]  # no half-written step_000002
     assert (good / "model.safetensors").read_bytes() == before
@@ -140,8 +141,14 @@ def test_command_line_quickstart_logs_to_trackio(tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "step 3/3 | reward" in output and "GRPO: 100%" in output
-    assert f"Dashboard: TRACKIO_DIR={tmp_path}/trackio trackio show" in output
+    assert "step 3/3 | reward" in output and "grpo: 100%" in output
+    dashboard = f"Dashboard: TRACKIO_DIR={tmp_path}/trackio trackio show"
+    assert output.count(dashboard) == 2 and output.index(dashboard) < output.index(
+        "step 1/3"
+    )  # start and end
+    assert re.search(r"\| 2/3 \[\d\d:\d\d<\d\d:\d\d, .*reward=.*tok_s=\d+", output)  # step, ETA, tokens/s
+    assert re.search(r"eval at step 3 on 64 prompts \| pass@1 greedy \d\.\d{3} \| pass@1 ", output)
+    assert (tmp_path / "model" / "model.safetensors").exists()
     assert (tmp_path / "train.log").exists() and (tmp_path / "checkpoints" / "step_000003").exists()
     with sqlite3.connect(tmp_path / "trackio" / "online-rl.db") as db:
         rows = db.execute("select step, metrics from metrics order by step").fetchall()
@@ -151,3 +158,20 @@ def test_command_line_quickstart_logs_to_trackio(tmp_path):
         if b"reward/total_mean" in (text if isinstance(text, bytes) else text.encode())
     ]
     assert logged == [1, 2, 3]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_warmup_ramps_the_learning_rate_for_every_schedule(make_config, schedule):
+    """transformers' plain "constant" schedule ignores warmup_steps; every schedule here honours them."""
+    history = run(
+        make_config(
+            "max_steps=4", *SMALL, "optim.lr=1e-2", "optim.warmup_steps=2", f"optim.lr_scheduler={schedule}"
+        )
+    ).history
+    lrs = [m["train/lr"] for m in history]  # the rate the next step will use
+    assert lrs[0] == pytest.approx(0.5e-2)  # half-way through the 2 warmup steps
+    assert lrs[1] == pytest.approx(1e-2)
+    if schedule == "constant":
+        assert lrs[2:] == pytest.approx([1e-2, 1e-2])
+    else:
+        assert lrs[3] < lrs[2] < 1e-2

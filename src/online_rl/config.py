@@ -28,10 +28,16 @@ class LossType(str, Enum):
     dapo = "dapo"  # token mean over the whole generation batch (DAPO)
 
 
+class PreferenceLossType(str, Enum):
+    sigmoid = "sigmoid"  # DPO: -log sigmoid(beta * margin)
+    ipo = "ipo"  # IPO: (margin - 1 / (2 beta))^2, does not push the margin to infinity
+
+
 class EngineMode(str, Enum):
     off = "off"  # transformers `generate` on the trainer's own model
     auto = "auto"  # colocate when CUDA and vLLM are present, else off
     colocate = "colocate"  # vllm.LLM in the trainer process, asleep while the trainer trains
+    server = "server"  # the stock vLLM OpenAI server on other GPUs (`make serve`), weights pushed over NCCL
 
 
 class ModelImpl(str, Enum):
@@ -44,6 +50,10 @@ class LoggerBackend(str, Enum):
     none = "none"
 
 
+# `raise` is a Python keyword, so this enum is built by name; OmegaConf checks values against the names.
+OnRewardError = Enum("OnRewardError", {"raise": "raise", "skip": "skip"}, type=str)
+
+
 class LrScheduler(str, Enum):
     constant = "constant"
     linear = "linear"
@@ -51,10 +61,10 @@ class LrScheduler(str, Enum):
 
 
 @dataclass
-class GRPOConfig:
-    name: str = "grpo"
-    num_generations: int = 8  # G: completions sampled per prompt; the group that normalises advantages
-    scale_rewards: ScaleRewards = ScaleRewards.group  # group | batch | none
+class PolicyGradientConfig:
+    """What GRPO and RLOO share: G samples per prompt, an advantage each, and the clipped update."""
+
+    num_generations: int = 8  # G: completions sampled per prompt, the group each is compared with
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: float | None = (
         None  # upper clip: ratio <= 1 + epsilon_high; null = epsilon (DAPO uses 0.28)
@@ -63,6 +73,52 @@ class GRPOConfig:
     loss_type: LossType = LossType.dapo  # grpo | bnpo | dr_grpo | dapo (how token losses are averaged)
     beta: float = 0.0  # KL weight to the reference model (k3 estimator); 0 loads no reference model
     mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
+
+
+@dataclass
+class GRPOConfig(PolicyGradientConfig):
+    name: str = "grpo"
+    scale_rewards: ScaleRewards = ScaleRewards.group  # group | batch | none: what divides the centred rewards
+
+
+@dataclass
+class RLOOConfig(PolicyGradientConfig):
+    name: str = "rloo"
+    normalize_advantages: bool = False  # divide the leave-one-out advantages by their std over the rollout
+
+
+@dataclass
+class PreferenceConfig:
+    """What online DPO, Nash-MD and XPO share: a pair of samples per prompt, judged against a reference model."""
+
+    beta: float = 0.1  # strength of the pull towards the reference model (DPO's beta; Nash-MD's KL weight)
+    beta_final: float | None = None  # beta moves linearly from `beta` to this over max_steps; null = constant
+    missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never emits EOS
+    reward_model: str | None = None  # hub id or path of a sequence-classification model that ranks the pair;
+    # null = the configured reward functions rank it
+    reward_model_batch_size: int = 16  # completions per reward-model forward
+
+
+@dataclass
+class OnlineDPOConfig(PreferenceConfig):
+    name: str = "dpo"
+    loss_type: PreferenceLossType = PreferenceLossType.sigmoid  # sigmoid (DPO) | ipo (IPO)
+
+
+@dataclass
+class NashMDConfig(PreferenceConfig):
+    name: str = "nash_md"
+    mixture_coef: float = (
+        0.5  # c: the comparison sample comes from pi^(1-c) * pi_ref^c (0 = the policy itself)
+    )
+
+
+@dataclass
+class XPOConfig(OnlineDPOConfig):
+    name: str = "xpo"
+    alpha: float = (
+        1e-5  # weight of the exploration term alpha * log pi(y_ref) (sums over tokens, hence small)
+    )
 
 
 @dataclass
@@ -97,6 +153,28 @@ class VLLMColocateConfig(VLLMCheckConfig):
     max_num_batched_tokens: int | None = None  # tokens per scheduler step; null = vLLM's default
     regex: str | None = None  # structured generation: every completion matches this regex
     cpu_kv_cache_gib: int = 1  # KV cache size when vLLM runs on a CPU (VLLM_CPU_KVCACHE_SPACE)
+
+
+@dataclass
+class VLLMServerConfig(VLLMCheckConfig):
+    mode: EngineMode = EngineMode.server
+    # one URL per server process (`make serve` prints them); each rollout's prompts are split across them
+    base_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    connect_timeout_s: float = (
+        300.0  # wait this long for every server's /health at start (cold start: 1-2 min)
+    )
+    request_timeout_s: float = 600.0  # one generation request: a server's whole share of a rollout
+    retries: int = 3  # extra attempts of a request that failed to connect, timed out or got a 5xx answer
+    retry_backoff_s: float = 1.0  # wait before the first retry; doubled before each further one
+    # push the trainer's weights over NCCL before every rollout (needs the trainer on a CUDA GPU); false = the
+    # servers keep the weights they loaded (evaluation, generation only): the logp-gap check stops training
+    # once the trainer has moved away from them
+    sync_weights: bool = True
+    nccl_host: str | None = None  # the servers reach the trainer here; null = 127.0.0.1 if they are all local
+    nccl_port: int | None = None  # the trainer's NCCL rendezvous port; null = a free port
+    nccl_timeout_s: float = 300.0  # bound on the NCCL rendezvous and on each weight broadcast
+    transfer_dtype: str | None = None  # weights travel in this dtype (bfloat16 halves fp32); null = as held
+    regex: str | None = None  # structured generation: every completion matches this regex
 
 
 @dataclass
@@ -193,9 +271,42 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation (every `eval_every` steps, at the end, or alone with `eval_only=true`)."""
+
+    # the held-out split, sliced as in datasets.load_dataset (`test`, `test[:200]`, `test[:10%]`); with
+    # data=synthetic the slice applies to 500 problems made with another seed, none of them a training prompt
+    split: str = "test[:64]"
+    num_generations: int = 4  # n samples per prompt; pass@k is estimated for k = 1, 2, 4, ..., n
+    temperature: float | None = None  # temperature of those n samples; null = sampling.temperature
+    greedy: bool = True  # also one greedy (temperature 0) completion per prompt: eval/pass@1_greedy
+    pass_reward: str | None = (
+        None  # the reward that decides "pass" (e.g. math_accuracy); null = weighted total
+    )
+    pass_threshold: float = 1.0  # a completion passes when that score is >= this; a None score fails
+    batch_size: int = 64  # prompts per engine call
+    # eval_only: what to score: a checkpoint, an exported model/ (a LoRA adapter too) or a hub id;
+    # null = the model group's model (a random one is built as for training)
+    model: str | None = None
+
+
+@dataclass
+class WatchdogConfig:
+    """Seconds each phase of a step may run; past it, every thread's stack is logged and the run fails. 0 = no limit."""
+
+    sync: float = 900  # pushing the trainer's weights to the engine
+    generate: float = 3600  # sampling one rollout
+    reward: float = 1800  # scoring one rollout with every reward function
+    train: float = 3600  # the optimizer steps over one rollout, and their logging
+    checkpoint: float = 1800  # writing one checkpoint
+
+
+@dataclass
 class TrainConfig:
-    algo: Any = MISSING  # one of the algo group's schemas (GRPOConfig, ...)
-    vllm: Any = MISSING  # one of the vllm group's schemas (EngineConfig, VLLMColocateConfig)
+    algo: Any = MISSING  # one of the algo group's schemas (GRPOConfig, RLOOConfig, OnlineDPOConfig, ...)
+    vllm: Any = (
+        MISSING  # one of the vllm group's schemas (EngineConfig, VLLMColocateConfig, VLLMServerConfig)
+    )
     model: ModelConfig = MISSING
     rewards: dict[str, RewardConfig] = field(default_factory=dict)
     hardware: HardwareConfig = MISSING
@@ -210,7 +321,25 @@ class TrainConfig:
     )
     micro_batch_size: int = 8  # completions per forward/backward; gradients accumulate over the rollout
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
-    output_dir: str = "${hydra:runtime.output_dir}"  # where config, checkpoints and trackio data go
+    eval_every: int = 0  # steps between evaluations on eval.split, also run at the end; 0 = no evaluation
+    eval_only: bool = False  # score eval.model (or the model group's) on eval.split and exit: no training
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    save_merged: bool = False  # LoRA: also write the merged model to <output_dir>/model_merged/
+    push_to_hub: str | None = (
+        None  # hub repo id to upload <output_dir>/model/ to; skipped with a message offline
+    )
+    # where config, checkpoints and trackio data go; Hydra fills it in when the run starts (null in --cfg output)
+    output_dir: str | None = "${hydra:runtime.output_dir}"
+    # auto = the newest checkpoint under output_dir/checkpoints (a fresh start if there is none),
+    # or a checkpoint directory (<run>/checkpoints/step_NNNNNN) or a run directory; null = start fresh
+    resume: str | None = None
+    on_reward_error: OnRewardError = OnRewardError[
+        "raise"
+    ]  # a reward fn raises: raise = stop, skip = score None
+    max_consecutive_nonfinite: int = (
+        3  # non-finite updates (skipped) in a row before the run stops; 0 = never
+    )
+    watchdog_seconds: WatchdogConfig = field(default_factory=WatchdogConfig)  # per-phase time limits
 
 
 def register_configs() -> None:
@@ -223,5 +352,10 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(group="schema/algo", name="grpo", node=GRPOConfig)
+    store.store(group="schema/algo", name="rloo", node=RLOOConfig)
+    store.store(group="schema/algo", name="dpo", node=OnlineDPOConfig)
+    store.store(group="schema/algo", name="nash_md", node=NashMDConfig)
+    store.store(group="schema/algo", name="xpo", node=XPOConfig)
     store.store(group="schema/vllm", name="off", node=EngineConfig)
     store.store(group="schema/vllm", name="colocate", node=VLLMColocateConfig)
+    store.store(group="schema/vllm", name="server", node=VLLMServerConfig)

@@ -14,6 +14,7 @@ import datasets
 import torch
 
 SYNTHETIC_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+SYNTHETIC_HELD_OUT_ROWS = 500  # the synthetic data's eval split, before eval.split's slice
 
 
 def synthetic_arithmetic(num_rows: int, seed: int = 0) -> datasets.Dataset:
@@ -27,25 +28,72 @@ def synthetic_arithmetic(num_rows: int, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
-def load_prompts(data_cfg: Any) -> datasets.Dataset:
-    """The dataset named by `data_cfg`, with `prompt` and `solution` columns (see DataConfig)."""
-    if data_cfg.synthetic_rows:
-        return synthetic_arithmetic(data_cfg.synthetic_rows)
+def held_out_arithmetic(training_rows: int, split: str) -> datasets.Dataset:
+    """The synthetic data's eval split: SYNTHETIC_HELD_OUT_ROWS problems made with another seed, none of
+    them a prompt of the `training_rows` training problems, then sliced by `split` as load_dataset would
+    (`test[:64]`, `test[10%:20%]`; the split's name itself is not used)."""
+    training = set(synthetic_arithmetic(training_rows)["prompt"])
+    rng, rows, seen = random.Random(1), [], set()
+    for _ in range(SYNTHETIC_HELD_OUT_ROWS * 100):
+        a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice(list(SYNTHETIC_OPERATIONS))
+        prompt = f"What is {a} {op} {b}?"
+        if prompt not in training and prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "solution": str(SYNTHETIC_OPERATIONS[op](a, b))})
+            if len(rows) == SYNTHETIC_HELD_OUT_ROWS:
+                break
+    else:
+        raise ValueError(
+            f"data.synthetic_rows={training_rows} leaves too few unseen problems for an eval split: lower it"
+        )
+    name = split.split("[", 1)[0]
+    try:
+        [span] = datasets.ReadInstruction.from_spec(split).to_absolute({name: len(rows)})
+    except (ValueError, AssertionError) as error:
+        raise ValueError(
+            f"eval.split={split!r} is not a split like test, test[:64] or test[:10%]: {error}"
+        ) from error
+    return datasets.Dataset.from_list(rows[span.from_ : span.to])
+
+
+def load_split(data_cfg: Any, split: str, key: str) -> datasets.Dataset:
+    """datasets.load_dataset of data.path at `split` (which the config sets as `key`), columns normalised."""
     if not data_cfg.path:
         raise ValueError(
             "data.path is empty: set data.path (a hub id or a builder such as json) or data.synthetic_rows"
         )
     try:
         dataset = datasets.load_dataset(
-            data_cfg.path, data_cfg.subset, data_files=data_cfg.data_files, split=data_cfg.split
+            data_cfg.path, data_cfg.subset, data_files=data_cfg.data_files, split=split
         )
     except StopIteration as error:  # what the json builder raises on an empty file
         raise ValueError(
             f"the dataset has no rows: data.data_files={data_cfg.data_files} is empty"
         ) from error
+    except ValueError as error:
+        if "split" not in str(error).lower():
+            raise
+        raise ValueError(
+            f"{key}={split!r} does not name a split of {data_cfg.path}: {str(error).rstrip('.')}. Set {key} to one of its "
+            "splits, sliced if you like (e.g. test[:200])"
+        ) from error
     return normalise_columns(
         dataset, data_cfg.prompt_column, data_cfg.solution_column, data_cfg.solution_regex
     )
+
+
+def load_prompts(data_cfg: Any) -> datasets.Dataset:
+    """The dataset named by `data_cfg`, with `prompt` and `solution` columns (see DataConfig)."""
+    if data_cfg.synthetic_rows:
+        return synthetic_arithmetic(data_cfg.synthetic_rows)
+    return load_split(data_cfg, data_cfg.split, "data.split")
+
+
+def load_eval_prompts(data_cfg: Any, split: str) -> datasets.Dataset:
+    """The held-out prompts of eval.split, with the same columns as the training prompts."""
+    if data_cfg.synthetic_rows:
+        return held_out_arithmetic(data_cfg.synthetic_rows, split)
+    return load_split(data_cfg, split, "eval.split")
 
 
 def normalise_columns(

@@ -1,8 +1,16 @@
 """The training loop. One rollout per iteration, read top to bottom:
 
-    prompts -> token ids -> engine.sync_weights + engine.generate (G per prompt) -> rewards
-    -> group advantages -> num_iterations optimizer steps over the rollout in micro-batches
-       (checking the engine's log-probs against the trainer's) -> log, checkpoint
+    prompts -> token ids -> engine.sync_weights + engine.generate -> rewards
+    -> what the algorithm learns from: advantages (GRPO, RLOO) or ranked pairs (online DPO, Nash-MD, XPO)
+    -> optimizer step(s) over the rollout in micro-batches (checking the engine's log-probs against
+       the trainer's) -> log, checkpoint
+
+Two families share everything but steps 5-6:
+- policy gradient (`algo=grpo`, `algo=rloo`): G samples per prompt, an advantage per sample, a clipped
+  ratio and num_iterations passes (`policy_gradient_pass`);
+- preference (`algo=dpo`, `algo=nash_md`, `algo=xpo`): a pair per prompt, a loss against the frozen
+  reference (`preference_pass`). Online DPO samples both from the policy; Nash-MD and XPO sample the
+  second from a geometric mixture of policy and reference (XPO: the reference alone).
 
 This is the only module that knows the data, the model, the engine, the rewards and the algorithm.
 """
@@ -12,20 +20,27 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_scheduler, set_seed
 
-from online_rl import grpo
-from online_rl.checkpoint import save_checkpoint
+from online_rl import grpo, preference, rloo
+from online_rl.checkpoint import prepare_output_dir, save_checkpoint
 from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenize_prompts
-from online_rl.engines import make_engine, resolve_mode
+from online_rl.engines import Rollout, SaveWhenUnavailable, make_engine, resolve_mode
+from online_rl.engines.mixture import sample_geometric_mixture
+from online_rl.engines.transformers_engine import eos_token_ids
+from online_rl.evaluation import Evaluator, check_eval_config, run_eval_only
+from online_rl.export import check_export_config, export_final_model
+from online_rl.guards import NonFiniteGuard
+from online_rl.interrupts import StopOnSignal
 from online_rl.logprobs import completion_logprobs, pack
 from online_rl.models import (
     frozen_copy,
@@ -35,19 +50,34 @@ from online_rl.models import (
     resolve_model_path,
     torch_dtype,
 )
-from online_rl.rewarding import load_reward_functions, reward_metrics, score_completions, total_reward
+from online_rl.redaction import redact_hydra_outputs, redact_override, redacted_container, save_config
+from online_rl.resume import check_checkpoint_schedule, find_checkpoint, load_weights, resume_training
+from online_rl.reward_model import RewardModel
+from online_rl.rewarding import (
+    load_reward_functions,
+    reward_error_metrics,
+    reward_metrics,
+    score_completions,
+    total_reward,
+)
 from online_rl.sampler_correction import logp_gap, truncated_importance_weights
 from online_rl.tracking import append_metrics, make_tracker
+from online_rl.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+
+POLICY_GRADIENT = ("grpo", "rloo")  # G samples per prompt, an advantage each, a clipped ratio
+PREFERENCE = ("dpo", "nash_md", "xpo")  # a pair per prompt, a preference loss against the reference
 
 
 @dataclass
 class RunSummary:
     output_dir: Path
-    final_checkpoint: Path
+    final_checkpoint: Path | None  # None for eval_only
     history: list[dict[str, float]] = field(default_factory=list)  # the logged metrics of every step
     seconds: float = 0.0
+    evals: list[dict[str, float]] = field(default_factory=list)  # the eval/ metrics of every evaluation
+    model_dir: Path | None = None  # the exported final model (<output_dir>/model)
 
     @property
     def reward_means(self) -> list[float]:
@@ -57,24 +87,43 @@ class RunSummary:
 def validate(cfg: DictConfig) -> None:
     """Checks that need several fields at once; single fields are typed by the schema."""
     algo = cfg.algo
-    if algo.num_generations < 2:
+    if algo.name in POLICY_GRADIENT:
+        if algo.num_generations < 2:
+            raise ValueError(
+                f"algo.num_generations={algo.num_generations}: {algo.name.upper()} compares samples of one prompt, use >= 2"
+            )
+        rollout_size = cfg.prompts_per_step * algo.num_generations
+        if cfg.micro_batch_size < 1 or rollout_size % cfg.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size={cfg.micro_batch_size} must divide the rollout of prompts_per_step x num_generations = "
+                f"{rollout_size} completions, e.g. micro_batch_size={math.gcd(rollout_size, max(cfg.micro_batch_size, 1))}"
+            )
+    elif algo.name in PREFERENCE:
+        if cfg.micro_batch_size < 2:
+            raise ValueError(
+                f"micro_batch_size={cfg.micro_batch_size}: {algo.name} trains on pairs, use micro_batch_size >= 2"
+            )
+        if algo.beta <= 0 or (algo.beta_final is not None and algo.beta_final <= 0):
+            raise ValueError(
+                f"algo.beta must be > 0 for {algo.name}: it weighs the reference model in the loss"
+            )
+        if algo.name == "nash_md" and not 0 <= algo.mixture_coef <= 1:
+            raise ValueError(f"algo.mixture_coef={algo.mixture_coef} must be in [0, 1]")
+    else:
         raise ValueError(
-            f"algo.num_generations={algo.num_generations}: GRPO compares samples of one prompt, use >= 2"
-        )
-    rollout_size = cfg.prompts_per_step * algo.num_generations
-    if cfg.micro_batch_size < 1 or rollout_size % cfg.micro_batch_size:
-        raise ValueError(
-            f"micro_batch_size={cfg.micro_batch_size} must divide the rollout of prompts_per_step x num_generations = "
-            f"{rollout_size} completions, e.g. micro_batch_size={math.gcd(rollout_size, max(cfg.micro_batch_size, 1))}"
+            f"algo.name={algo.name!r} is not an algorithm of this loop: use one of {POLICY_GRADIENT + PREFERENCE}"
         )
     if cfg.sampling.temperature <= 0:
         raise ValueError(
             "sampling.temperature must be > 0: RL needs samples, and log-probs are taken at this temperature"
         )
+    check_checkpoint_schedule(cfg.checkpoint_every, algo.get("num_iterations", 1))
     if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "hardware.device=cuda but torch sees no CUDA GPU: use hardware=cpu, or install the CUDA build"
         )
+    check_eval_config(cfg)
+    check_export_config(cfg)
 
 
 def run_directory(cfg: DictConfig) -> tuple[Path, str, Path]:
@@ -86,7 +135,7 @@ def run_directory(cfg: DictConfig) -> tuple[Path, str, Path]:
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
-        run_name = hydra_cfg.job.override_dirname or run_name
+        run_name = redact_override(hydra_cfg.job.override_dirname) or run_name
         if hydra_cfg.mode == RunMode.MULTIRUN:
             tracking_dir = Path(hydra_cfg.sweep.dir) / "trackio"
     except ValueError:  # composed without @hydra.main (tests, notebooks)
@@ -95,19 +144,44 @@ def run_directory(cfg: DictConfig) -> tuple[Path, str, Path]:
 
 
 def run(cfg: DictConfig) -> RunSummary:
+    """Train as `cfg` says. However the run ends (done, interrupted, failed), the signal handlers and the
+    watchdog are undone and the engine and tracker closed."""
+    with ExitStack() as closing:
+        return train(cfg, closing)
+
+
+def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     started = time.perf_counter()
     validate(cfg)
     output_dir, run_name, tracking_dir = run_directory(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    prepare_output_dir(output_dir)
+    redact_hydra_outputs(output_dir)
+    save_config(cfg, output_dir / "config_resolved.yaml")  # secrets redacted
+    # SIGINT/SIGTERM: finish the step, checkpoint, exit; a phase past its limit fails with every stack
+    stop = closing.enter_context(StopOnSignal(output_dir))
+    watchdog = closing.enter_context(Watchdog(cfg.watchdog_seconds))
+    nonfinite = NonFiniteGuard(cfg.max_consecutive_nonfinite)
+    checkpoint = find_checkpoint(cfg.resume, output_dir)  # resume=auto|<path>|null
     set_seed(cfg.seed)  # python, numpy, torch and CUDA
+    if cfg.eval_only:  # score a model on eval.split and stop: no optimizer, no training
+        return RunSummary(output_dir, None, evals=[run_eval_only(cfg, output_dir, run_name, tracking_dir)])
     device = torch.device(cfg.hardware.device)
     param_dtype, autocast_dtype = (
         torch_dtype(cfg.hardware.param_dtype),
         torch_dtype(cfg.hardware.autocast_dtype),
     )
-    algo, sampling, G = cfg.algo, cfg.sampling, cfg.algo.num_generations
-    epsilon_high = algo.epsilon_high if algo.epsilon_high is not None else algo.epsilon
+    algo, sampling = cfg.algo, cfg.sampling
+    is_preference = algo.name in PREFERENCE
+    # Completions per prompt: G for the policy-gradient family, a pair for the preference family.
+    G = 2 if is_preference else algo.num_generations
+    # Nash-MD and XPO draw the second sample of each pair themselves (mixture coefficient c).
+    second_sample_coef = {"nash_md": algo.get("mixture_coef"), "xpo": 1.0}.get(algo.name)
+    # Online DPO and XPO keep both samples of a pair in one micro-batch (an even size).
+    micro_size = (
+        cfg.micro_batch_size - cfg.micro_batch_size % 2
+        if algo.name in ("dpo", "xpo")
+        else cfg.micro_batch_size
+    )
 
     # Data, model, reference, optimizer, engine, rewards, tracker.
     dataset = load_prompts(cfg.data)
@@ -120,6 +194,8 @@ def run(cfg: DictConfig) -> RunSummary:
     model.train()
     # beta = 0 needs no reference; under LoRA the reference is the same model with its adapters off.
     reference = frozen_copy(model) if algo.beta > 0 and not is_lora(model) else None
+    if checkpoint is not None:  # resume: the checkpoint's weights; a reference model stays the initial one
+        load_weights(model, checkpoint)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,
@@ -128,7 +204,10 @@ def run(cfg: DictConfig) -> RunSummary:
         weight_decay=cfg.optim.weight_decay,
     )
     scheduler = get_scheduler(
-        cfg.optim.lr_scheduler.value,
+        # transformers' "constant" ignores num_warmup_steps; its warmup twin honours them
+        "constant_with_warmup"
+        if cfg.optim.lr_scheduler.value == "constant"
+        else cfg.optim.lr_scheduler.value,
         optimizer,
         num_warmup_steps=cfg.optim.warmup_steps,
         num_training_steps=cfg.max_steps,
@@ -146,10 +225,35 @@ def run(cfg: DictConfig) -> RunSummary:
         max_model_len=cfg.data.max_prompt_length + sampling.max_completion_length,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    reward_functions = load_reward_functions(cfg.rewards)
-    tracker = make_tracker(cfg.logger, run_name, tracking_dir, OmegaConf.to_container(cfg, resolve=True))
+    # an engine lost mid-run (a server down) stops the run with a checkpoint
+    engine = SaveWhenUnavailable(engine, lambda: checkpoint_now())
+    closing.callback(engine.close)
+    reward_functions = load_reward_functions(cfg.rewards, cfg.on_reward_error.value)
+    reward_model = (
+        RewardModel(
+            algo.reward_model,
+            device,
+            autocast_dtype,
+            cfg.model.trust_remote_code,
+            algo.reward_model_batch_size,
+        )
+        if is_preference and algo.reward_model
+        else None
+    )
+    if reward_model is not None:
+        closing.callback(reward_model.close)
+    tracker = make_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg))
+    closing.callback(tracker.close)
+    if tracker.dashboard_command():
+        log.info("Dashboard: %s", tracker.dashboard_command())
+    evaluator = (
+        Evaluator(cfg, engine, tokenizer, reward_functions, tracker, output_dir / "metrics.jsonl", device)
+        if cfg.eval_every
+        else None
+    )
     log.info(
-        "GRPO on %s: %d trainable parameters, %d prompts x %d samples per rollout, %d steps; outputs in %s",
+        "%s on %s: %d trainable parameters, %d prompts x %d samples per rollout, %d steps; outputs in %s",
+        algo.name,
         model_path,
         sum(p.numel() for p in trainable),
         cfg.prompts_per_step,
@@ -158,9 +262,19 @@ def run(cfg: DictConfig) -> RunSummary:
         output_dir,
     )
 
+    def checkpoint_now() -> Path:
+        with watchdog.phase("checkpoint"):
+            state = trainer_state(optimizer, scheduler, sampler)
+            return save_checkpoint(output_dir / "checkpoints", step, model, tokenizer, state)
+
     summary = RunSummary(output_dir=output_dir, final_checkpoint=output_dir)
-    step = 0
-    progress = tqdm(total=cfg.max_steps, desc="GRPO", unit="step", dynamic_ncols=True)
+    # Last before the first step: a resume restores the RNG states here, after setup's random draws.
+    step = (
+        resume_training(checkpoint, optimizer, scheduler, sampler, cfg.max_steps, output_dir)
+        if checkpoint
+        else 0
+    )
+    progress = tqdm(total=cfg.max_steps, initial=step, desc=algo.name, unit="step", dynamic_ncols=True)
     with logging_redirect_tqdm():
         while step < cfg.max_steps:
             step_started = time.perf_counter()
@@ -172,13 +286,33 @@ def run(cfg: DictConfig) -> RunSummary:
                 tokenizer, questions, cfg.data.system_prompt, cfg.data.max_prompt_length
             )
 
-            # 3. The engine takes the trainer's current weights, then samples G completions per prompt.
+            # 3. The engine takes the trainer's current weights, then samples G completions per prompt
+            #    (Nash-MD, XPO: one, and the pair's second comes from the policy/reference mixture).
             t = time.perf_counter()
+            watchdog.start("sync")
             engine.sync_weights(model)
             sync_s = time.perf_counter() - t
-            rollout = engine.generate(prompt_ids, G, sampling)
+            watchdog.start("generate")
+            rollout = engine.generate(prompt_ids, 1 if second_sample_coef is not None else G, sampling)
             generate_s = time.perf_counter() - t - sync_s
             memory = gpu_memory_metrics(device)  # after generate: a sleeping engine is asleep again
+            if second_sample_coef is not None:
+                t = time.perf_counter()
+                second = sample_geometric_mixture(
+                    model,
+                    reference,
+                    prompt_ids,
+                    second_sample_coef,
+                    sampling,
+                    pad_id=tokenizer.pad_token_id,
+                    eos_ids=eos_token_ids(model, tokenizer),
+                    device=device,
+                    autocast_dtype=autocast_dtype,
+                )
+                rollout = interleave_pairs(rollout, second)
+                rollout.stats["time/second_sample_s"] = time.perf_counter() - t
+            # Rows the engine sampled (all, except the mixture samples of Nash-MD and XPO at odd rows).
+            from_engine = [second_sample_coef is None or i % 2 == 0 for i in range(len(rollout.finished))]
             completion_ids = rollout.completion_ids  # N = len(rows) * G rows
             completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
@@ -189,97 +323,110 @@ def run(cfg: DictConfig) -> RunSummary:
             }
             columns["completion_lengths"] = [len(c) for c in completion_ids]
             prompts_per_completion = [q for q in questions for _ in range(G)]
+            watchdog.start("reward")
             scores = score_completions(reward_functions, prompts_per_completion, completions, columns)
             rewards = total_reward(reward_functions, scores)  # (N,)
+            if reward_model is not None:
+                ranking_scores = reward_model.score(prompts_per_completion, completions)
+            else:
+                ranking_scores = rewards
             reward_s = time.perf_counter() - t
 
-            # 5. Advantages, normalised within each prompt's group.
-            advantages = grpo.group_advantages(rewards, G, algo.scale_rewards.value)  # (N,)
+            # 5. What the algorithm learns from: an advantage per sample, or a ranked pair per prompt.
+            finished = torch.tensor(rollout.finished)
+            if algo.name == "grpo":
+                advantages = grpo.group_advantages(rewards, G, algo.scale_rewards.value)  # (N,)
+            elif algo.name == "rloo":
+                advantages = rloo.leave_one_out_advantages(rewards, G, algo.normalize_advantages)  # (N,)
+            else:
+                pair_scores = preference.penalize_missing_eos(
+                    ranking_scores, finished, algo.missing_eos_penalty
+                ).view(-1, 2)  # (P, 2): [first, second] of each prompt
+                first_is_chosen, tie = preference.rank_pairs(pair_scores[:, 0], pair_scores[:, 1])
+                first_preferred = preference.bradley_terry_preference(pair_scores[:, 0], pair_scores[:, 1])
+                beta = preference.scheduled_beta(algo.beta, algo.beta_final, step, cfg.max_steps)
 
-            # 6. num_iterations optimizer steps over the rollout, in micro-batches.
+            # 6. Optimizer step(s) over the rollout, in micro-batches. Nash-MD trains on its own samples only.
             t = time.perf_counter()
+            watchdog.start("train")
             full_prompts = [p for p in prompt_ids for _ in range(G)]
+            trained_rows = [i for i in range(len(completion_ids)) if algo.name != "nash_md" or from_engine[i]]
             micro_batches = []
-            for start in range(0, len(completion_ids), cfg.micro_batch_size):
-                index = slice(start, start + cfg.micro_batch_size)
+            for start in range(0, len(trained_rows), micro_size):
+                index = trained_rows[start : start + micro_size]
                 sampler_rows = (
-                    rollout.sampler_logprobs[index] if rollout.sampler_logprobs is not None else None
+                    [rollout.sampler_logprobs[i] if from_engine[i] else [] for i in index]
+                    if rollout.sampler_logprobs is not None
+                    else None
                 )
-                batch = pack(full_prompts[index], completion_ids[index], tokenizer.pad_token_id, sampler_rows)
+                batch = pack(
+                    [full_prompts[i] for i in index],
+                    [completion_ids[i] for i in index],
+                    tokenizer.pad_token_id,
+                    sampler_rows,
+                )
                 batch = batch.to(device)
-                if algo.mask_truncated_completions:
-                    finished = torch.tensor(rollout.finished[index], device=device).unsqueeze(1)
-                    batch.completion_mask = batch.completion_mask * finished
-                micro_batches.append((batch, advantages[index].to(device)))
-            rollout_tokens = int(sum(b.completion_mask.sum() for b, _ in micro_batches))
+                if not is_preference and algo.mask_truncated_completions:
+                    batch.completion_mask = batch.completion_mask * finished[index].to(device).unsqueeze(1)
+                engine_rows = torch.tensor([from_engine[i] for i in index], device=device)
+                micro_batches.append((batch, index, engine_rows))
+            rollout_tokens = int(sum(b.completion_mask.sum() for b, _, _ in micro_batches))
 
             with torch.no_grad():
                 # Old log-probs are only needed when later passes must measure how far the policy moved.
                 old_logps = (
                     [
                         completion_logprobs(model, b, sampling.temperature, autocast_dtype)[0]
-                        for b, _ in micro_batches
+                        for b, _, _ in micro_batches
                     ]
-                    if algo.num_iterations > 1
+                    if not is_preference and algo.num_iterations > 1
                     else None
                 )
                 ref_logps = (
                     [
                         reference_logprobs(model, reference, b, sampling.temperature, autocast_dtype)
-                        for b, _ in micro_batches
+                        for b, _, _ in micro_batches
                     ]
                     if algo.beta > 0
                     else None
                 )
 
-            for iteration in range(algo.num_iterations):
-                totals = dict.fromkeys(
-                    ("loss", "kl", "entropy", "clip_low", "clip_high", "clip_region", "gap", "is_weight"), 0.0
-                )
-                gap_max = 0.0
-                for i, (batch, adv) in enumerate(micro_batches):
-                    logp, entropy = completion_logprobs(
-                        model, batch, sampling.temperature, autocast_dtype, with_entropy=True
+            for iteration in range(1 if is_preference else algo.num_iterations):
+                if is_preference:
+                    totals = preference_pass(
+                        model,
+                        micro_batches,
+                        ref_logps,
+                        algo,
+                        beta,
+                        first_is_chosen=first_is_chosen,
+                        tie=tie,
+                        first_preferred=first_preferred,
+                        temperature=sampling.temperature,
+                        autocast_dtype=autocast_dtype,
                     )
-                    old = old_logps[i] if old_logps is not None else logp.detach()
-                    token_loss, ratio = grpo.clipped_token_loss(logp, old, adv, algo.epsilon, epsilon_high)
-                    mask = batch.completion_mask
-                    if batch.sampler_logp is not None:
-                        if iteration == 0:  # the rollout policy vs the engine that sampled it
-                            gap_sum, gap_peak = logp_gap(old, batch.sampler_logp, mask)
-                            totals["gap"] += gap_sum
-                            gap_max = max(gap_max, gap_peak)
-                        if cfg.vllm.importance_sampling_correction:
-                            weights = truncated_importance_weights(
-                                old, batch.sampler_logp, cfg.vllm.importance_sampling_cap
-                            )
-                            token_loss = token_loss * weights
-                            totals["is_weight"] += float((weights * mask).sum())
-                    if ref_logps is not None:
-                        kl = grpo.k3_kl(logp, ref_logps[i])
-                        token_loss = token_loss + algo.beta * kl
-                        totals["kl"] += float((kl.detach() * mask).sum())
-                    loss = grpo.aggregate_loss(
-                        token_loss,
-                        mask,
-                        algo.loss_type.value,
-                        len(micro_batches),
-                        rollout_tokens,
-                        sampling.max_completion_length,
+                else:
+                    totals = policy_gradient_pass(
+                        model,
+                        micro_batches,
+                        advantages,
+                        old_logps,
+                        ref_logps,
+                        algo,
+                        cfg.vllm,
+                        check_gap=iteration == 0,
+                        rollout_tokens=rollout_tokens,
+                        sampling=sampling,
+                        autocast_dtype=autocast_dtype,
                     )
-                    loss.backward()
-                    totals["loss"] += float(loss.detach())
-                    totals["entropy"] += float((entropy * mask).sum())
-                    for key, value in grpo.clip_fractions(
-                        ratio, adv, mask, algo.epsilon, epsilon_high
-                    ).items():
-                        totals[key] += float(value) * float(mask.sum())
                 token_count = max(rollout_tokens, 1)
+                engine_tokens = max(totals["engine_tokens"], 1)
                 if iteration == 0 and rollout.sampler_logprobs is not None:
-                    check_sync(totals["gap"] / token_count, gap_max, cfg.vllm.max_logp_gap, step)
+                    check_sync(totals["gap"] / engine_tokens, totals["gap_max"], cfg.vllm.max_logp_gap, step)
                 max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-                optimizer.step()
+                if nonfinite.allows_update(totals["loss"], grad_norm, step + 1):  # else the update is dropped
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -288,15 +435,16 @@ def run(cfg: DictConfig) -> RunSummary:
                 # 7. Log, checkpoint. (The next rollout starts by pushing these weights to the engine.)
                 step_s = time.perf_counter() - step_started
                 lengths = torch.tensor(columns["completion_lengths"], dtype=torch.float)
+                # Reward curves follow the policy's own samples, not the mixture / reference ones.
+                policy_rewards = rewards[torch.tensor(from_engine)]
                 metrics = {
-                    "reward/total_mean": float(rewards.mean()),
-                    "reward/total_std": float(rewards.std()),
-                    **reward_metrics(scores),
-                    "adv/mean": float(advantages.mean()),
-                    "adv/std": float(advantages.std()),
-                    "adv/abs_max": float(advantages.abs().max()),
-                    "rollout/zero_std_group_frac": float(
-                        (rewards.view(-1, G).std(dim=1) == 0).float().mean()
+                    "reward/total_mean": float(policy_rewards.mean()),
+                    "reward/total_std": float(policy_rewards.std()) if len(policy_rewards) > 1 else 0.0,
+                    **reward_metrics(
+                        {
+                            name: [v for v, e in zip(values, from_engine) if e]
+                            for name, values in scores.items()
+                        }
                     ),
                     "rollout/len_mean": float(lengths.mean()),
                     "rollout/len_max": float(lengths.max()),
@@ -304,9 +452,6 @@ def run(cfg: DictConfig) -> RunSummary:
                     "train/loss": totals["loss"],
                     "train/kl": totals["kl"] / token_count,
                     "train/entropy": totals["entropy"] / token_count,
-                    "train/clip_low_frac": totals["clip_low"] / token_count,
-                    "train/clip_high_frac": totals["clip_high"] / token_count,
-                    "train/clip_region_frac": totals["clip_region"] / token_count,
                     "train/grad_norm": grad_norm,
                     "train/lr": scheduler.get_last_lr()[0],
                     "time/generate_s": generate_s,
@@ -318,17 +463,54 @@ def run(cfg: DictConfig) -> RunSummary:
                     "time/step_s": step_s,
                     "perf/completion_tokens_per_s": float(lengths.sum()) / step_s,
                 }
+                if is_preference:
+                    decisive = int((~tie).sum())
+                    metrics.update(
+                        {
+                            "pairs/tie_frac": float(tie.float().mean()),
+                            "pairs/score_gap_mean": float(
+                                (pair_scores[:, 0] - pair_scores[:, 1]).abs().mean()
+                            ),
+                            "pairs/second_reward_mean": float(rewards.view(-1, 2)[:, 1].mean()),
+                            "train/beta": beta,
+                        }
+                    )
+                    if algo.name == "nash_md":
+                        metrics["pairs/preference_mean"] = float(first_preferred.mean())
+                    else:
+                        metrics["train/margin_mean"] = totals["margin"] / max(decisive, 1)
+                        metrics["train/accuracy"] = totals["accuracy"] / max(decisive, 1)
+                    if algo.name == "xpo":
+                        metrics["train/exploration_loss"] = totals["exploration"]
+                else:
+                    metrics.update(
+                        {
+                            "adv/mean": float(advantages.mean()),
+                            "adv/std": float(advantages.std()),
+                            "adv/abs_max": float(advantages.abs().max()),
+                            "rollout/zero_std_group_frac": float(
+                                (rewards.view(-1, G).std(dim=1) == 0).float().mean()
+                            ),
+                            "train/clip_low_frac": totals["clip_low"] / token_count,
+                            "train/clip_high_frac": totals["clip_high"] / token_count,
+                            "train/clip_region_frac": totals["clip_region"] / token_count,
+                        }
+                    )
                 if rollout.sampler_logprobs is not None:
-                    metrics["sync/logp_gap_mean"] = totals["gap"] / token_count
-                    metrics["sync/logp_gap_max"] = gap_max
-                    if cfg.vllm.importance_sampling_correction:
+                    metrics["sync/logp_gap_mean"] = totals["gap"] / engine_tokens
+                    metrics["sync/logp_gap_max"] = totals["gap_max"]
+                    if not is_preference and cfg.vllm.importance_sampling_correction:
                         metrics["sync/is_weight_mean"] = totals["is_weight"] / token_count
+                metrics.update(nonfinite.metrics())
+                metrics.update(reward_error_metrics(reward_functions))
                 summary.history.append(metrics)
                 tracker.log(metrics, step)
                 append_metrics(output_dir / "metrics.jsonl", step, metrics)
                 progress.update(1)
                 progress.set_postfix(
-                    reward=f"{metrics['reward/total_mean']:.3f}", len=f"{metrics['rollout/len_mean']:.0f}"
+                    reward=f"{metrics['reward/total_mean']:.3f}",
+                    len=f"{metrics['rollout/len_mean']:.0f}",
+                    tok_s=f"{metrics['perf/completion_tokens_per_s']:.0f}",
                 )
                 if step % cfg.logger.log_every == 0 or step == cfg.max_steps:
                     log.info(console_line(step, cfg.max_steps, metrics, [r.name for r in reward_functions]))
@@ -341,25 +523,190 @@ def run(cfg: DictConfig) -> RunSummary:
                         step,
                     )
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                    save_checkpoint(
-                        output_dir / "checkpoints",
-                        step,
-                        model,
-                        tokenizer,
-                        trainer_state(optimizer, scheduler, sampler),
-                    )
+                    checkpoint_now()
+                if nonfinite.must_stop:
+                    raise nonfinite.error(checkpoint_now())
+                if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    summary.evals.append(evaluator.run(model, step))
                 if step >= cfg.max_steps:
                     break
+            if stop.requested:  # SIGINT/SIGTERM: this step is done; the checkpoint below, then exit
+                break
     progress.close()
 
-    summary.final_checkpoint = save_checkpoint(
-        output_dir / "checkpoints", step, model, tokenizer, trainer_state(optimizer, scheduler, sampler)
-    )
-    engine.close()
-    tracker.close()
+    summary.final_checkpoint = checkpoint_now()
+    if stop.requested and step < cfg.max_steps:
+        raise stop.interrupted(summary.final_checkpoint)
+    final_eval = summary.evals[-1] if summary.evals else None
+    summary.model_dir = export_final_model(cfg, model, tokenizer, output_dir, step, final_eval)
     summary.seconds = time.perf_counter() - started
     report(summary, tracker)
     return summary
+
+
+def policy_gradient_pass(
+    model,
+    micro_batches,
+    advantages: torch.Tensor,
+    old_logps,
+    ref_logps,
+    algo,
+    vllm_cfg,
+    *,
+    check_gap: bool,
+    rollout_tokens: int,
+    sampling,
+    autocast_dtype,
+) -> dict[str, float]:
+    """One pass of the clipped policy-gradient loss (GRPO, RLOO) over the rollout; gradients accumulate.
+
+    old_logps: per micro-batch (B, T) log-probs of the rollout policy, or None when this is the only
+    pass (then they are the current ones, detached). ref_logps: per micro-batch, or None when beta = 0.
+    Returns sums over tokens; the caller divides.
+    """
+    epsilon_high = algo.epsilon_high if algo.epsilon_high is not None else algo.epsilon
+    totals = dict.fromkeys(
+        (
+            "loss",
+            "kl",
+            "entropy",
+            "clip_low",
+            "clip_high",
+            "clip_region",
+            "gap",
+            "gap_max",
+            "engine_tokens",
+            "is_weight",
+        ),
+        0.0,
+    )
+    for i, (batch, index, _) in enumerate(micro_batches):
+        adv = advantages[index].to(batch.input_ids.device)  # (B,)
+        logp, entropy = completion_logprobs(
+            model, batch, sampling.temperature, autocast_dtype, with_entropy=True
+        )
+        old = old_logps[i] if old_logps is not None else logp.detach()
+        token_loss, ratio = grpo.clipped_token_loss(logp, old, adv, algo.epsilon, epsilon_high)
+        mask = batch.completion_mask
+        if batch.sampler_logp is not None:
+            if check_gap:  # the rollout policy vs the engine that sampled it
+                gap_sum, gap_peak = logp_gap(old, batch.sampler_logp, mask)
+                totals["gap"] += gap_sum
+                totals["gap_max"] = max(totals["gap_max"], gap_peak)
+                totals["engine_tokens"] += float(mask.sum())
+            if vllm_cfg.importance_sampling_correction:
+                weights = truncated_importance_weights(
+                    old, batch.sampler_logp, vllm_cfg.importance_sampling_cap
+                )
+                token_loss = token_loss * weights
+                totals["is_weight"] += float((weights * mask).sum())
+        if ref_logps is not None:
+            kl = grpo.k3_kl(logp, ref_logps[i])
+            token_loss = token_loss + algo.beta * kl
+            totals["kl"] += float((kl.detach() * mask).sum())
+        loss = grpo.aggregate_loss(
+            token_loss,
+            mask,
+            algo.loss_type.value,
+            len(micro_batches),
+            rollout_tokens,
+            sampling.max_completion_length,
+        )
+        loss.backward()
+        totals["loss"] += float(loss.detach())
+        totals["entropy"] += float((entropy * mask).sum())
+        for key, value in grpo.clip_fractions(ratio, adv, mask, algo.epsilon, epsilon_high).items():
+            totals[key] += float(value) * float(mask.sum())
+    return totals
+
+
+def preference_pass(
+    model,
+    micro_batches,
+    ref_logps,
+    algo,
+    beta: float,
+    *,
+    first_is_chosen: torch.Tensor,
+    tie: torch.Tensor,
+    first_preferred: torch.Tensor,
+    temperature: float,
+    autocast_dtype,
+) -> dict[str, float]:
+    """One pass of the preference loss (online DPO, Nash-MD, XPO) over the rollout's P pairs; gradients accumulate.
+
+    Rows are prompt-major pairs: row 2p is the policy's sample of prompt p, row 2p + 1 the second one.
+    Online DPO and XPO train on both rows of each pair (micro-batches hold whole pairs), Nash-MD only on
+    the policy's rows. The loss is a mean over pairs (online DPO: over the pairs that are not ties).
+    first_is_chosen, tie, first_preferred: (P,) from the ranking. Returns sums; the caller divides.
+    """
+    totals = dict.fromkeys(
+        ("loss", "kl", "entropy", "margin", "accuracy", "exploration", "gap", "gap_max", "engine_tokens"), 0.0
+    )
+    pairs, decisive_pairs = len(tie), max(int((~tie).sum()), 1)
+    for i, (batch, index, engine_rows) in enumerate(micro_batches):
+        device = batch.input_ids.device
+        logp, entropy = completion_logprobs(model, batch, temperature, autocast_dtype, with_entropy=True)
+        mask = batch.completion_mask
+        sequence_logp = (logp * mask).sum(dim=1)  # (B,)
+        ref_sequence_logp = (ref_logps[i] * mask).sum(dim=1)  # (B,)
+        if algo.name == "nash_md":  # one row per pair: the policy's sample
+            pair = torch.tensor(index) // 2
+            pair_loss = preference.nash_md_loss(
+                sequence_logp, ref_sequence_logp, first_preferred[pair].to(device), beta
+            )
+            loss = pair_loss.sum() / pairs
+        else:  # two rows per pair: [first, second]
+            pair = torch.tensor(index[0::2]) // 2
+            first = first_is_chosen[pair].to(device)
+            keep = (~tie[pair]).to(device)
+            policy_pair, ref_pair = sequence_logp.view(-1, 2), ref_sequence_logp.view(-1, 2)  # (B/2, 2)
+            pair_loss, margin = preference.dpo_loss(
+                torch.where(first, policy_pair[:, 0], policy_pair[:, 1]),
+                torch.where(first, policy_pair[:, 1], policy_pair[:, 0]),
+                torch.where(first, ref_pair[:, 0], ref_pair[:, 1]),
+                torch.where(first, ref_pair[:, 1], ref_pair[:, 0]),
+                beta,
+                algo.loss_type.value,
+            )
+            loss = (pair_loss * keep).sum() / decisive_pairs
+            totals["margin"] += float((margin * keep).sum())
+            totals["accuracy"] += float(((margin > 0) & keep).sum())
+            if algo.name == "xpo":  # the second row is the reference's sample
+                exploration = preference.xpo_exploration_loss(policy_pair[:, 1], algo.alpha).sum() / pairs
+                loss = loss + exploration
+                totals["exploration"] += float(exploration.detach())
+        loss.backward()
+        totals["loss"] += float(loss.detach())
+        totals["kl"] += float((grpo.k3_kl(logp.detach(), ref_logps[i]) * mask).sum())
+        totals["entropy"] += float((entropy * mask).sum())
+        if batch.sampler_logp is not None:  # the policy's samples vs the engine that sampled them
+            engine_mask = mask * engine_rows.unsqueeze(1)
+            gap_sum, gap_peak = logp_gap(logp.detach(), batch.sampler_logp, engine_mask)
+            totals["gap"] += gap_sum
+            totals["gap_max"] = max(totals["gap_max"], gap_peak)
+            totals["engine_tokens"] += float(engine_mask.sum())
+    return totals
+
+
+def interleave_pairs(first: Rollout, second: Rollout) -> Rollout:
+    """One rollout of pairs, prompt-major: [first of prompt 0, second of prompt 0, first of prompt 1, ...].
+
+    `first` is the engine's (one sample per prompt), `second` the mixture's, which has no engine
+    log-probs: its rows get empty lists, and the sync check skips them.
+    """
+    completion_ids, finished, sampler_logprobs = [], [], []
+    for i in range(len(first.completion_ids)):
+        completion_ids += [first.completion_ids[i], second.completion_ids[i]]
+        finished += [first.finished[i], second.finished[i]]
+        if first.sampler_logprobs is not None:
+            sampler_logprobs += [first.sampler_logprobs[i], []]
+    return Rollout(
+        completion_ids=completion_ids,
+        finished=finished,
+        sampler_logprobs=sampler_logprobs if first.sampler_logprobs is not None else None,
+        stats={**second.stats, **first.stats},
+    )
 
 
 class SyncError(RuntimeError):
@@ -441,7 +788,10 @@ def report(summary: RunSummary, tracker) -> None:
         window,
         last,
     )
-    log.info("Outputs: %s (config_resolved.yaml, train.log, metrics.jsonl, checkpoints/)", summary.output_dir)
+    log.info(
+        "Outputs: %s (config_resolved.yaml, train.log, metrics.jsonl, checkpoints/, model/)",
+        summary.output_dir,
+    )
     log.info("Final checkpoint: %s", summary.final_checkpoint)
     command = tracker.dashboard_command()
     if command:

@@ -7,6 +7,7 @@ included, loads it by path exactly as it would a hub model.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -112,6 +113,29 @@ def load_policy(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.dev
     if model_cfg.disable_dropout:
         disable_dropout(model)
     return model
+
+
+def load_trained_model(
+    path: str, model_cfg: Any, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.nn.Module, str]:
+    """(model in eval mode, path of its full-weight base) for scoring: a hub id, a full-weight directory
+    (a checkpoint or an exported model/), or a LoRA adapter directory, loaded on top of the base model
+    its adapter_config.json names. For full weights the base is `path` itself."""
+    adapter_config = Path(path) / "adapter_config.json"
+    base_path = (
+        json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else path
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_path,
+        dtype=dtype,
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if adapter_config.exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path)
+    return model.to(device).eval(), base_path
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

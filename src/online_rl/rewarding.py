@@ -3,12 +3,15 @@
 Signature of every reward: fn(prompts, completions, **columns) -> list[float | None], where columns are
 the dataset's columns (one value per completion) plus `completion_lengths` (tokens per completion).
 None means "no opinion": the sample is left out of that reward's mean and adds 0 to the total.
+A function that raises stops the run (on_reward_error=raise) or scores the samples it failed on None
+(on_reward_error=skip, counted as reward/<name>_errors).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,12 +19,16 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RewardFunction:
     name: str
     fn: Callable[..., list]
     weight: float
+    on_error: str = "raise"  # raise | skip (see on_reward_error)
+    errors: int = 0  # samples of the last call scored None because the function raised on them
 
 
 class RewardError(RuntimeError):
@@ -38,7 +45,7 @@ def import_function(path: str) -> Callable:
         raise ValueError(f"cannot import reward fn {path!r}: {error}") from error
 
 
-def load_reward_functions(rewards_cfg: Mapping[str, Any]) -> list[RewardFunction]:
+def load_reward_functions(rewards_cfg: Mapping[str, Any], on_error: str = "raise") -> list[RewardFunction]:
     if not rewards_cfg:
         raise ValueError("no reward functions configured: pick some, e.g. rewards=[format,math_accuracy]")
     loaded = []
@@ -46,7 +53,7 @@ def load_reward_functions(rewards_cfg: Mapping[str, Any]) -> list[RewardFunction
         fn = import_function(spec.fn)
         if spec.kwargs:
             fn = functools.partial(fn, **spec.kwargs)
-        loaded.append(RewardFunction(name=name, fn=fn, weight=float(spec.weight)))
+        loaded.append(RewardFunction(name=name, fn=fn, weight=float(spec.weight), on_error=on_error))
     return loaded
 
 
@@ -81,15 +88,59 @@ def score_completions(
     """{reward name: one score or None per completion}."""
     scores = {}
     for reward in reward_functions:
+        reward.errors = 0
         try:
             raw = reward.fn(prompts, completions, **columns)
         except Exception as error:
-            raise RewardError(
-                f"reward '{reward.name}' raised {type(error).__name__}: {error}\n"
-                f"  first sample: prompt={prompts[0][:200]!r} completion={completions[0][:200]!r}"
-            ) from error
+            raw = score_one_by_one(reward, prompts, completions, columns, error)
         scores[reward.name] = check_scores(reward.name, raw, len(completions), prompts, completions)
     return scores
+
+
+def score_one_by_one(
+    reward: RewardFunction,
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list],
+    error: Exception,
+) -> list[float | None]:
+    """After the batch call raised: call the function per sample to find the samples it fails on.
+
+    Under on_error=raise the first of them (or the batch error, if every sample passes alone) stops the
+    run with that sample; under skip they score None and are counted.
+    """
+    scores: list[float | None] = []
+    failures: list[tuple[int, Exception]] = []
+    for i in range(len(completions)):
+        try:
+            [score] = reward.fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in columns.items()})
+        except Exception as sample_error:
+            failures.append((i, sample_error))
+            score = None
+        scores.append(score)
+    i, first = failures[0] if failures else (0, error)
+    where = f"on sample {i}: prompt={prompts[i][:200]!r} completion={completions[i][:200]!r}"
+    if reward.on_error != "skip" or not failures:
+        raise RewardError(
+            f"reward '{reward.name}' raised {type(first).__name__}: {first}\n  {where}\n"
+            "Fix the function, or set on_reward_error=skip to score the samples it fails on None"
+        ) from first
+    reward.errors = len(failures)
+    log.warning(
+        "reward '%s' raised on %d of %d samples, scored None (on_reward_error=skip); the first, %s: %s: %s",
+        reward.name,
+        len(failures),
+        len(completions),
+        where,
+        type(first).__name__,
+        first,
+    )
+    return scores
+
+
+def reward_error_metrics(reward_functions: list[RewardFunction]) -> dict[str, float]:
+    """reward/<name>_errors: samples of this step a skipping reward raised on."""
+    return {f"reward/{r.name}_errors": float(r.errors) for r in reward_functions if r.on_error == "skip"}
 
 
 def total_reward(

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 class TrackioTracker:
     """Logs to a trackio project stored in `<output_dir>/trackio` (no hub, no network)."""
 
-    def __init__(self, project: str, run_name: str, directory: Path, config: dict):
+    def __init__(self, project: str, run_name: str, directory: Path, config: dict, group: str | None = None):
         self.project = project
         # trackio reads TRACKIO_DIR once, when it is first imported; a later run in the same process
         # (a notebook, Hydra's in-process sweep) keeps writing where the first one did.
@@ -33,7 +33,13 @@ class TrackioTracker:
 
         self.trackio = trackio
         trackio.init(
-            project=project, name=run_name, config=config, embed=False, auto_log_gpu=False, auto_log_cpu=False
+            project=project,
+            name=run_name,
+            group=group,
+            config=config,
+            embed=False,
+            auto_log_gpu=False,
+            auto_log_cpu=False,
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -73,7 +79,20 @@ def append_metrics(path: Path, step: int, metrics: dict[str, float]) -> None:
         handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def sweep_group() -> str | None:
+    """A Hydra sweep's directory (e.g. multirun/2026-11-23/10-00-00) while one of its jobs runs, else None:
+    the trackio group that keeps a sweep's runs together."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        return None
+    return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
 def make_tracker(logger_cfg: Any, run_name: str, directory: Path, config: dict):
     if logger_cfg.backend == "trackio":
-        return TrackioTracker(logger_cfg.project, run_name, directory, config)
+        return TrackioTracker(logger_cfg.project, run_name, directory, config, group=sweep_group())
     return ConsoleOnlyTracker()

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from online_rl.engines.protocol import Engine, Rollout
+from online_rl.engines.protocol import Engine, EngineUnavailable, Rollout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Rollout", "make_engine", "resolve_mode"]
+__all__ = ["Engine", "EngineUnavailable", "Rollout", "SaveWhenUnavailable", "make_engine", "resolve_mode"]
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """`auto` becomes colocate when CUDA and vLLM are both there, else off; says which and why."""
+    """`auto` becomes colocate when CUDA and vLLM are both there, else off; says which and why.
+    (Never server: that needs servers started on purpose, so it is chosen explicitly.)"""
     if mode != "auto":
         return mode
     has_vllm = importlib.util.find_spec("vllm") is not None
@@ -57,4 +59,35 @@ def make_engine(
             max_model_len=max_model_len,
             trust_remote_code=trust_remote_code,
         )
-    raise ValueError(f"vllm.mode={mode!r} is not an engine this version has: use vllm=off or vllm=colocate")
+    if mode == "server":
+        from online_rl.engines.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(engine_cfg, device=device, model_path=model_path)
+    raise ValueError(
+        f"vllm.mode={mode!r} is not an engine this version has: use vllm=off, vllm=colocate or vllm=server"
+    )
+
+
+class SaveWhenUnavailable:
+    """An engine whose EngineUnavailable first runs `save` (the loop's checkpoint), then ends the run as before."""
+
+    def __init__(self, engine: Engine, save: Callable[[], Any]):
+        self.engine, self.save = engine, save
+
+    def _guarded(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except EngineUnavailable as error:
+            path = self.save()
+            raise EngineUnavailable(
+                f"{error}\nThe trainer's state was saved to {path} before stopping."
+            ) from error
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self._guarded(lambda: self.engine.sync_weights(model))
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
+        return self._guarded(lambda: self.engine.generate(prompt_ids, n, sampling))
+
+    def close(self) -> None:
+        self.engine.close()

@@ -20,6 +20,14 @@ class Rollout:
     stats: dict[str, float] = field(default_factory=dict)  # the engine's own timings and memory, logged as is
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine stopped answering (a server down or unreachable past its timeouts and retries).
+
+    The loop saves a checkpoint before letting it end the run: the trainer's state is intact, only
+    generation is gone.
+    """
+
+
 class Engine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine generate with `model`'s current weights (called before every rollout)."""

@@ -31,6 +31,26 @@ def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
     return tokens, False
 
 
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """Every token that ends a completion: the generation config's EOS ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def decoding_options(sampling: Any) -> dict[str, Any]:
+    """generate's decoding arguments: greedy at temperature 0 (evaluation), else sampling as configured."""
+    if sampling.temperature == 0:
+        return {"do_sample": False}
+    return {
+        "do_sample": True,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+    }
+
+
 class TransformersEngine:
     """`vllm=off`: transformers `generate` on the trainer's own model object.
 
@@ -48,25 +68,17 @@ class TransformersEngine:
             device,
             autocast_dtype,
         )
-        eos = (
-            model.generation_config.eos_token_id
-            if model.generation_config.eos_token_id is not None
-            else tokenizer.eos_token_id
-        )
-        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
-        self.eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = eos_token_ids(model, tokenizer)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
         ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        greedy = sampling.temperature == 0  # evaluation's greedy decoding; training always samples
         config = GenerationConfig(
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
+            **decoding_options(sampling),
             repetition_penalty=1.0,  # explicit: a hub generation_config must not change what the trainer scores
             max_new_tokens=sampling.max_completion_length,
-            num_return_sequences=n,
+            num_return_sequences=1 if greedy else n,  # the n greedy completions are one, copied
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
@@ -87,6 +99,8 @@ class TransformersEngine:
                 )
         finally:
             self.model.train(was_training)
+        if greedy:
+            sequences = sequences.repeat_interleave(n, dim=0)
         new_tokens = sequences[:, ids.shape[1] :].tolist()  # (P * n, <= max_completion_length)
         cut = [cut_at_eos(row, self.eos_ids) for row in new_tokens]
         return Rollout(

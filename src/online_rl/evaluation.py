@@ -1,0 +1,238 @@
+"""Held-out evaluation: greedy and sampled completions of the eval split, scored by the configured rewards.
+
+What "pass" means: a completion passes when its score is >= `eval.pass_threshold`, where the score is
+the reward named by `eval.pass_reward` (a None score fails), or the weighted total of all rewards when
+that is null. A reward with weight 0 is logged but not trained on, so `rewards=[digits,accuracy]` with
+accuracy's weight 0 and `eval.pass_reward=accuracy` evaluates accuracy while training on digits.
+
+pass@k is the unbiased estimator of Chen et al. 2021 (arXiv:2107.03374, eq. 1): of n samples of a
+prompt c pass; the chance that k of them drawn without replacement hold at least one pass is
+1 - C(n-c, k) / C(n, k), averaged over prompts. Greedy decoding gives one completion per prompt,
+so its pass@1 is the share of prompts whose greedy completion passes.
+
+Evaluation draws its samples inside a forked RNG, so a run with evaluation trains exactly like one without.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from online_rl.data import load_eval_prompts, load_prompts, tokenize_prompts
+from online_rl.engines import make_engine, resolve_mode
+from online_rl.models import load_tokenizer, load_trained_model, resolve_model_path, torch_dtype
+from online_rl.rewarding import RewardFunction, load_reward_functions, score_completions, total_reward
+from online_rl.tracking import append_metrics, make_tracker
+
+log = logging.getLogger(__name__)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt with n samples, c of them passing (1 - C(n-c, k) / C(n, k))."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # every draw of k holds a pass
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i): a product of terms in (0, 1], no huge binomials
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def k_values(n: int) -> list[int]:
+    """The k of pass@k reported for n samples: 1, 2, 4, ... up to n, and n itself."""
+    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    return ks if ks[-1] == n else [*ks, n]
+
+
+def mean_pass_at_k(passes: list[list[bool]], ks: list[int]) -> dict[int, float]:
+    """{k: pass@k averaged over prompts}, from each prompt's n pass/fail outcomes."""
+    return {k: sum(pass_at_k(len(p), sum(p), k) for p in passes) / len(passes) for k in ks}
+
+
+def pass_scores(
+    scores: dict[str, list[float | None]], totals: torch.Tensor, pass_reward: str | None
+) -> list[float | None]:
+    """The score each completion's pass is decided on: the named reward's, or the weighted total."""
+    return list(scores[pass_reward]) if pass_reward is not None else totals.tolist()
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """Errors that name the fix, before anything loads."""
+    if cfg.eval_every < 0:
+        raise ValueError(f"eval_every={cfg.eval_every}: use 0 (no evaluation) or a number of steps")
+    if cfg.eval.num_generations < 1:
+        raise ValueError(f"eval.num_generations={cfg.eval.num_generations}: sample at least 1 per prompt")
+    if cfg.eval.batch_size < 1:
+        raise ValueError(f"eval.batch_size={cfg.eval.batch_size}: use >= 1 prompts per engine call")
+    if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:
+        raise ValueError(
+            f"eval.temperature={cfg.eval.temperature}: the sampled pass@k needs a temperature > 0 "
+            "(greedy decoding is eval.greedy=true)"
+        )
+    if cfg.eval.pass_reward is not None and cfg.eval.pass_reward not in cfg.rewards:
+        raise ValueError(
+            f"eval.pass_reward={cfg.eval.pass_reward} is not one of the configured rewards {list(cfg.rewards)}: "
+            f"add it (weight 0 logs it without training on it) or pick one of those"
+        )
+
+
+class Evaluator:
+    """Scores a model on the eval split through the run's engine; logs what it finds under `eval/`."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        engine: Any,
+        tokenizer: Any,
+        reward_functions: list[RewardFunction],
+        tracker: Any,
+        metrics_path: Path,
+        device: torch.device,
+    ):
+        self.engine, self.tokenizer, self.reward_functions = engine, tokenizer, reward_functions
+        self.tracker, self.metrics_path, self.device = tracker, metrics_path, device
+        self.eval_cfg = cfg.eval
+        self.rows = list(load_eval_prompts(cfg.data, cfg.eval.split))
+        self.prompt_ids = tokenize_prompts(
+            tokenizer,
+            [row["prompt"] for row in self.rows],
+            cfg.data.system_prompt,
+            cfg.data.max_prompt_length,
+        )
+        temperature = cfg.eval.temperature if cfg.eval.temperature is not None else cfg.sampling.temperature
+        self.sampled = OmegaConf.merge(cfg.sampling, {"temperature": temperature})
+        self.greedy = OmegaConf.merge(cfg.sampling, {"temperature": 0.0, "top_p": 1.0, "top_k": 0})
+        log.info("Evaluation set: %d prompts of eval.split=%s", len(self.rows), cfg.eval.split)
+
+    def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Evaluate `model` now, log the metrics at `step` (tracker, metrics.jsonl, console) and return them."""
+        metrics = self.evaluate(model)
+        self.tracker.log(metrics, step)
+        append_metrics(self.metrics_path, step, metrics)
+        log.info(console_line(step, metrics))
+        return metrics
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        started = time.perf_counter()
+        self.engine.sync_weights(model)
+        n = self.eval_cfg.num_generations
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the training run's random stream stays as it was
+            metrics = {}
+            if self.eval_cfg.greedy:
+                outcome = self.score(1, self.greedy)
+                metrics["eval/pass@1_greedy"] = mean_pass_at_k(outcome["passes"], [1])[1]
+                metrics["eval/reward_mean_greedy"] = outcome["reward_mean"]
+            outcome = self.score(n, self.sampled)
+        metrics.update(
+            {f"eval/pass@{k}": v for k, v in mean_pass_at_k(outcome["passes"], k_values(n)).items()}
+        )
+        metrics["eval/reward_mean"] = outcome["reward_mean"]
+        metrics.update({f"eval/{name}_mean": value for name, value in outcome["per_reward"].items()})
+        metrics["eval/len_mean"] = outcome["len_mean"]
+        metrics["eval/prompts"] = float(len(self.rows))
+        metrics["time/eval_s"] = time.perf_counter() - started
+        return metrics
+
+    def score(self, n: int, sampling: Any) -> dict[str, Any]:
+        """n completions per eval prompt, generated batch by batch and scored by every reward."""
+        passes: list[list[bool]] = []
+        totals, lengths = [], []
+        per_reward: dict[str, list[float]] = {reward.name: [] for reward in self.reward_functions}
+        batch_size = self.eval_cfg.batch_size
+        for start in range(0, len(self.rows), batch_size):
+            rows = self.rows[start : start + batch_size]
+            rollout = self.engine.generate(self.prompt_ids[start : start + batch_size], n, sampling)
+            completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            columns = {
+                key: [row[key] for row in rows for _ in range(n)] for key in rows[0] if key != "prompt"
+            }
+            columns["completion_lengths"] = [len(ids) for ids in rollout.completion_ids]
+            prompts = [row["prompt"] for row in rows for _ in range(n)]
+            scores = score_completions(self.reward_functions, prompts, completions, columns)
+            total = total_reward(self.reward_functions, scores)  # (len(rows) * n,)
+            decided = pass_scores(scores, total, self.eval_cfg.pass_reward)
+            outcomes = [s is not None and s >= self.eval_cfg.pass_threshold for s in decided]
+            passes += [outcomes[i : i + n] for i in range(0, len(outcomes), n)]
+            totals += total.tolist()
+            lengths += columns["completion_lengths"]
+            for name, values in scores.items():
+                per_reward[name] += [v for v in values if v is not None]
+        return {
+            "passes": passes,
+            "reward_mean": sum(totals) / len(totals),
+            "per_reward": {name: sum(v) / len(v) if v else float("nan") for name, v in per_reward.items()},
+            "len_mean": sum(lengths) / len(lengths),
+        }
+
+
+def console_line(step: int, metrics: dict[str, float]) -> str:
+    pass_at = " ".join(
+        f"{key.removeprefix('eval/')} {value:.3f}"
+        for key, value in metrics.items()
+        if key.startswith("eval/pass@") and not key.endswith("_greedy")
+    )
+    greedy = (
+        f"pass@1 greedy {metrics['eval/pass@1_greedy']:.3f} | " if "eval/pass@1_greedy" in metrics else ""
+    )
+    return (
+        f"eval at step {step} on {metrics['eval/prompts']:.0f} prompts | {greedy}{pass_at} | "
+        f"reward {metrics['eval/reward_mean']:.3f} | {metrics['time/eval_s']:.1f} s"
+    )
+
+
+def run_eval_only(cfg: DictConfig, output_dir: Path, run_name: str, tracking_dir: Path) -> dict[str, float]:
+    """`eval_only=true`: load eval.model (or the model group's), score it on eval.split with the configured
+    engine, write eval.json, and return the metrics. No optimizer, no reference, no training."""
+    from online_rl.loop import tokenizer_corpus  # imported here: the loop imports this module
+
+    device = torch.device(cfg.hardware.device)
+    if cfg.eval.model:
+        model_path = cfg.eval.model
+    else:
+        corpus = tokenizer_corpus(load_prompts(cfg.data), cfg.data.system_prompt)
+        model_path = resolve_model_path(cfg.model, corpus, output_dir)
+    model, base_path = load_trained_model(
+        model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device
+    )
+    # a LoRA checkpoint holds the tokenizer beside its adapter; a bare adapter uses its base model's
+    has_tokenizer = Path(model_path, "tokenizer_config.json").exists() or not Path(model_path).exists()
+    tokenizer = load_tokenizer(model_path if has_tokenizer else base_path, cfg.model.trust_remote_code)
+    engine = make_engine(
+        resolve_mode(cfg.vllm.mode.value, device),
+        cfg.vllm,
+        model,
+        base_path,  # vLLM loads the base of a LoRA model; sync_weights then pushes the adapted weights
+        tokenizer,
+        device=device,
+        autocast_dtype=torch_dtype(cfg.hardware.autocast_dtype),
+        seed=cfg.seed,
+        max_model_len=cfg.data.max_prompt_length + cfg.sampling.max_completion_length,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    tracker = make_tracker(cfg.logger, run_name, tracking_dir, OmegaConf.to_container(cfg, resolve=True))
+    dashboard = tracker.dashboard_command()
+    if dashboard:
+        log.info("Dashboard: %s", dashboard)
+    log.info("Scoring %s on eval.split=%s (eval_only)", model_path, cfg.eval.split)
+    evaluator = Evaluator(
+        cfg,
+        engine,
+        tokenizer,
+        load_reward_functions(cfg.rewards),
+        tracker,
+        output_dir / "metrics.jsonl",
+        device,
+    )
+    metrics = evaluator.run(model, step=0)
+    (output_dir / "eval.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2) + "\n")
+    engine.close()
+    tracker.close()
+    log.info("Scores in %s", output_dir / "eval.json")
+    return metrics

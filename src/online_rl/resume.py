@@ -1,0 +1,188 @@
+"""Resume a run where a checkpoint left it: the weights (or the LoRA adapter), optimizer, scheduler, data
+position, step counter and every RNG state, so the resumed run is the run that would have happened.
+
+The RNG states are restored last, just before the first step, so whatever consumed random numbers while
+the run was set up (building the model, the engine) cannot make the two paths differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from online_rl.models import is_lora
+from online_rl.redaction import redact_override
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def latest_checkpoint(checkpoint_root: Path) -> Path | None:
+    """The complete `step_NNNNNN` directory with the highest step (half-written `.tmp-*` ones are not)."""
+    complete = [p for p in checkpoint_root.glob("step_*") if (p / TRAINER_STATE).is_file()]
+    return max(complete, key=lambda p: int(p.name.removeprefix("step_")), default=None)
+
+
+def find_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint `resume` names: null = none, auto = the newest in this run (none yet: a fresh start),
+    a run directory = its newest, or a checkpoint directory."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = latest_checkpoint(output_dir / "checkpoints")
+        if found is None:
+            log.info(
+                "resume=auto: no checkpoint under %s yet, starting at step 0", output_dir / "checkpoints"
+            )
+        return found
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():
+        path = latest_checkpoint(path / "checkpoints") or path
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(
+            f"resume={resume}: there is no checkpoint there (no {TRAINER_STATE}). Pass a checkpoint directory "
+            "(<run dir>/checkpoints/step_NNNNNN), a run directory, or resume=auto"
+        )
+    return path
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Copy the checkpoint's weights (full model) or adapter (LoRA) into `model`, in place."""
+    if is_lora(model):
+        adapter = checkpoint / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise ValueError(
+                f"{checkpoint} holds full model weights, not a LoRA adapter: resume it with model.lora.enabled=false"
+            )
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if result.unexpected_keys:
+            raise ValueError(
+                f"{checkpoint}'s adapter has weights this model has no place for ({result.unexpected_keys[:3]}...): "
+                "resume with the model.lora.* settings of the run that wrote it"
+            )
+        return
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"{checkpoint} holds no model weights (model*.safetensors), only a LoRA adapter: resume it with "
+            "model.lora.enabled=true and the model.lora.* settings of the run that wrote it"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained leaves out tied weights (lm_head = embeddings): missing, but loaded through their twin.
+    storage = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
+    loaded = {storage[name] for name in state if name in storage}
+    missing = [name for name in missing if storage[name] not in loaded]
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+            "resume with the model.* settings of the run that wrote it"
+        )
+
+
+def restore_trainer_state(
+    checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any, sampler: Any
+) -> tuple[int, dict[str, Any]]:
+    """Load optimizer, scheduler and data position; returns (step, RNG states to restore before the first step)."""
+    state = torch.load(
+        checkpoint / TRAINER_STATE, weights_only=False
+    )  # our own file: numpy/python RNG states
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as error:
+        raise ValueError(
+            f"{checkpoint}'s optimizer state does not fit this run's trainable parameters ({error}): "
+            "resume with the model.* settings of the run that wrote it"
+        ) from error
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    return state["step"], state["rng"]
+
+
+def resume_training(
+    checkpoint: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sampler: Any,
+    max_steps: int,
+    output_dir: Path,
+) -> int:
+    """Restore all but the weights (loaded before the optimizer was built); the step to continue from.
+
+    Call it last before the first step: it sets the RNG states where the checkpoint left them.
+    """
+    step, rng = restore_trainer_state(checkpoint, optimizer, scheduler, sampler)
+    check_resume_point(step, max_steps, checkpoint)
+    trim_metrics(output_dir / "metrics.jsonl", step)
+    restore_rng(rng)
+    log.info("Resuming from %s at step %d of %d", checkpoint, step, max_steps)
+    return step
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def check_resume_point(step: int, max_steps: int, checkpoint: Path) -> None:
+    if step >= max_steps:
+        raise ValueError(
+            f"{checkpoint} is at step {step}, and max_steps={max_steps}: the run is done. "
+            f"Raise max_steps to train further (the LR schedule then stretches to the new length)"
+        )
+
+
+def check_checkpoint_schedule(checkpoint_every: int, num_iterations: int) -> None:
+    """A resume is exact between rollouts; with num_iterations passes per rollout, a rollout spans that many steps."""
+    if checkpoint_every and checkpoint_every % num_iterations:
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every} is not a multiple of algo.num_iterations={num_iterations}: "
+            "checkpoints would fall inside a rollout, where a resume cannot continue it. "
+            f"Use e.g. checkpoint_every={checkpoint_every * num_iterations}"
+        )
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics log's lines up to `step`: the steps after the checkpoint are about to be redone."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
+def task_overrides() -> list[str]:
+    """The command line's config overrides when launched through train.py, else none."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        return []
+
+
+def resume_command(output_dir: Path, checkpoint: Path) -> str:
+    """`python train.py <the same overrides> hydra.run.dir=<this run> resume=<checkpoint>`, shell-quoted.
+
+    The same run directory keeps one metrics.jsonl and train.log for the whole run.
+    """
+    kept = [o for o in task_overrides() if not o.lstrip("+~").startswith(("resume=", "output_dir="))]
+    words = [*map(redact_override, kept), f"hydra.run.dir={output_dir}", f"resume={checkpoint}"]
+    return "python train.py " + " ".join(shlex.quote(word) for word in words)

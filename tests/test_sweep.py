@@ -1,0 +1,96 @@
+"""Config visibility (`--cfg job`, `make config`) and a real 2x2 Hydra sweep summarised by
+scripts/summarize_sweep.py into a markdown table and a PNG."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import yaml
+from omegaconf import OmegaConf
+
+from .conftest import ROOT
+
+TINY = [
+    "max_steps=2",
+    "data.synthetic_rows=64",
+    "prompts_per_step=4",
+    "algo.num_generations=4",
+    "micro_batch_size=8",
+    "eval_every=1",
+    "eval.split='test[:4]'",
+    "eval.num_generations=2",
+]
+
+
+def test_make_config_prints_the_resolved_config():
+    result = subprocess.run(
+        [
+            "make",
+            "config",
+            f"PYTHON={sys.executable}",
+            "ARGS=algo.beta=0.04 sampling.max_completion_length=40",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = yaml.safe_load(result.stdout[result.stdout.index("algo:") :])
+    assert printed["algo"]["beta"] == 0.04
+    assert printed["rewards"]["overlong"]["kwargs"]["max_length"] == 40  # interpolation resolved
+    assert printed["eval"]["split"] == "test[:64]" and "${" not in result.stdout
+
+
+def test_sweep_writes_one_directory_and_trackio_run_per_job_and_a_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "algo.beta=0,0.04",
+            "optim.lr=1e-3,3e-3",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        cfg = OmegaConf.load(job / "config_resolved.yaml")
+        seen.add((cfg.algo.beta, cfg.optim.lr))
+        assert cfg.output_dir == str(job)
+        assert (job / "model" / "model.safetensors").exists()
+        lines = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        assert [line["step"] for line in lines if "eval/pass@1" in line] == [1, 2]
+    assert seen == {(0.0, 1e-3), (0.0, 3e-3), (0.04, 1e-3), (0.04, 3e-3)}
+    with sqlite3.connect(sweep / "trackio" / "online-rl.db") as db:
+        configs = [json.loads(text) for (text,) in db.execute("select config from configs")]
+    assert sorted(c["_Group"] for c in configs) == [str(sweep)] * 4  # one run per job, grouped by the sweep
+    assert len({c["optim"]["lr"] for c in configs}) == 2
+
+    summary = subprocess.run(
+        [sys.executable, "scripts/summarize_sweep.py", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    table = (sweep / "summary.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| job")]
+    assert len(rows) == 4
+    header = next(line for line in table.splitlines() if line.startswith("| job"))
+    for column in ("algo.beta", "optim.lr", "final reward", "best reward", "pass@1", "pass@2", "s/step"):
+        assert column in header, column
+    assert "| 3 | 0.04 | 0.003 |" in table  # job 3's overrides
+    png = (sweep / "summary.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
