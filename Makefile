@@ -5,7 +5,7 @@ PYTHON ?= python
 TORCH ?= 2.11.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-gpu test test-gpu train config serve lint format
+.PHONY: help install install-gpu test test-gpu train config serve bench lint format
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ EXTRA =
 serve:  ## vLLM's OpenAI server for vllm=server: make serve MODEL=... [GPUS=0 TP=1 DP=1 PORT=8000 HOST MEM MAX_LEN EXTRA]
 	@MODEL="$(MODEL)" GPUS="$(GPUS)" TP="$(TP)" DP="$(DP)" PORT="$(PORT)" HOST="$(HOST)" MEM="$(MEM)" \
 	MAX_LEN="$(MAX_LEN)" EXTRA="$(EXTRA)" PYTHON="$(PYTHON)" bash scripts/serve.sh
+
+bench:  ## GPU: our GRPO loop vs TRL's GRPOTrainer on one run, side by side; ARGS="--arms ours_full,trl_full"
+	$(PYTHON) scripts/bench.py $(ARGS)
 
 lint:  ## ruff: lint and format check
 	$(PYTHON) -m ruff check .

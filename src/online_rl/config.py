@@ -151,6 +151,8 @@ class VLLMColocateConfig(VLLMCheckConfig):
     seed: int | None = None  # vLLM's sampling seed; null = the run's seed
     max_num_seqs: int | None = None  # sequences decoded at once; null = vLLM's default
     max_num_batched_tokens: int | None = None  # tokens per scheduler step; null = vLLM's default
+    # schedule the next decode step while the GPU runs this one; null = vLLM's choice (on when it can)
+    async_scheduling: bool | None = None
     regex: str | None = None  # structured generation: every completion matches this regex
     cpu_kv_cache_gib: int = 1  # KV cache size when vLLM runs on a CPU (VLLM_CPU_KVCACHE_SPACE)
 

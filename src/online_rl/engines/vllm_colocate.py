@@ -50,6 +50,7 @@ class VLLMColocateEngine:
             for key, value in (
                 ("max_num_seqs", cfg.max_num_seqs),
                 ("max_num_batched_tokens", cfg.max_num_batched_tokens),
+                ("async_scheduling", cfg.async_scheduling),
             )
             if value is not None
         }

@@ -1,0 +1,598 @@
+"""make bench: this repo's GRPO loop against TRL's GRPOTrainer on the same run, side by side in one command.
+
+    python scripts/bench.py                       # the anchor, on one CUDA GPU (the H200 numbers of issue 6)
+    python scripts/bench.py --arms ours_full,trl_full --measured-steps 5
+    python scripts/bench.py --smoke               # the harness on a CPU: tiny model, no vLLM; checks, measures nothing
+
+The anchor: a Qwen2-0.5B-shaped random model, 16 prompts x 8 samples = 128 completions of 512 tokens per
+step, prompts of 128 tokens, fp32 master weights with bf16 autocast, lr 1e-5, TRL's GRPO defaults (beta 0,
+one iteration, DAPO token-level loss, group-scaled rewards), vLLM colocate at gpu_memory_utilization 0.3.
+Random weights never emit EOS, so every completion runs to 512 tokens: the same work for both.
+
+Every arm runs in its own process (vLLM allows one sleep-mode engine per process, and a fresh CUDA context
+makes peak memory comparable), after the same setup: one model directory and one prompt file that both
+frameworks load. Each arm writes <workdir>/<arm>.json; the driver then writes
+bench/results/<date>-<commit>.{json,md,png}.
+
+What is measured, per arm, over the steps after the warm-up:
+- s/step: wall time between the ends of consecutive optimizer steps (median, min, max);
+- completion tokens/s: completion tokens of the step / its seconds;
+- peak GPU memory: the device's used memory (total - free), polled every 50 ms by a thread, so vLLM's pool
+  counts for both frameworks;
+- ours only: the phases (generate, reward, train, sync, sleep/wake) from the loop's own metrics, the train
+  phase's MFU, and the floor: vLLM generation alone plus training alone, both from the same run's steps.
+  The floor is what a step cannot go below without overlapping generation and training; the distance to
+  it is everything else (sync, sleep/wake, rewards, packing, Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+H200_BF16_DENSE_FLOPS = 989e12  # the H200's dense bf16 tensor-core peak (NVIDIA's data sheet)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One GRPO step, the same for every arm."""
+
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    prompt_tokens: int = 128
+    completion_tokens: int = 512
+    micro_batch_size: int = 8  # TRL's per_device_train_batch_size; gradient accumulation covers the rest
+    lr: float = 1e-5
+    warmup_steps: int = 2  # not measured: compilation, CUDA graphs, allocator growth
+    measured_steps: int = 3
+    gpu_memory_utilization: float = 0.3
+    sleep_level: int = 1  # ours: vLLM sleeps while the trainer trains (TRL's default keeps it awake)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
+    device: str = "cuda"
+    use_vllm: bool = True
+    seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.measured_steps
+
+
+SMOKE = Settings(
+    prompts_per_step=2,
+    num_generations=2,
+    prompt_tokens=16,
+    completion_tokens=8,
+    micro_batch_size=2,
+    warmup_steps=1,
+    measured_steps=2,
+    model="tiny",
+    device="cpu",
+    use_vllm=False,
+    sleep_level=0,
+)
+
+# arm -> (framework, LoRA)
+ARMS = {
+    "trl_full": ("trl", False),
+    "ours_full": ("ours", False),
+    "trl_lora": ("trl", True),
+    "ours_lora": ("ours", True),
+}
+
+
+# ---------------------------------------------------------------- setup: one model and one prompt file
+
+
+def compose_config(overrides: list[str]):
+    """The run's config as train.py composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from online_rl.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def prepare(settings: Settings, workdir: Path) -> tuple[Path, Path]:
+    """Build the random model (with a tokenizer trained in code) and prompts of exactly prompt_tokens tokens."""
+    import random
+
+    from online_rl.models import build_random_model, load_tokenizer
+
+    model_cfg = compose_config([f"model={settings.model}"]).model
+    words = [f"{random.Random(i).randint(0, 10**6)} plus {i} is" for i in range(2000)]
+    model_dir = build_random_model(model_cfg.random_init, words, workdir / "model")
+    # Plain-text prompts for both frameworks: no chat template that they could apply differently.
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
+    assert not tokenizer.chat_template, "the bench's prompts are plain text"
+
+    rows, rng = [], random.Random(settings.seed)
+    while len(rows) < settings.prompts_per_step * settings.steps:
+        text = " ".join(rng.choice(words) for _ in range(settings.prompt_tokens))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: settings.prompt_tokens - 1]
+        question = tokenizer.decode(ids).strip()
+        # our loop and TRL both tokenize question + "\n"; keep the rows where that is exactly prompt_tokens
+        if len(tokenizer(question + "\n", add_special_tokens=False)["input_ids"]) == settings.prompt_tokens:
+            rows.append({"prompt": question})
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model_dir, prompts
+
+
+# ---------------------------------------------------------------- measuring inside an arm's process
+
+
+class PeakDeviceMemory:
+    """The device's used memory (total - free), polled by a thread: vLLM's pool counts as well as torch's."""
+
+    def __init__(self, device: str, every_s: float = 0.05):
+        self.device, self.every_s, self.peak = device, every_s, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def poll(self) -> None:
+        import torch
+
+        while not self.done.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            self.done.wait(self.every_s)
+
+    def __enter__(self) -> PeakDeviceMemory:
+        if self.device == "cuda":
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    @property
+    def gib(self) -> float | None:
+        return self.peak / 2**30 if self.device == "cuda" else None
+
+
+def run_ours(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    """Our loop through its config, as a user runs it: GRPO with TRL's defaults on the shared model and prompts."""
+    from online_rl.loop import run
+
+    overrides = [
+        "algo=grpo",
+        "model=qwen2_0.5b",
+        f"model.name_or_path={model_dir}",
+        f"hardware={'1gpu' if settings.device == 'cuda' else 'cpu'}",
+        f"vllm={'colocate' if settings.use_vllm else 'off'}",
+        "logger=none",
+        "rewards=[digits]",
+        "data.path=json",
+        f"data.data_files={prompts}",
+        "data.synthetic_rows=null",
+        "data.solution_column=null",
+        "data.system_prompt=null",
+        f"data.max_prompt_length={settings.prompt_tokens}",
+        f"algo.num_generations={settings.num_generations}",
+        f"prompts_per_step={settings.prompts_per_step}",
+        f"micro_batch_size={settings.micro_batch_size}",
+        f"sampling.max_completion_length={settings.completion_tokens}",
+        f"max_steps={settings.steps}",
+        f"optim.lr={settings.lr}",
+        "optim.warmup_steps=0",
+        "optim.lr_scheduler=constant",
+        "eval_every=0",
+        f"seed={settings.seed}",
+        f"output_dir={workdir / ('ours_lora' if lora else 'ours_full')}",
+    ]
+    if settings.use_vllm:
+        overrides += [
+            f"vllm.gpu_memory_utilization={settings.gpu_memory_utilization}",
+            f"vllm.sleep_level={settings.sleep_level}",
+            "vllm.async_scheduling=true",
+        ]
+    if lora:
+        targets = ",".join(settings.lora_targets)
+        overrides += [
+            "model.lora.enabled=true",
+            f"model.lora.r={settings.lora_r}",
+            f"model.lora.alpha={settings.lora_alpha}",
+            f"model.lora.target_modules=[{targets}]",
+        ]
+    cfg = compose_config(overrides)
+    with PeakDeviceMemory(settings.device) as memory:
+        summary = run(cfg)
+    steps = summary.history[settings.warmup_steps :]
+    return {
+        "step_s": [m["time/step_s"] for m in steps],
+        "completion_tokens": [
+            m["rollout/len_mean"] * settings.prompts_per_step * settings.num_generations for m in steps
+        ],
+        "peak_gpu_gib": memory.gib,
+        "phases": phase_breakdown(steps),
+        "reward_mean": [m["reward/total_mean"] for m in summary.history],
+        "logp_gap_mean": [m.get("sync/logp_gap_mean") for m in steps],
+    }
+
+
+def phase_breakdown(steps: list[dict]) -> dict[str, float]:
+    """Median seconds per phase. The engine's generate phase includes waking the KV cache and going back to
+    sleep; those are split out so that generate is vLLM's generation alone."""
+
+    def median(key: str) -> float:
+        return statistics.median(m.get(key, 0.0) for m in steps)
+
+    sleep_wake = median("time/wake_kv_cache_s") + median("time/sleep_s") + median("time/wake_weights_s")
+    return {
+        "generate": median("time/generate_s") - median("time/wake_kv_cache_s") - median("time/sleep_s"),
+        "reward": median("time/reward_s"),
+        "train": median("time/train_s"),
+        "sync": median("time/sync_s") - median("time/wake_weights_s"),
+        "sleep_wake": sleep_wake,
+    }
+
+
+def run_trl(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    """TRL's GRPOTrainer with vLLM colocate, the anchor's arguments, everything else its defaults."""
+    import datasets
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, str(REPO))
+    from rewards.digits import digit_fraction
+
+    class StepEnds(TrainerCallback):
+        def __init__(self):
+            self.ends = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    gradient_accumulation = settings.prompts_per_step * settings.num_generations // settings.micro_batch_size
+    args = GRPOConfig(
+        output_dir=str(workdir / ("trl_lora" if lora else "trl_full")),
+        learning_rate=settings.lr,
+        per_device_train_batch_size=settings.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.completion_tokens,
+        max_steps=settings.steps,
+        use_vllm=settings.use_vllm,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=settings.gpu_memory_utilization,
+        vllm_max_model_length=settings.prompt_tokens + settings.completion_tokens,
+        bf16=settings.device == "cuda",
+        use_cpu=settings.device == "cpu",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=settings.seed,
+    )
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            target_modules=list(settings.lora_targets),
+            task_type="CAUSAL_LM",
+        )
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    # our loop appends "\n" to a question when there is no chat template; TRL gets the same text
+    dataset = datasets.Dataset.from_list([{"prompt": row["prompt"] + "\n"} for row in rows])
+    timer = StepEnds()
+    trainer = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=[digit_fraction],
+        args=args,
+        train_dataset=dataset,
+        peft_config=peft_config,
+        callbacks=[timer],
+    )
+    with PeakDeviceMemory(settings.device) as memory:
+        trainer.train()
+    seconds = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
+    lengths = [
+        entry["completions/mean_length"]
+        for entry in trainer.state.log_history
+        if "completions/mean_length" in entry
+    ]
+    completions = settings.prompts_per_step * settings.num_generations
+    return {
+        "step_s": seconds[settings.warmup_steps :],
+        "completion_tokens": [length * completions for length in lengths[settings.warmup_steps :]],
+        "peak_gpu_gib": memory.gib,
+        "reward_mean": [entry["reward"] for entry in trainer.state.log_history if "reward" in entry],
+    }
+
+
+def run_arm(arm: str, settings: Settings, workdir: Path) -> None:
+    framework, lora = ARMS[arm]
+    model_dir, prompts = workdir / "model", workdir / "prompts.jsonl"
+    runner = run_ours if framework == "ours" else run_trl
+    result = runner(settings, lora, model_dir, prompts, workdir)
+    (workdir / f"{arm}.json").write_text(json.dumps(result, indent=1))
+
+
+# ---------------------------------------------------------------- the driver: arms, then the report
+
+
+def summarize(arm: str, raw: dict, settings: Settings, trainable_flops_per_token: float) -> dict:
+    seconds = raw["step_s"]
+    tokens_per_s = [tokens / s for tokens, s in zip(raw["completion_tokens"], seconds)]
+    row = {
+        "arm": arm,
+        "s_per_step_median": statistics.median(seconds),
+        "s_per_step_min": min(seconds),
+        "s_per_step_max": max(seconds),
+        "completion_tokens_per_s": statistics.median(tokens_per_s),
+        "peak_gpu_gib": raw["peak_gpu_gib"],
+    }
+    phases = raw.get("phases")
+    if phases:
+        step = row["s_per_step_median"]
+        floor = phases["generate"] + phases["train"]
+        tokens = (
+            settings.prompts_per_step
+            * settings.num_generations
+            * (settings.prompt_tokens + settings.completion_tokens)
+        )
+        row.update(
+            {
+                "phases_s": phases,
+                "floor_s": floor,
+                "step_over_floor": step / floor,
+                "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / step,
+                "train_mfu": trainable_flops_per_token * tokens / phases["train"] / H200_BF16_DENSE_FLOPS
+                if settings.device == "cuda"
+                else None,
+            }
+        )
+    return row
+
+
+def flops_per_token(model_dir: Path, lora: bool) -> float:
+    """Forward + backward FLOPs per trained token: 6 N (full) or 4 N (LoRA: no weight gradients of the
+    frozen base), N counting the tied embedding once as the output projection; attention scores left out."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    params = sum(p.numel() for p in model.parameters())
+    return (4 if lora else 6) * params
+
+
+def report(rows: list[dict], settings: Settings, commit: str, started: str, failures: dict[str, str]) -> str:
+    lines = [
+        f"# make bench, {started}, commit {commit}",
+        "",
+        f"GRPO step: {settings.prompts_per_step} prompts x {settings.num_generations} samples x "
+        f"{settings.completion_tokens} completion tokens, prompts of {settings.prompt_tokens} tokens, "
+        f"{settings.model}; median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps.",
+        "",
+        "| arm | s/step (median, min-max) | completion tok/s | ours/TRL tok/s | peak GPU GiB | floor s | step/floor | sync+sleep share | train MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        pair = ratios(rows).get(row["arm"].removeprefix("ours_")) if row["arm"].startswith("ours_") else None
+        ratio = f"{pair:.2f}x" if pair else ""
+
+        def fmt(key: str, spec: str, row: dict = row) -> str:
+            return format(row[key], spec) if row.get(key) is not None else ""
+
+        lines.append(
+            f"| {row['arm']} | {row['s_per_step_median']:.2f} ({row['s_per_step_min']:.2f}-{row['s_per_step_max']:.2f}) "
+            f"| {row['completion_tokens_per_s']:,.0f} | {ratio} | {fmt('peak_gpu_gib', '.1f')} | {fmt('floor_s', '.2f')} "
+            f"| {fmt('step_over_floor', '.2f')} | {fmt('sync_sleep_share', '.1%')} | {fmt('train_mfu', '.1%')} |"
+        )
+    phased = [row for row in rows if "phases_s" in row]
+    if phased:
+        lines += [
+            "",
+            "Our phases, median seconds per step:",
+            "",
+            "| arm | generate | reward | train | sync | sleep/wake |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in phased:
+            p = row["phases_s"]
+            lines.append(
+                f"| {row['arm']} | {p['generate']:.2f} | {p['reward']:.3f} | {p['train']:.2f} | {p['sync']:.3f} | {p['sleep_wake']:.3f} |"
+            )
+    for arm, error in failures.items():
+        lines += ["", f"**{arm} failed**: {error}"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # the GPU machine's bundle has no matplotlib: `--report FILE.json` draws it later
+        print(f"bench: no matplotlib, so no {path.name}; draw it with --report {path.with_suffix('.json')}")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [row["arm"] for row in rows]
+    colors = ["tab:blue" if name.startswith("ours") else "tab:gray" for name in names]
+    left.bar(names, [row["s_per_step_median"] for row in rows], color=colors)
+    left.set_ylabel("s / step (median)")
+    right.bar(names, [row["completion_tokens_per_s"] for row in rows], color=colors)
+    right.set_ylabel("completion tokens / s")
+    for axis in (left, right):
+        axis.tick_params(axis="x", rotation=30)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """ours / TRL completion tokens per second, per pair of arms that both ran."""
+    by_arm = {row["arm"]: row for row in rows}
+    return {
+        arm.removeprefix("ours_"): by_arm[arm]["completion_tokens_per_s"]
+        / by_arm[twin]["completion_tokens_per_s"]
+        for arm in by_arm
+        if arm.startswith("ours_") and (twin := arm.replace("ours_", "trl_")) in by_arm
+    }
+
+
+def settings_from_json(fields: dict) -> Settings:
+    return Settings(**{**fields, "lora_targets": tuple(fields["lora_targets"])})
+
+
+def parse_settings(base: Settings, assignments: list[str]) -> Settings:
+    """--set key=value pairs over the defaults, typed like the field they replace."""
+    changes = {}
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        if key not in Settings.__dataclass_fields__:
+            raise SystemExit(
+                f"--set {assignment}: no setting {key!r}; settings: {', '.join(Settings.__dataclass_fields__)}"
+            )
+        current = getattr(base, key)
+        if isinstance(current, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, tuple):
+            changes[key] = tuple(value.split(","))
+        else:
+            changes[key] = type(current)(value)
+    return replace(base, **changes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model on the CPU, no vLLM: checks the harness"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="change a setting, e.g. sleep_level=0"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument(
+        "--arm-timeout-s", type=float, default=900.0, help="an arm running longer is stopped and reported"
+    )
+    parser.add_argument("--report", type=Path, help="rewrite the .md and .png of a results .json, and stop")
+    parser.add_argument("--run-arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+
+    if options.run_arm:
+        settings = Settings(
+            **{
+                **json.loads(options.settings),
+                "lora_targets": tuple(json.loads(options.settings)["lora_targets"]),
+            }
+        )
+        run_arm(options.run_arm, settings, options.workdir)
+        return
+
+    if options.report:
+        results = json.loads(options.report.read_text())
+        settings = settings_from_json(results["settings"])
+        table = report(results["arms"], settings, results["commit"], results["started"], results["failures"])
+        options.report.with_suffix(".md").write_text(table)
+        chart(results["arms"], options.report.with_suffix(".png"))
+        print(table)
+        return
+
+    settings = parse_settings(SMOKE if options.smoke else Settings(), options.set)
+    arms = [arm for arm in options.arms.split(",") if arm]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}: choose from {','.join(ARMS)}")
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = os.environ.get("BENCH_COMMIT") or git_commit()  # a copied tree without .git: say which commit
+    stem = f"{started[:10]}-{commit}" + ("-smoke" if options.smoke else "")
+    options.out.mkdir(parents=True, exist_ok=True)
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"bench: setup in {options.workdir}", flush=True)
+    prepare(settings, options.workdir)
+
+    rows, failures = [], {}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    for arm in arms:
+        print(f"bench: {arm}", flush=True)
+        log_path = options.workdir / f"{arm}.log"
+        command = [
+            sys.executable,
+            __file__,
+            "--run-arm",
+            arm,
+            "--settings",
+            json.dumps(asdict(settings)),
+            "--workdir",
+            str(options.workdir),
+        ]
+        t = time.perf_counter()
+        with open(log_path, "w") as log_file:
+            try:
+                code = subprocess.run(
+                    command, stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=options.arm_timeout_s
+                ).returncode
+            except subprocess.TimeoutExpired:
+                code = f"timed out after {options.arm_timeout_s:.0f} s"
+        if code != 0:
+            tail = log_path.read_text()[-1500:]
+            failures[arm] = f"exit {code}; log tail:\n```\n{tail}\n```"
+            print(f"bench: {arm} FAILED ({code}); log: {log_path}\n{tail}", flush=True)
+        else:
+            raw = json.loads((options.workdir / f"{arm}.json").read_text())
+            row = summarize(arm, raw, settings, flops_per_token(options.workdir / "model", ARMS[arm][1]))
+            row["process_s"] = time.perf_counter() - t
+            rows.append(row)
+            print(
+                f"bench: {arm}: {row['s_per_step_median']:.2f} s/step, {row['completion_tokens_per_s']:,.0f} tok/s",
+                flush=True,
+            )
+        # after every arm, so that a run cut short still leaves what it measured
+        table = report(rows, settings, commit, started, failures)
+        results = {
+            "started": started,
+            "commit": commit,
+            "settings": asdict(settings),
+            "ours_over_trl": ratios(rows),
+            "arms": rows,
+            "failures": failures,
+        }
+        (options.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        (options.out / f"{stem}.md").write_text(table)
+        if rows:
+            chart(rows, options.out / f"{stem}.png")
+    print(table)
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

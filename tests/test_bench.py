@@ -1,0 +1,64 @@
+"""make bench's harness on a CPU: both frameworks run the same tiny GRPO step, and the results files say so.
+
+The numbers on a CPU measure nothing; the H200 runs are in bench/results/. This checks that one command
+runs our loop and TRL's GRPOTrainer on the same model, prompts and settings and reports them side by side.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench.py"),
+            "--smoke",
+            "--arms",
+            "trl_full,ours_full",
+            "--set",
+            "measured_steps=2",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (results_file,) = out.glob("*-smoke.json")
+    results = json.loads(results_file.read_text())
+    arms = {row["arm"]: row for row in results["arms"]}
+    assert set(arms) == {"trl_full", "ours_full"} and not results["failures"]
+
+    settings = results["settings"]
+    prompts = (tmp_path / "work" / "prompts.jsonl").read_text().splitlines()
+    assert len(prompts) >= settings["prompts_per_step"] * (
+        settings["warmup_steps"] + settings["measured_steps"]
+    )
+    for name in ("trl_full", "ours_full"):
+        raw = json.loads((tmp_path / "work" / f"{name}.json").read_text())
+        assert len(raw["step_s"]) == settings["measured_steps"]
+        # every completion of the tiny random model runs to the length limit in both frameworks
+        full_step = settings["prompts_per_step"] * settings["num_generations"] * settings["completion_tokens"]
+        assert all(0 < tokens <= full_step for tokens in raw["completion_tokens"])
+
+    ours = arms["ours_full"]
+    assert ours["floor_s"] <= ours["s_per_step_median"]  # generation + training alone fit inside a step
+    assert (
+        abs(
+            results["ours_over_trl"]["full"]
+            - ours["completion_tokens_per_s"] / arms["trl_full"]["completion_tokens_per_s"]
+        )
+        < 1e-9
+    )
+    table = results_file.with_suffix(".md").read_text()
+    assert "| trl_full |" in table and "| ours_full |" in table and "Our phases" in table
+    assert results_file.with_suffix(".png").stat().st_size > 0
