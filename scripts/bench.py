@@ -84,10 +84,11 @@ SMOKE = Settings(
     sleep_level=0,
 )
 
-# arm -> (framework, LoRA)
+# arm -> (framework, LoRA); floor: our generation alone and our training alone (full fine-tune)
 ARMS = {
     "trl_full": ("trl", False),
     "ours_full": ("ours", False),
+    "floor": ("floor", False),
     "trl_lora": ("trl", True),
     "ours_lora": ("ours", True),
 }
@@ -171,10 +172,8 @@ class PeakDeviceMemory:
         return self.peak / 2**30 if self.device == "cuda" else None
 
 
-def run_ours(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
-    """Our loop through its config, as a user runs it: GRPO with TRL's defaults on the shared model and prompts."""
-    from online_rl.loop import run
-
+def our_overrides(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
+    """Our config for the bench's run: GRPO with TRL's defaults on the shared model and prompts."""
     overrides = [
         "algo=grpo",
         "model=qwen2_0.5b",
@@ -215,7 +214,14 @@ def run_ours(settings: Settings, lora: bool, model_dir: Path, prompts: Path, wor
             f"model.lora.alpha={settings.lora_alpha}",
             f"model.lora.target_modules=[{targets}]",
         ]
-    cfg = compose_config(overrides)
+    return overrides
+
+
+def run_ours(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    """Our loop through its config, as a user runs it."""
+    from online_rl.loop import run
+
+    cfg = compose_config(our_overrides(settings, lora, model_dir, prompts, workdir))
     with PeakDeviceMemory(settings.device) as memory:
         summary = run(cfg)
     steps = summary.history[settings.warmup_steps :]
@@ -246,6 +252,95 @@ def phase_breakdown(steps: list[dict]) -> dict[str, float]:
         "sync": median("time/sync_s") - median("time/wake_weights_s"),
         "sleep_wake": sleep_wake,
     }
+
+
+def run_floor(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    """The floor of an on-policy step, each half alone in this process with our own code and settings:
+    the engine generating the step's completions (its wake-up and sleep excluded), and one optimizer step
+    over them (forward, backward, clipping, AdamW). Neither waits for the other or for anything else."""
+    import torch
+
+    from online_rl.data import load_prompts, tokenize_prompts
+    from online_rl.engines import make_engine, resolve_mode
+    from online_rl.logprobs import pack
+    from online_rl.loop import policy_gradient_pass
+    from online_rl.models import load_policy, load_tokenizer, torch_dtype
+
+    cfg = compose_config(our_overrides(settings, lora, model_dir, prompts, workdir))
+    device = torch.device(cfg.hardware.device)
+    autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
+    model = load_policy(str(model_dir), cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, fused=device.type == "cuda")
+    engine = make_engine(
+        resolve_mode(cfg.vllm.mode.value, device),
+        cfg.vllm,
+        model,
+        str(model_dir),
+        tokenizer,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        seed=settings.seed,
+        max_model_len=settings.prompt_tokens + settings.completion_tokens,
+        trust_remote_code=False,
+    )
+    rows = load_prompts(cfg.data).select(range(settings.prompts_per_step))
+    prompt_ids = tokenize_prompts(tokenizer, rows["prompt"], None, settings.prompt_tokens)
+    generate_s, train_s = [], []
+    for _ in range(settings.steps):
+        engine.sync_weights(model)
+        started = time.perf_counter()
+        rollout = engine.generate(prompt_ids, settings.num_generations, cfg.sampling)
+        asleep_and_awake = rollout.stats.get("time/wake_kv_cache_s", 0.0) + rollout.stats.get(
+            "time/sleep_s", 0.0
+        )
+        generate_s.append(time.perf_counter() - started - asleep_and_awake)
+
+        prompts_per_row = [p for p in prompt_ids for _ in range(settings.num_generations)]
+        micro_batches = []
+        for start in range(0, len(prompts_per_row), settings.micro_batch_size):
+            index = list(range(start, start + settings.micro_batch_size))
+            batch = pack(
+                [prompts_per_row[i] for i in index],
+                [rollout.completion_ids[i] for i in index],
+                tokenizer.pad_token_id,
+                [rollout.sampler_logprobs[i] for i in index] if rollout.sampler_logprobs else None,
+            )
+            micro_batches.append((batch.to(device), index, None))
+        advantages = torch.randn(len(prompts_per_row))
+        tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
+        synchronize(device)
+        started = time.perf_counter()
+        policy_gradient_pass(
+            model,
+            micro_batches,
+            advantages,
+            None,
+            None,
+            cfg.algo,
+            cfg.vllm,
+            check_gap=True,
+            rollout_tokens=tokens,
+            sampling=cfg.sampling,
+            autocast_dtype=autocast_dtype,
+        )
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        train_s.append(time.perf_counter() - started)
+    engine.close()
+    measured = slice(settings.warmup_steps, None)
+    return {"generate_s": generate_s[measured], "train_s": train_s[measured]}
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_trl(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
@@ -326,7 +421,7 @@ def run_trl(settings: Settings, lora: bool, model_dir: Path, prompts: Path, work
 def run_arm(arm: str, settings: Settings, workdir: Path) -> None:
     framework, lora = ARMS[arm]
     model_dir, prompts = workdir / "model", workdir / "prompts.jsonl"
-    runner = run_ours if framework == "ours" else run_trl
+    runner = {"ours": run_ours, "floor": run_floor, "trl": run_trl}[framework]
     result = runner(settings, lora, model_dir, prompts, workdir)
     (workdir / f"{arm}.json").write_text(json.dumps(result, indent=1))
 
@@ -334,38 +429,96 @@ def run_arm(arm: str, settings: Settings, workdir: Path) -> None:
 # ---------------------------------------------------------------- the driver: arms, then the report
 
 
-def summarize(arm: str, raw: dict, settings: Settings, trainable_flops_per_token: float) -> dict:
+def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -> dict:
+    """One arm's row of the results: medians and spreads over the measured steps."""
+    tokens_per_step = (
+        settings.prompts_per_step
+        * settings.num_generations
+        * (settings.prompt_tokens + settings.completion_tokens)
+    )
+
+    def mfu(seconds: float) -> float | None:
+        return (
+            flops_per_token * tokens_per_step / seconds / H200_BF16_DENSE_FLOPS
+            if settings.device == "cuda"
+            else None
+        )
+
+    if arm == "floor":
+        generate, train = statistics.median(raw["generate_s"]), statistics.median(raw["train_s"])
+        return {
+            "arm": arm,
+            "generate_alone_s": generate,
+            "train_alone_s": train,
+            "floor_s": generate + train,
+            "train_mfu": mfu(train),
+        }
     seconds = raw["step_s"]
-    tokens_per_s = [tokens / s for tokens, s in zip(raw["completion_tokens"], seconds)]
     row = {
         "arm": arm,
         "s_per_step_median": statistics.median(seconds),
         "s_per_step_min": min(seconds),
         "s_per_step_max": max(seconds),
-        "completion_tokens_per_s": statistics.median(tokens_per_s),
+        "completion_tokens_per_s": statistics.median(
+            t / s for t, s in zip(raw["completion_tokens"], seconds)
+        ),
         "peak_gpu_gib": raw["peak_gpu_gib"],
     }
     phases = raw.get("phases")
     if phases:
-        step = row["s_per_step_median"]
-        floor = phases["generate"] + phases["train"]
-        tokens = (
-            settings.prompts_per_step
-            * settings.num_generations
-            * (settings.prompt_tokens + settings.completion_tokens)
-        )
         row.update(
             {
                 "phases_s": phases,
-                "floor_s": floor,
-                "step_over_floor": step / floor,
-                "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / step,
-                "train_mfu": trainable_flops_per_token * tokens / phases["train"] / H200_BF16_DENSE_FLOPS
-                if settings.device == "cuda"
-                else None,
+                "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / row["s_per_step_median"],
+                "train_mfu": mfu(phases["train"]),
             }
         )
     return row
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 6's targets on the anchor, each with what this run measured (None: an arm it needs did not run)."""
+    by_arm = {row["arm"]: row for row in rows}
+    pairs = ratios(rows)
+    ours, floor, trl = by_arm.get("ours_full"), by_arm.get("floor"), by_arm.get("trl_full")
+    measured = [
+        ("full fine-tune: ours / TRL completion tok/s", ">= 2.0", pairs.get("full"), lambda v: v >= 2.0),
+        (
+            "full fine-tune: step / floor (generation alone + training alone)",
+            "<= 1.10",
+            ours["s_per_step_median"] / floor["floor_s"] if ours and floor else None,
+            lambda v: v <= 1.10,
+        ),
+        ("LoRA r=8: ours / TRL completion tok/s", ">= 2.8", pairs.get("lora"), lambda v: v >= 2.8),
+        ("one-step off-policy: ours / TRL completion tok/s", ">= 2.6", None, lambda v: v >= 2.6),
+        (
+            "train phase MFU (training alone)",
+            ">= 40%",
+            floor["train_mfu"] if floor and floor["train_mfu"] is not None else None,
+            lambda v: v >= 0.40,
+        ),
+        (
+            "sync + sleep/wake share of our step",
+            "<= 3%",
+            ours["sync_sleep_share"] if ours else None,
+            lambda v: v <= 0.03,
+        ),
+        (
+            "peak GPU memory: ours / TRL",
+            "<= 1.0",
+            ours["peak_gpu_gib"] / trl["peak_gpu_gib"] if ours and trl and trl["peak_gpu_gib"] else None,
+            lambda v: v <= 1.0,
+        ),
+    ]
+    return [
+        {
+            "target": name,
+            "goal": goal,
+            "measured": value,
+            "met": None if value is None else bool(check(value)),
+        }
+        for name, goal, value, check in measured
+    ]
 
 
 def flops_per_token(model_dir: Path, lora: bool) -> float:
@@ -380,48 +533,58 @@ def flops_per_token(model_dir: Path, lora: bool) -> float:
 
 
 def report(rows: list[dict], settings: Settings, commit: str, started: str, failures: dict[str, str]) -> str:
+    def fmt(row: dict, key: str, spec: str) -> str:
+        return format(row[key], spec) if row.get(key) is not None else ""
+
+    pairs = ratios(rows)
     lines = [
         f"# make bench, {started}, commit {commit}",
         "",
         f"GRPO step: {settings.prompts_per_step} prompts x {settings.num_generations} samples x "
         f"{settings.completion_tokens} completion tokens, prompts of {settings.prompt_tokens} tokens, "
-        f"{settings.model}; median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps.",
+        f"{settings.model}, micro-batches of {settings.micro_batch_size}, our vLLM sleep level {settings.sleep_level}; "
+        f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps.",
         "",
-        "| arm | s/step (median, min-max) | completion tok/s | ours/TRL tok/s | peak GPU GiB | floor s | step/floor | sync+sleep share | train MFU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | s/step (median, min-max) | completion tok/s | ours/TRL tok/s | peak GPU GiB | sync+sleep share | train MFU |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        pair = ratios(rows).get(row["arm"].removeprefix("ours_")) if row["arm"].startswith("ours_") else None
-        ratio = f"{pair:.2f}x" if pair else ""
-
-        def fmt(key: str, spec: str, row: dict = row) -> str:
-            return format(row[key], spec) if row.get(key) is not None else ""
-
+    stepped = [row for row in rows if "s_per_step_median" in row]
+    for row in stepped:
+        pair = pairs.get(row["arm"].removeprefix("ours_")) if row["arm"].startswith("ours_") else None
         lines.append(
             f"| {row['arm']} | {row['s_per_step_median']:.2f} ({row['s_per_step_min']:.2f}-{row['s_per_step_max']:.2f}) "
-            f"| {row['completion_tokens_per_s']:,.0f} | {ratio} | {fmt('peak_gpu_gib', '.1f')} | {fmt('floor_s', '.2f')} "
-            f"| {fmt('step_over_floor', '.2f')} | {fmt('sync_sleep_share', '.1%')} | {fmt('train_mfu', '.1%')} |"
+            f"| {row['completion_tokens_per_s']:,.0f} | {f'{pair:.2f}x' if pair else ''} | {fmt(row, 'peak_gpu_gib', '.1f')} "
+            f"| {fmt(row, 'sync_sleep_share', '.1%')} | {fmt(row, 'train_mfu', '.1%')} |"
         )
-    phased = [row for row in rows if "phases_s" in row]
+    phased = [row for row in stepped if "phases_s" in row]
     if phased:
-        lines += [
-            "",
-            "Our phases, median seconds per step:",
-            "",
-            "| arm | generate | reward | train | sync | sleep/wake |",
-            "|---|---|---|---|---|---|",
-        ]
+        lines += ["", "Our phases inside a step, median seconds:", ""]
+        lines += ["| arm | generate | reward | train | sync | sleep/wake |", "|---|---|---|---|---|---|"]
         for row in phased:
             p = row["phases_s"]
             lines.append(
                 f"| {row['arm']} | {p['generate']:.2f} | {p['reward']:.3f} | {p['train']:.2f} | {p['sync']:.3f} | {p['sleep_wake']:.3f} |"
             )
+    for row in rows:
+        if row["arm"] == "floor":
+            lines += [
+                "",
+                f"Floor, each half alone: generation {row['generate_alone_s']:.2f} s + training {row['train_alone_s']:.2f} s "
+                f"(MFU {fmt(row, 'train_mfu', '.1%')}) = {row['floor_s']:.2f} s.",
+            ]
+    lines += ["", "Issue 6's targets:", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for target in targets(rows):
+        value = target["measured"]
+        shown = "not run" if value is None else f"{value:.1%}" if "%" in target["goal"] else f"{value:.2f}"
+        met = "" if target["met"] is None else "yes" if target["met"] else "no"
+        lines.append(f"| {target['target']} | {target['goal']} | {shown} | {met} |")
     for arm, error in failures.items():
         lines += ["", f"**{arm} failed**: {error}"]
     return "\n".join(lines) + "\n"
 
 
 def chart(rows: list[dict], path: Path) -> None:
+    rows = [row for row in rows if "s_per_step_median" in row]  # the floor has no steps of its own
     try:
         import matplotlib
     except ImportError:  # the GPU machine's bundle has no matplotlib: `--report FILE.json` draws it later
@@ -453,7 +616,7 @@ def git_commit() -> str:
 
 def ratios(rows: list[dict]) -> dict[str, float]:
     """ours / TRL completion tokens per second, per pair of arms that both ran."""
-    by_arm = {row["arm"]: row for row in rows}
+    by_arm = {row["arm"]: row for row in rows if "completion_tokens_per_s" in row}
     return {
         arm.removeprefix("ours_"): by_arm[arm]["completion_tokens_per_s"]
         / by_arm[twin]["completion_tokens_per_s"]
@@ -571,10 +734,7 @@ def main() -> None:
             row = summarize(arm, raw, settings, flops_per_token(options.workdir / "model", ARMS[arm][1]))
             row["process_s"] = time.perf_counter() - t
             rows.append(row)
-            print(
-                f"bench: {arm}: {row['s_per_step_median']:.2f} s/step, {row['completion_tokens_per_s']:,.0f} tok/s",
-                flush=True,
-            )
+            print(f"bench: {arm}: {json.dumps(row)}", flush=True)
         # after every arm, so that a run cut short still leaves what it measured
         table = report(rows, settings, commit, started, failures)
         results = {
@@ -582,6 +742,7 @@ def main() -> None:
             "commit": commit,
             "settings": asdict(settings),
             "ours_over_trl": ratios(rows),
+            "targets": targets(rows),
             "arms": rows,
             "failures": failures,
         }

@@ -49,7 +49,7 @@ def test_the_readme_command_parses():
     cfg = compose_config(["algo=grpo", "vllm=colocate", "model=qwen2_0.5b", "rewards=[format,math_accuracy]"])
     assert cfg.model.name_or_path == "Qwen/Qwen2-0.5B-Instruct"
     assert list(cfg.rewards) == ["format", "math_accuracy"]
-    assert cfg.vllm.mode == "colocate" and cfg.vllm.sleep_level == 1
+    assert cfg.vllm.mode == "colocate" and cfg.vllm.sleep_level == 2
 
 
 @pytest.mark.parametrize(

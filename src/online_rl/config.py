@@ -145,7 +145,9 @@ class VLLMColocateConfig(VLLMCheckConfig):
     enable_prefix_caching: bool = True  # the G samples of a prompt share its prefill
     enforce_eager: bool = False  # skip CUDA graphs: faster start, slower decoding
     dtype: str = "bfloat16"  # vLLM's weight dtype (float32 on CPU for exact comparisons)
-    sleep_level: int = 1  # 0 = never sleep, 1 = offload weights + free KV cache, 2 = free both (CUDA only)
+    # 0 = never sleep, 1 = offload weights to CPU + free the KV cache, 2 = free both (CUDA only). Every sync
+    # pushes all weights, so level 1's CPU copy is never read back: 2 sleeps faster for the same result.
+    sleep_level: int = 2
     tensor_parallel_size: int = 1  # GPUs one engine spans (multi-GPU ranks)
     model_impl: ModelImpl = ModelImpl.vllm  # vllm | transformers
     seed: int | None = None  # vLLM's sampling seed; null = the run's seed

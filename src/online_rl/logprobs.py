@@ -86,7 +86,9 @@ def completion_logprobs(
             use_cache=False,
             logits_to_keep=width + 1,  # only the positions that predict completion tokens
         ).logits
-    logits = logits[:, :-1].float() / temperature  # (B, C, V): position t predicts completion token t
+    logits = logits[:, :-1].float()  # (B, C, V): position t predicts completion token t
+    if temperature != 1.0:  # a full-size pass and copy saved in the common case
+        logits = logits / temperature
     targets = batch.input_ids[:, -width:]
     log_normaliser = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normaliser

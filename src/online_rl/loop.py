@@ -60,7 +60,7 @@ from online_rl.rewarding import (
     score_completions,
     total_reward,
 )
-from online_rl.sampler_correction import logp_gap, truncated_importance_weights
+from online_rl.sampler_correction import logp_gap, logp_gap_tensors, truncated_importance_weights
 from online_rl.tracking import append_metrics, make_tracker
 from online_rl.watchdog import Watchdog
 
@@ -202,6 +202,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
         lr=cfg.optim.lr,
         betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
         weight_decay=cfg.optim.weight_decay,
+        fused=device.type == "cuda",  # one kernel over all parameters instead of a loop of them
     )
     scheduler = get_scheduler(
         # transformers' "constant" ignores num_warmup_steps; its warmup twin honours them
@@ -565,21 +566,14 @@ def policy_gradient_pass(
     Returns sums over tokens; the caller divides.
     """
     epsilon_high = algo.epsilon_high if algo.epsilon_high is not None else algo.epsilon
-    totals = dict.fromkeys(
-        (
-            "loss",
-            "kl",
-            "entropy",
-            "clip_low",
-            "clip_high",
-            "clip_region",
-            "gap",
-            "gap_max",
-            "engine_tokens",
-            "is_weight",
-        ),
-        0.0,
-    )
+    # Running sums stay on the device and are read once at the end: a read per micro-batch would stall
+    # the GPU while the CPU queues the next forward.
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        sums[key] = sums[key] + value.detach() if key in sums else value.detach()
+
+    gap_peaks = []
     for i, (batch, index, _) in enumerate(micro_batches):
         adv = advantages[index].to(batch.input_ids.device)  # (B,)
         logp, entropy = completion_logprobs(
@@ -590,20 +584,20 @@ def policy_gradient_pass(
         mask = batch.completion_mask
         if batch.sampler_logp is not None:
             if check_gap:  # the rollout policy vs the engine that sampled it
-                gap_sum, gap_peak = logp_gap(old, batch.sampler_logp, mask)
-                totals["gap"] += gap_sum
-                totals["gap_max"] = max(totals["gap_max"], gap_peak)
-                totals["engine_tokens"] += float(mask.sum())
+                gap_sum, gap_peak = logp_gap_tensors(old, batch.sampler_logp, mask)
+                add("gap", gap_sum)
+                gap_peaks.append(gap_peak)
+                add("engine_tokens", mask.sum())
             if vllm_cfg.importance_sampling_correction:
                 weights = truncated_importance_weights(
                     old, batch.sampler_logp, vllm_cfg.importance_sampling_cap
                 )
                 token_loss = token_loss * weights
-                totals["is_weight"] += float((weights * mask).sum())
+                add("is_weight", (weights * mask).sum())
         if ref_logps is not None:
             kl = grpo.k3_kl(logp, ref_logps[i])
             token_loss = token_loss + algo.beta * kl
-            totals["kl"] += float((kl.detach() * mask).sum())
+            add("kl", (kl * mask).sum())
         loss = grpo.aggregate_loss(
             token_loss,
             mask,
@@ -613,10 +607,26 @@ def policy_gradient_pass(
             sampling.max_completion_length,
         )
         loss.backward()
-        totals["loss"] += float(loss.detach())
-        totals["entropy"] += float((entropy * mask).sum())
+        add("loss", loss)
+        add("entropy", (entropy * mask).sum())
         for key, value in grpo.clip_fractions(ratio, adv, mask, algo.epsilon, epsilon_high).items():
-            totals[key] += float(value) * float(mask.sum())
+            add(key, value * mask.sum())
+    totals = dict.fromkeys(
+        (
+            "loss",
+            "kl",
+            "entropy",
+            "clip_low",
+            "clip_high",
+            "clip_region",
+            "gap",
+            "engine_tokens",
+            "is_weight",
+        ),
+        0.0,
+    )
+    totals.update({key: float(value) for key, value in sums.items()})
+    totals["gap_max"] = float(torch.stack(gap_peaks).max()) if gap_peaks else 0.0
     return totals
 
 

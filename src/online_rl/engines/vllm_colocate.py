@@ -89,6 +89,9 @@ class VLLMColocateEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         started = time.perf_counter()
         if self.weights_asleep:
+            if self.device.type == "cuda":
+                # blocks torch cached during training would sit beside vLLM's pool: the peak of a step
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
         woken = time.perf_counter()
