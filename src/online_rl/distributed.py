@@ -87,9 +87,35 @@ def setup(hardware: Any) -> Ranks:
     return Ranks(rank, world_size, local_rank, device)
 
 
+def check_config(cfg: Any) -> None:
+    """What several training processes need; nothing to check for one."""
+    hardware = cfg.hardware
+    if hardware.num_processes == 1:
+        return
+    if cfg.prompts_per_step % hardware.num_processes:
+        raise ValueError(
+            f"prompts_per_step={cfg.prompts_per_step} must divide over hardware.num_processes={hardware.num_processes} "
+            "ranks: each rank takes an equal share of the prompts (with all of their samples)"
+        )
+    if cfg.eval_only:
+        raise ValueError("eval_only=true runs in one process: use hardware=cpu or hardware=1gpu")
+    if hardware.strategy == "fsdp2" and (cfg.model.lora.enabled or cfg.resume):
+        raise ValueError(
+            "hardware.strategy=fsdp2 does not support "
+            + (
+                "LoRA (model.lora.enabled)"
+                if cfg.model.lora.enabled
+                else "resume (its optimizer state is sharded)"
+            )
+            + " yet: use a ddp hardware= option (e.g. 2gpu_ddp)"
+        )
+
+
 def check_accelerate_config(strategy: str) -> None:
     """An accelerate config made for FSDP (ACCELERATE_USE_FSDP in the environment) with hardware=...ddp, or
     the reverse, is a mix-up: hardware= decides the wrapping, the accelerate config only launches."""
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # not started by accelerate launch (torchrun: no file)
+        return
     launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if launched_fsdp != (strategy == "fsdp2"):
         raise ValueError(
@@ -227,7 +253,9 @@ def reduce_metrics(
     weight = torch.where(finite, weight, torch.zeros_like(weight))  # a rank with no score (NaN) has no say
     safe = torch.where(finite, values, torch.zeros_like(values))
     square = torch.tensor([_second_moment(k, metrics, samples) for k in keys], dtype=torch.float64)
-    stacked = _on_backend(torch.stack([safe * weight, weight, square * samples, torch.full_like(safe, samples)]))
+    stacked = _on_backend(
+        torch.stack([safe * weight, weight, square * samples, torch.full_like(safe, samples)])
+    )
     peaks = _on_backend(torch.where(finite, values, torch.full_like(values, -math.inf)))
     dist.all_reduce(stacked)
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
@@ -246,12 +274,16 @@ def reduce_metrics(
         if std_key in reduced:
             i, n = keys.index(std_key), float(stacked[3, keys.index(std_key)])
             mean_square = float(stacked[2, i]) / n  # E[x^2] over all samples
-            variance = max(mean_square - reduced[mean_key] ** 2, 0.0) * n / max(n - 1, 1)  # unbiased, as torch
+            variance = (
+                max(mean_square - reduced[mean_key] ** 2, 0.0) * n / max(n - 1, 1)
+            )  # unbiased, as torch
             reduced[std_key] = math.sqrt(variance)
     return reduced
 
 
-def _weight(key: str, metrics: dict[str, float], samples: int, tokens: float, engine: float, pairs: int) -> float:
+def _weight(
+    key: str, metrics: dict[str, float], samples: int, tokens: float, engine: float, pairs: int
+) -> float:
     if key in TOKEN_MEANS:
         return tokens
     if key == "sync/logp_gap_mean":
