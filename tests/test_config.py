@@ -140,7 +140,9 @@ def test_accelerate_configs_load_and_fit_their_hardware_option(accelerate_file, 
 def test_the_readme_multi_gpu_commands_compose():
     """Every `accelerate launch` line of the README names a config file that exists and overrides that compose."""
     lines = [
-        line.strip() for line in (ROOT / "README.md").read_text().splitlines() if "accelerate launch" in line
+        line.strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if "accelerate launch --" in line
     ]
     assert len(lines) >= 3
     for line in lines:
