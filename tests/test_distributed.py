@@ -356,3 +356,33 @@ def test_two_ranks_follow_the_one_process_curves_and_fsdp2_equals_ddp(tmp_path):
     for a, b in zip(ddp_steps, fsdp_steps):
         for key in ("reward/total_mean", "train/loss", "train/grad_norm", "adv/std"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_weight_specs_describe_what_the_engine_receives(tiny_model_dir, lora):
+    """The server sync announces names, dtypes and shapes from inference_weight_specs (no LoRA merge, no
+    FSDP2 gather) before it sends inference_weights: both must list the same tensors in the same order."""
+    from omegaconf import OmegaConf
+
+    from online_rl.engines.weights import inference_weight_specs, inference_weights
+    from online_rl.models import load_policy
+
+    model_cfg = OmegaConf.create(
+        {
+            "attn_implementation": "sdpa",
+            "trust_remote_code": False,
+            "gradient_checkpointing": False,
+            "disable_dropout": True,
+            "lora": {
+                "enabled": lora,
+                "r": 4,
+                "alpha": 8,
+                "dropout": 0.0,
+                "target_modules": ["q_proj", "v_proj"],
+            },
+        }
+    )
+    model = load_policy(str(tiny_model_dir), model_cfg, torch.float32, torch.device("cpu"))
+    sent = [(name, tensor.dtype, tensor.shape) for name, tensor in inference_weights(model)]
+    assert list(inference_weight_specs(model)) == sent
+    assert all("lora_" not in name and "base_layer" not in name for name, _, _ in sent)
