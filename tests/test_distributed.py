@@ -386,3 +386,17 @@ def test_weight_specs_describe_what_the_engine_receives(tiny_model_dir, lora):
     sent = [(name, tensor.dtype, tensor.shape) for name, tensor in inference_weights(model)]
     assert list(inference_weight_specs(model)) == sent
     assert all("lora_" not in name and "base_layer" not in name for name, _, _ in sent)
+
+
+def test_an_accelerate_config_for_fsdp_with_a_ddp_hardware_option_is_refused(monkeypatch):
+    """accelerate launch marks its processes (ACCELERATE_USE_FSDP for conf/accelerate/fsdp2.yaml); hardware=
+    decides the wrapping, so a mismatched pair stops before any work. torchrun (no marks) is not checked."""
+    distributed.check_accelerate_config("fsdp2")  # torchrun: nothing to compare with
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    distributed.check_accelerate_config("ddp")
+    with pytest.raises(ValueError, match="launched DDP processes but hardware.strategy=fsdp2"):
+        distributed.check_accelerate_config("fsdp2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    distributed.check_accelerate_config("fsdp2")
+    with pytest.raises(ValueError, match="use conf/accelerate/ddp.yaml"):
+        distributed.check_accelerate_config("ddp")

@@ -69,7 +69,8 @@ def setup(hardware: Any) -> Ranks:
         )
     if world_size == 1:
         return Ranks(0, 1, 0, torch.device(hardware.device))
-    check_accelerate_config(hardware.strategy)
+    strategy = getattr(hardware.strategy, "value", hardware.strategy)  # the enum's name: ddp | fsdp2
+    check_accelerate_config(strategy)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if hardware.device == "cuda":
         device = torch.device("cuda", local_rank)
@@ -83,7 +84,7 @@ def setup(hardware: Any) -> Ranks:
         )
     if rank != 0:  # one console: the other ranks speak only to warn
         logging.getLogger().setLevel(logging.WARNING)
-    log.info("%d training processes (%s); this is rank 0 on %s", world_size, hardware.strategy, device)
+    log.info("%d training processes (%s); this is rank 0 on %s", world_size, strategy, device)
     return Ranks(rank, world_size, local_rank, device)
 
 
