@@ -56,7 +56,9 @@ class Settings:
     warmup_steps: int = 2  # not measured: compilation, CUDA graphs, allocator growth
     measured_steps: int = 3
     gpu_memory_utilization: float = 0.3
-    sleep_level: int = 2  # ours, as conf/vllm/colocate.yaml: vLLM sleeps while the trainer trains (TRL keeps it awake)
+    sleep_level: int = (
+        2  # ours, as conf/vllm/colocate.yaml: vLLM sleeps while the trainer trains (TRL keeps it awake)
+    )
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")

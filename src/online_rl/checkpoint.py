@@ -22,15 +22,22 @@ def rng_states() -> dict[str, Any]:
 
 
 def save_checkpoint(
-    checkpoint_root: Path, step: int, model: torch.nn.Module, tokenizer: Any, trainer_state: dict[str, Any]
+    checkpoint_root: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `checkpoint_root/step_<step>/` (weights or LoRA adapter, tokenizer, trainer_state.pt) atomically."""
+    """Write `checkpoint_root/step_<step>/` (weights or LoRA adapter, tokenizer, trainer_state.pt) atomically.
+
+    state_dict: the weights to write when the model cannot give them itself (FSDP2 shards, gathered)."""
     final = checkpoint_root / f"step_{step:06d}"
     staging = checkpoint_root / f".tmp-step_{step:06d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        model.save_pretrained(staging)  # a peft model saves only its adapter
+        model.save_pretrained(staging, state_dict=state_dict)  # a peft model saves only its adapter
         tokenizer.save_pretrained(staging)
         torch.save({**trainer_state, "step": step, "rng": rng_states()}, staging / "trainer_state.pt")
         _fsync_tree(staging)

@@ -54,6 +54,11 @@ class LoggerBackend(str, Enum):
 OnRewardError = Enum("OnRewardError", {"raise": "raise", "skip": "skip"}, type=str)
 
 
+class ParallelStrategy(str, Enum):
+    ddp = "ddp"  # every rank holds the whole model; gradients are averaged (DistributedDataParallel)
+    fsdp2 = "fsdp2"  # every rank holds 1/N of each weight, gathered layer by layer (torch fully_shard)
+
+
 class LrScheduler(str, Enum):
     constant = "constant"
     linear = "linear"
@@ -229,6 +234,8 @@ class HardwareConfig:
     device: str = "cpu"  # cpu | cuda
     param_dtype: str = "float32"  # dtype of the trained weights (float32 | bfloat16)
     autocast_dtype: str | None = None  # mixed precision for forward passes (bfloat16 on GPU), null = off
+    num_processes: int = 1  # training processes (ranks): > 1 needs `accelerate launch --num_processes N`
+    strategy: ParallelStrategy = ParallelStrategy.ddp  # ddp | fsdp2: how ranks share the model (N > 1)
 
 
 @dataclass

@@ -39,12 +39,15 @@ def check_export_config(cfg: Any) -> None:
         )
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> Path:
-    """The trained weights (a LoRA run: its adapter) and the tokenizer, in Hugging Face format."""
+def save_model(
+    model: torch.nn.Module, tokenizer: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """The trained weights (a LoRA run: its adapter) and the tokenizer, in Hugging Face format.
+    state_dict: the weights, when the model cannot give them itself (FSDP2 shards, gathered)."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     with cache_enabled(model):
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -201,13 +204,19 @@ def push_to_hub(repo_id: str, directory: Path) -> bool:
 
 
 def export_final_model(
-    cfg: Any, model: torch.nn.Module, tokenizer: Any, output_dir: Path, steps: int, eval_metrics: dict | None
+    cfg: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    output_dir: Path,
+    steps: int,
+    eval_metrics: dict | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """model/ (and model_merged/ with save_merged=true), each with its model card; push_to_hub if set."""
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    directory = save_model(model, tokenizer, output_dir / "model")
+    directory = save_model(model, tokenizer, output_dir / "model", state_dict)
     (directory / "README.md").write_text(model_card(config, steps, eval_metrics))
     if cfg.save_merged:
         merged = save_merged_model(model, tokenizer, output_dir / "model_merged")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_scheduler, set_seed
 
-from online_rl import grpo, preference, rloo
+from online_rl import distributed, grpo, preference, rloo
 from online_rl.checkpoint import prepare_output_dir, save_checkpoint
 from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenize_prompts
 from online_rl.engines import Rollout, SaveWhenUnavailable, make_engine, resolve_mode
@@ -61,7 +62,7 @@ from online_rl.rewarding import (
     total_reward,
 )
 from online_rl.sampler_correction import logp_gap, logp_gap_tensors, truncated_importance_weights
-from online_rl.tracking import append_metrics, make_tracker
+from online_rl.tracking import ConsoleOnlyTracker, append_metrics, make_tracker
 from online_rl.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,12 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(
                 f"algo.num_generations={algo.num_generations}: {algo.name.upper()} compares samples of one prompt, use >= 2"
             )
-        rollout_size = cfg.prompts_per_step * algo.num_generations
+        rollout_size = cfg.prompts_per_step * algo.num_generations // cfg.hardware.num_processes  # per rank
         if cfg.micro_batch_size < 1 or rollout_size % cfg.micro_batch_size:
             raise ValueError(
-                f"micro_batch_size={cfg.micro_batch_size} must divide the rollout of prompts_per_step x num_generations = "
-                f"{rollout_size} completions, e.g. micro_batch_size={math.gcd(rollout_size, max(cfg.micro_batch_size, 1))}"
+                f"micro_batch_size={cfg.micro_batch_size} must divide each rank's rollout of prompts_per_step x "
+                f"num_generations / hardware.num_processes = {rollout_size} completions, "
+                f"e.g. micro_batch_size={math.gcd(rollout_size, max(cfg.micro_batch_size, 1))}"
             )
     elif algo.name in PREFERENCE:
         if cfg.micro_batch_size < 2:
@@ -118,6 +120,7 @@ def validate(cfg: DictConfig) -> None:
             "sampling.temperature must be > 0: RL needs samples, and log-probs are taken at this temperature"
         )
     check_checkpoint_schedule(cfg.checkpoint_every, algo.get("num_iterations", 1))
+    distributed.check_config(cfg)
     if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "hardware.device=cuda but torch sees no CUDA GPU: use hardware=cpu, or install the CUDA build"
@@ -153,10 +156,15 @@ def run(cfg: DictConfig) -> RunSummary:
 def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     started = time.perf_counter()
     validate(cfg)
-    output_dir, run_name, tracking_dir = run_directory(cfg)
-    prepare_output_dir(output_dir)
-    redact_hydra_outputs(output_dir)
-    save_config(cfg, output_dir / "config_resolved.yaml")  # secrets redacted
+    ranks = distributed.setup(cfg.hardware)  # one process: rank 0 of 1, and every distributed.* is a no-op
+    closing.callback(distributed.teardown)
+    output_dir, run_name, tracking_dir = distributed.from_main(run_directory(cfg))  # rank 0's directory
+    if ranks.is_main:
+        prepare_output_dir(output_dir)
+        redact_hydra_outputs(output_dir)
+        save_config(cfg, output_dir / "config_resolved.yaml")  # secrets redacted
+    distributed.barrier()
+    metrics_path = output_dir / "metrics.jsonl" if ranks.is_main else Path(os.devnull)
     # SIGINT/SIGTERM: finish the step, checkpoint, exit; a phase past its limit fails with every stack
     stop = closing.enter_context(StopOnSignal(output_dir))
     watchdog = closing.enter_context(Watchdog(cfg.watchdog_seconds))
@@ -165,7 +173,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     set_seed(cfg.seed)  # python, numpy, torch and CUDA
     if cfg.eval_only:  # score a model on eval.split and stop: no optimizer, no training
         return RunSummary(output_dir, None, evals=[run_eval_only(cfg, output_dir, run_name, tracking_dir)])
-    device = torch.device(cfg.hardware.device)
+    device = ranks.device
     param_dtype, autocast_dtype = (
         torch_dtype(cfg.hardware.param_dtype),
         torch_dtype(cfg.hardware.autocast_dtype),
@@ -186,7 +194,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     # Data, model, reference, optimizer, engine, rewards, tracker.
     dataset = load_prompts(cfg.data)
     corpus = tokenizer_corpus(dataset, cfg.data.system_prompt)
-    model_path = resolve_model_path(cfg.model, corpus, output_dir)
+    model_path = distributed.on_main(lambda: resolve_model_path(cfg.model, corpus, output_dir))
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     check_prompt_budget(tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_length)
     sampler = PromptSampler(dataset, cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
@@ -196,6 +204,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     reference = frozen_copy(model) if algo.beta > 0 and not is_lora(model) else None
     if checkpoint is not None:  # resume: the checkpoint's weights; a reference model stays the initial one
         load_weights(model, checkpoint)
+    # The training forwards run through `policy` (DDP: a wrapper of model; FSDP2: model itself, sharded).
+    policy = distributed.wrap_policy(model, cfg.hardware.strategy.value, ranks)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,
@@ -222,7 +232,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
         tokenizer,
         device=device,
         autocast_dtype=autocast_dtype,
-        seed=cfg.seed,
+        seed=cfg.seed + ranks.rank,
         max_model_len=cfg.data.max_prompt_length + sampling.max_completion_length,
         trust_remote_code=cfg.model.trust_remote_code,
     )
@@ -243,12 +253,16 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     )
     if reward_model is not None:
         closing.callback(reward_model.close)
-    tracker = make_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg))
+    tracker = (
+        make_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg))
+        if ranks.is_main
+        else ConsoleOnlyTracker()
+    )
     closing.callback(tracker.close)
     if tracker.dashboard_command():
         log.info("Dashboard: %s", tracker.dashboard_command())
     evaluator = (
-        Evaluator(cfg, engine, tokenizer, reward_functions, tracker, output_dir / "metrics.jsonl", device)
+        Evaluator(cfg, engine, tokenizer, reward_functions, tracker, metrics_path, device)
         if cfg.eval_every
         else None
     )
@@ -266,7 +280,10 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     def checkpoint_now() -> Path:
         with watchdog.phase("checkpoint"):
             state = trainer_state(optimizer, scheduler, sampler)
-            return save_checkpoint(output_dir / "checkpoints", step, model, tokenizer, state)
+            weights = distributed.full_state_dict(model)  # FSDP2: gathered on rank 0; else None
+            return distributed.on_main(
+                lambda: save_checkpoint(output_dir / "checkpoints", step, model, tokenizer, state, weights)
+            )
 
     summary = RunSummary(output_dir=output_dir, final_checkpoint=output_dir)
     # Last before the first step: a resume restores the RNG states here, after setup's random draws.
@@ -275,13 +292,21 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
         if checkpoint
         else 0
     )
-    progress = tqdm(total=cfg.max_steps, initial=step, desc=algo.name, unit="step", dynamic_ncols=True)
+    distributed.seed_ranks(cfg.seed, step)  # several ranks: each samples with a seed of its own
+    progress = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc=algo.name,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not ranks.is_main,
+    )
     with logging_redirect_tqdm():
         while step < cfg.max_steps:
             step_started = time.perf_counter()
 
             # 1-2. A batch of prompts, as token ids.
-            rows = sampler.next_batch()
+            rows = distributed.my_share(sampler.next_batch())  # the same global batch on every rank
             questions = [row["prompt"] for row in rows]
             prompt_ids = tokenize_prompts(
                 tokenizer, questions, cfg.data.system_prompt, cfg.data.max_prompt_length
@@ -335,10 +360,17 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
 
             # 5. What the algorithm learns from: an advantage per sample, or a ranked pair per prompt.
             finished = torch.tensor(rollout.finished)
+            # Over every rank's rewards (whole groups per rank; batch statistics see the whole rollout).
             if algo.name == "grpo":
-                advantages = grpo.group_advantages(rewards, G, algo.scale_rewards.value)  # (N,)
+                advantages = grpo.group_advantages(
+                    distributed.gather_rows(rewards), G, algo.scale_rewards.value
+                )  # (N x ranks,)
             elif algo.name == "rloo":
-                advantages = rloo.leave_one_out_advantages(rewards, G, algo.normalize_advantages)  # (N,)
+                advantages = rloo.leave_one_out_advantages(
+                    distributed.gather_rows(rewards), G, algo.normalize_advantages
+                )  # (N x ranks,)
+            if not is_preference:
+                advantages = distributed.my_rows(advantages)  # (N,)
             else:
                 pair_scores = preference.penalize_missing_eos(
                     ranking_scores, finished, algo.missing_eos_penalty
@@ -372,6 +404,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 engine_rows = torch.tensor([from_engine[i] for i in index], device=device)
                 micro_batches.append((batch, index, engine_rows))
             rollout_tokens = int(sum(b.completion_mask.sum() for b, _, _ in micro_batches))
+            # DAPO's token mean over the whole rollout: DDP/FSDP2 average over ranks, so divide per rank
+            rank_share_tokens = distributed.mean_over_ranks(rollout_tokens)
 
             with torch.no_grad():
                 # Old log-probs are only needed when later passes must measure how far the policy moved.
@@ -395,7 +429,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
             for iteration in range(1 if is_preference else algo.num_iterations):
                 if is_preference:
                     totals = preference_pass(
-                        model,
+                        policy,
                         micro_batches,
                         ref_logps,
                         algo,
@@ -408,7 +442,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     )
                 else:
                     totals = policy_gradient_pass(
-                        model,
+                        policy,
                         micro_batches,
                         advantages,
                         old_logps,
@@ -416,7 +450,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                         algo,
                         cfg.vllm,
                         check_gap=iteration == 0,
-                        rollout_tokens=rollout_tokens,
+                        rollout_tokens=rank_share_tokens,
                         sampling=sampling,
                         autocast_dtype=autocast_dtype,
                     )
@@ -425,7 +459,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 if iteration == 0 and rollout.sampler_logprobs is not None:
                     check_sync(totals["gap"] / engine_tokens, totals["gap_max"], cfg.vllm.max_logp_gap, step)
                 max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                grad_norm = distributed.clip_grad_norm(trainable, max_norm)
                 if nonfinite.allows_update(totals["loss"], grad_norm, step + 1):  # else the update is dropped
                     optimizer.step()
                 scheduler.step()
@@ -504,9 +538,16 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                         metrics["sync/is_weight_mean"] = totals["is_weight"] / token_count
                 metrics.update(nonfinite.metrics())
                 metrics.update(reward_error_metrics(reward_functions))
+                metrics = distributed.reduce_metrics(  # several ranks: one set of metrics for the run
+                    metrics,
+                    samples=sum(from_engine),
+                    tokens=token_count,
+                    engine_tokens=engine_tokens,
+                    decisive_pairs=int((~tie).sum()) if is_preference else 0,
+                )
                 summary.history.append(metrics)
                 tracker.log(metrics, step)
-                append_metrics(output_dir / "metrics.jsonl", step, metrics)
+                append_metrics(metrics_path, step, metrics)
                 progress.update(1)
                 progress.set_postfix(
                     reward=f"{metrics['reward/total_mean']:.3f}",
@@ -531,7 +572,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     summary.evals.append(evaluator.run(model, step))
                 if step >= cfg.max_steps:
                     break
-            if stop.requested:  # SIGINT/SIGTERM: this step is done; the checkpoint below, then exit
+            if distributed.any_rank(stop.requested):  # SIGINT/SIGTERM: this step is done; checkpoint, exit
                 break
     progress.close()
 
@@ -539,7 +580,10 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     if stop.requested and step < cfg.max_steps:
         raise stop.interrupted(summary.final_checkpoint)
     final_eval = summary.evals[-1] if summary.evals else None
-    summary.model_dir = export_final_model(cfg, model, tokenizer, output_dir, step, final_eval)
+    weights = distributed.full_state_dict(model)
+    summary.model_dir = distributed.on_main(
+        lambda: export_final_model(cfg, model, tokenizer, output_dir, step, final_eval, weights)
+    )
     summary.seconds = time.perf_counter() - started
     report(summary, tracker)
     return summary

@@ -60,9 +60,17 @@ def make_engine(
             trust_remote_code=trust_remote_code,
         )
     if mode == "server":
+        from online_rl import distributed
         from online_rl.engines.vllm_server import VLLMServerEngine
 
-        return VLLMServerEngine(engine_cfg, device=device, model_path=model_path)
+        if distributed.world_size() == 1:
+            return VLLMServerEngine(engine_cfg, device=device, model_path=model_path)
+        from online_rl.engines.main_rank import MainRankEngine  # several ranks: rank 0 talks to the servers
+
+        on_main = distributed.rank() == 0
+        return MainRankEngine(
+            VLLMServerEngine(engine_cfg, device=device, model_path=model_path) if on_main else None
+        )
     raise ValueError(
         f"vllm.mode={mode!r} is not an engine this version has: use vllm=off, vllm=colocate or vllm=server"
     )

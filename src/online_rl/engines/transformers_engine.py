@@ -6,6 +6,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import GenerationConfig
 
 from online_rl.engines.protocol import Rollout
@@ -96,6 +97,8 @@ class TransformersEngine:
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     generation_config=config,
+                    # FSDP2: every forward gathers weights with the other ranks, so all decode until the last is done
+                    synced_gpus=isinstance(self.model, FSDPModule),
                 )
         finally:
             self.model.train(was_training)

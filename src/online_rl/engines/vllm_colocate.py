@@ -23,6 +23,15 @@ from online_rl.engines.protocol import Rollout
 from online_rl.engines.weights import inference_weights
 
 
+def external_launcher() -> dict[str, str]:
+    """Several training ranks (torch.distributed already up): vLLM joins that process group instead of
+    starting its own ("external_launcher"). With tensor_parallel_size=1, vLLM splits the world into one
+    engine per rank, each on its rank's GPU, generating that rank's prompts with that rank's seed."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return {"distributed_executor_backend": "external_launcher"}
+    return {}
+
+
 class VLLMColocateEngine:
     def __init__(
         self,
@@ -33,6 +42,11 @@ class VLLMColocateEngine:
         max_model_len: int,
         trust_remote_code: bool = False,
     ):
+        if cfg.tensor_parallel_size > 1 and external_launcher():
+            raise ValueError(
+                "vllm.tensor_parallel_size > 1 with several training ranks is not supported yet: the ranks of a "
+                "tensor-parallel group would have to generate the same prompts; use tensor_parallel_size=1"
+            )
         if cfg.sleep_level and device.type != "cuda":
             raise ValueError(
                 f"vllm.sleep_level={cfg.sleep_level} needs CUDA (vLLM's sleep mode frees GPU memory); "
@@ -69,6 +83,7 @@ class VLLMColocateEngine:
             # log-probs after temperature (and top-k/top-p), i.e. of the distribution that sampled
             logprobs_mode="processed_logprobs",
             **optional,
+            **external_launcher(),
         )
         self.device = device
         self.weights_asleep = self.kv_cache_asleep = False

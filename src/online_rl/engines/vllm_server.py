@@ -34,7 +34,7 @@ import torch
 
 from online_rl.engines import gpu_guard
 from online_rl.engines.protocol import EngineUnavailable, Rollout
-from online_rl.engines.weights import inference_weights
+from online_rl.engines.weights import inference_weight_specs, inference_weights
 
 log = logging.getLogger(__name__)
 
@@ -384,15 +384,16 @@ class VLLMServerEngine:
             NCCLWeightTransferEngine,
         )
 
-        # The metadata pass computes LoRA merges once more rather than holding them all in memory.
+        # The metadata comes from the parameters' shapes: the weights themselves are computed (LoRA merges,
+        # FSDP2 gathers) once, while they are broadcast.
         wire_dtype = getattr(torch, self.cfg.transfer_dtype) if self.cfg.transfer_dtype else None
         names, dtypes, shapes, size = [], [], [], 0
-        for name, tensor in inference_weights(model):
-            dtype = wire_dtype or tensor.dtype
+        for name, held_dtype, shape in inference_weight_specs(model):
+            dtype = wire_dtype or held_dtype
             names.append(name)
             dtypes.append(str(dtype).removeprefix("torch."))
-            shapes.append(list(tensor.shape))
-            size += tensor.numel() * dtype.itemsize
+            shapes.append(list(shape))
+            size += shape.numel() * dtype.itemsize
         update_info = {"names": names, "dtype_names": dtypes, "shapes": shapes, "packed": True}
 
         def broadcast() -> None:
