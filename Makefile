@@ -5,7 +5,7 @@ PYTHON ?= python
 TORCH ?= 2.11.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-gpu test test-gpu train config serve bench lint format
+.PHONY: help install install-gpu test test-gpu train config serve bench bench-table lint format
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ serve:  ## vLLM's OpenAI server for vllm=server: make serve MODEL=... [GPUS=0 TP
 
 bench:  ## GPU: our GRPO loop vs TRL's GRPOTrainer on one run, side by side; ARGS="--arms ours_full,trl_full"
 	$(PYTHON) scripts/bench.py $(ARGS)
+
+bench-table:  ## GPU: the seed notebook's table (vLLM or not x length 256/512/1024 x 4/8/16 samples), one multirun
+	$(PYTHON) train.py -m +recipe=bench_seed_table $(ARGS)
+	$(PYTHON) scripts/summarize_sweep.py
 
 lint:  ## ruff: lint and format check
 	$(PYTHON) -m ruff check .

@@ -94,3 +94,40 @@ def test_sweep_writes_one_directory_and_trackio_run_per_job_and_a_summary(tmp_pa
     assert "| 3 | 0.04 | 0.003 |" in table  # job 3's overrides
     png = (sweep / "summary.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_seed_notebook_table_recipe_runs_as_a_multirun(tmp_path):
+    """make bench-table's recipe: its sweep runs job by job and summarize_sweep tabulates s/step. On a CPU the
+    command line narrows the GPU table (vLLM or not x 3 lengths x 3 group sizes) to 2 tiny jobs."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "+recipe=bench_seed_table",
+            "model=tiny",
+            "hardware=cpu",
+            "vllm=off",
+            "sampling.max_completion_length=8,16",
+            "algo.num_generations=2",
+            "max_steps=2",
+            "data.synthetic_rows=64",
+            "prompts_per_step=4",
+            "micro_batch_size=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "Launching 2 jobs" in result.stdout + result.stderr
+    summary = subprocess.run(
+        [sys.executable, "scripts/summarize_sweep.py", str(sweep)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert summary.returncode == 0, summary.stderr
+    table = (sweep / "summary.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
+    assert len(rows) == 2 and "s/step" in table
