@@ -19,6 +19,8 @@ What is measured, per arm, over the steps after the warm-up:
 - completion tokens/s: completion tokens of the step / its seconds;
 - peak GPU memory: the device's used memory (total - free), polled every 50 ms by a thread, so vLLM's pool
   counts for both frameworks;
+- ours_offpolicy: our loop with off_policy_steps=1 (the next rollout generates while this one trains),
+  reported as its own row and compared with TRL's on-policy run, never as our on-policy result;
 - ours only: the phases (generate, reward, train, sync, sleep/wake) from the loop's own metrics, the train
   phase's MFU, and the floor: vLLM generation alone plus training alone, both from the same run's steps.
   The floor is what a step cannot go below without overlapping generation and training; the distance to
@@ -86,13 +88,14 @@ SMOKE = Settings(
     sleep_level=0,
 )
 
-# arm -> (framework, LoRA); floor: our generation alone and our training alone (full fine-tune)
+# arm -> (framework, LoRA, one step off-policy); floor: our generation alone and our training alone
 ARMS = {
-    "trl_full": ("trl", False),
-    "ours_full": ("ours", False),
-    "floor": ("floor", False),
-    "trl_lora": ("trl", True),
-    "ours_lora": ("ours", True),
+    "trl_full": ("trl", False, False),
+    "ours_full": ("ours", False, False),
+    "floor": ("floor", False, False),
+    "ours_offpolicy": ("ours", False, True),  # compared with trl_full: TRL's GRPO generates on-policy
+    "trl_lora": ("trl", True, False),
+    "ours_lora": ("ours", True, False),
 }
 
 
@@ -174,8 +177,9 @@ class PeakDeviceMemory:
         return self.peak / 2**30 if self.device == "cuda" else None
 
 
-def our_overrides(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
+def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
     """Our config for the bench's run: GRPO with TRL's defaults on the shared model and prompts."""
+    _, lora, off_policy = ARMS[arm]
     overrides = [
         "algo=grpo",
         "model=qwen2_0.5b",
@@ -200,7 +204,8 @@ def our_overrides(settings: Settings, lora: bool, model_dir: Path, prompts: Path
         "optim.lr_scheduler=constant",
         "eval_every=0",
         f"seed={settings.seed}",
-        f"output_dir={workdir / ('ours_lora' if lora else 'ours_full')}",
+        f"off_policy_steps={int(off_policy)}",
+        f"output_dir={workdir / arm}",
     ]
     if settings.use_vllm:
         overrides += [
@@ -219,11 +224,11 @@ def our_overrides(settings: Settings, lora: bool, model_dir: Path, prompts: Path
     return overrides
 
 
-def run_ours(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
     """Our loop through its config, as a user runs it."""
     from online_rl.loop import run
 
-    cfg = compose_config(our_overrides(settings, lora, model_dir, prompts, workdir))
+    cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
     with PeakDeviceMemory(settings.device) as memory:
         summary = run(cfg)
     steps = summary.history[settings.warmup_steps :]
@@ -256,7 +261,7 @@ def phase_breakdown(steps: list[dict]) -> dict[str, float]:
     }
 
 
-def run_floor(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
     """The floor of an on-policy step, each half alone in this process with our own code and settings:
     the engine generating the step's completions (its wake-up and sleep excluded), and one optimizer step
     over them (forward, backward, clipping, AdamW). Neither waits for the other or for anything else."""
@@ -268,7 +273,7 @@ def run_floor(settings: Settings, lora: bool, model_dir: Path, prompts: Path, wo
     from online_rl.loop import policy_gradient_pass
     from online_rl.models import load_policy, load_tokenizer, torch_dtype
 
-    cfg = compose_config(our_overrides(settings, lora, model_dir, prompts, workdir))
+    cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
     device = torch.device(cfg.hardware.device)
     autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
@@ -345,11 +350,13 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_trl(settings: Settings, lora: bool, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+def run_trl(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
     """TRL's GRPOTrainer with vLLM colocate, the anchor's arguments, everything else its defaults."""
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    lora = ARMS[arm][1]
 
     sys.path.insert(0, str(REPO))
     from rewards.digits import digit_fraction
@@ -363,7 +370,7 @@ def run_trl(settings: Settings, lora: bool, model_dir: Path, prompts: Path, work
 
     gradient_accumulation = settings.prompts_per_step * settings.num_generations // settings.micro_batch_size
     args = GRPOConfig(
-        output_dir=str(workdir / ("trl_lora" if lora else "trl_full")),
+        output_dir=str(workdir / arm),
         learning_rate=settings.lr,
         per_device_train_batch_size=settings.micro_batch_size,
         gradient_accumulation_steps=gradient_accumulation,
@@ -421,10 +428,10 @@ def run_trl(settings: Settings, lora: bool, model_dir: Path, prompts: Path, work
 
 
 def run_arm(arm: str, settings: Settings, workdir: Path) -> None:
-    framework, lora = ARMS[arm]
+    framework = ARMS[arm][0]
     model_dir, prompts = workdir / "model", workdir / "prompts.jsonl"
     runner = {"ours": run_ours, "floor": run_floor, "trl": run_trl}[framework]
-    result = runner(settings, lora, model_dir, prompts, workdir)
+    result = runner(settings, arm, model_dir, prompts, workdir)
     (workdir / f"{arm}.json").write_text(json.dumps(result, indent=1))
 
 
@@ -492,7 +499,12 @@ def targets(rows: list[dict]) -> list[dict]:
             lambda v: v <= 1.10,
         ),
         ("LoRA r=8: ours / TRL completion tok/s", ">= 2.8", pairs.get("lora"), lambda v: v >= 2.8),
-        ("one-step off-policy: ours / TRL completion tok/s", ">= 2.6", None, lambda v: v >= 2.6),
+        (
+            "one-step off-policy: ours / TRL (on-policy) completion tok/s",
+            ">= 2.6",
+            pairs.get("offpolicy"),
+            lambda v: v >= 2.6,
+        ),
         (
             "train phase MFU (training alone)",
             ">= 40%",
@@ -619,11 +631,16 @@ def git_commit() -> str:
 def ratios(rows: list[dict]) -> dict[str, float]:
     """ours / TRL completion tokens per second, per pair of arms that both ran."""
     by_arm = {row["arm"]: row for row in rows if "completion_tokens_per_s" in row}
+    twins = {
+        arm: "trl_full" if ARMS[arm][2] else arm.replace("ours_", "trl_")
+        for arm in by_arm
+        if arm.startswith("ours_")
+    }
     return {
         arm.removeprefix("ours_"): by_arm[arm]["completion_tokens_per_s"]
         / by_arm[twin]["completion_tokens_per_s"]
-        for arm in by_arm
-        if arm.startswith("ours_") and (twin := arm.replace("ours_", "trl_")) in by_arm
+        for arm, twin in twins.items()
+        if twin in by_arm
     }
 
 
@@ -652,7 +669,9 @@ def parse_settings(base: Settings, assignments: list[str]) -> Settings:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
+    parser.add_argument(
+        "--arms", help=f"comma-separated, from {','.join(ARMS)} (default: all; --smoke: those without vLLM)"
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model on the CPU, no vLLM: checks the harness"
     )
@@ -689,7 +708,8 @@ def main() -> None:
         return
 
     settings = parse_settings(SMOKE if options.smoke else Settings(), options.set)
-    arms = [arm for arm in options.arms.split(",") if arm]
+    default_arms = [arm for arm in ARMS if settings.use_vllm or not ARMS[arm][2]]  # off-policy needs vLLM
+    arms = [arm for arm in (options.arms or ",".join(default_arms)).split(",") if arm]
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}: choose from {','.join(ARMS)}")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,7 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
             str(REPO / "scripts" / "bench.py"),
             "--smoke",
             "--arms",
-            "trl_full,ours_full",
+            "trl_full,ours_full,floor",
             "--set",
             "measured_steps=2",
             "--workdir",
@@ -36,7 +38,7 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     (results_file,) = out.glob("*-smoke.json")
     results = json.loads(results_file.read_text())
     arms = {row["arm"]: row for row in results["arms"]}
-    assert set(arms) == {"trl_full", "ours_full"} and not results["failures"]
+    assert set(arms) == {"trl_full", "ours_full", "floor"} and not results["failures"]
 
     settings = results["settings"]
     prompts = (tmp_path / "work" / "prompts.jsonl").read_text().splitlines()
@@ -50,8 +52,14 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
         full_step = settings["prompts_per_step"] * settings["num_generations"] * settings["completion_tokens"]
         assert all(0 < tokens <= full_step for tokens in raw["completion_tokens"])
 
-    ours = arms["ours_full"]
-    assert ours["floor_s"] <= ours["s_per_step_median"]  # generation + training alone fit inside a step
+    ours, floor = arms["ours_full"], arms["floor"]
+    assert floor["floor_s"] == floor["generate_alone_s"] + floor["train_alone_s"] > 0
+    # our phases inside a step: generation and training are there, and the rest is what the step adds
+    assert 0 < ours["phases_s"]["generate"] + ours["phases_s"]["train"] < ours["s_per_step_median"]
+    measured = {target["target"]: target["measured"] for target in results["targets"]}
+    assert measured["full fine-tune: step / floor (generation alone + training alone)"] == pytest.approx(
+        ours["s_per_step_median"] / floor["floor_s"]
+    )
     assert (
         abs(
             results["ours_over_trl"]["full"]

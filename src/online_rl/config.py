@@ -331,6 +331,9 @@ class TrainConfig:
         8  # prompts per rollout; the rollout has prompts_per_step x num_generations samples
     )
     micro_batch_size: int = 8  # completions per forward/backward; gradients accumulate over the rollout
+    # 0 = on-policy; 1 = the next rollout generates (vllm=colocate or server) while this one trains, and trains
+    # one update later, corrected by vllm.importance_sampling_correction
+    off_policy_steps: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
     eval_every: int = 0  # steps between evaluations on eval.split, also run at the end; 0 = no evaluation
     eval_only: bool = False  # score eval.model (or the model group's) on eval.split and exit: no training

@@ -82,6 +82,8 @@ def setup(hardware: Any) -> Ranks:
             backend="nccl" if device.type == "cuda" else "gloo",
             device_id=device if device.type == "cuda" else None,
         )
+        global _joined_group
+        _joined_group = True
     if rank != 0:  # one console: the other ranks speak only to warn
         logging.getLogger().setLevel(logging.WARNING)
     log.info("%d training processes (%s); this is rank 0 on %s", world_size, strategy, device)
@@ -126,9 +128,16 @@ def check_accelerate_config(strategy: str) -> None:
         )
 
 
+_joined_group = False  # setup created the default process group (and teardown may destroy it)
+
+
 def teardown() -> None:
-    if dist.is_initialized():
+    """Leave the process group setup joined. A one-process run joins none; the group vLLM makes for itself
+    in such a run stays, as vLLM still holds it (a second engine in this process needs it)."""
+    global _joined_group
+    if _joined_group and dist.is_initialized():
         dist.destroy_process_group()
+    _joined_group = False
 
 
 def world_size() -> int:

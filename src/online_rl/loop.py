@@ -61,6 +61,7 @@ from online_rl.rewarding import (
     score_completions,
     total_reward,
 )
+from online_rl.rollout_ahead import RolloutAhead
 from online_rl.sampler_correction import logp_gap, logp_gap_tensors, truncated_importance_weights
 from online_rl.tracking import ConsoleOnlyTracker, append_metrics, make_tracker
 from online_rl.watchdog import Watchdog
@@ -120,6 +121,7 @@ def validate(cfg: DictConfig) -> None:
             "sampling.temperature must be > 0: RL needs samples, and log-probs are taken at this temperature"
         )
     check_checkpoint_schedule(cfg.checkpoint_every, algo.get("num_iterations", 1))
+    check_off_policy(cfg)
     distributed.check_config(cfg)
     if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -261,6 +263,10 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     closing.callback(tracker.close)
     if tracker.dashboard_command():
         log.info("Dashboard: %s", tracker.dashboard_command())
+    # off_policy_steps=1: the next rollout generates while this one trains (rollout_ahead.py)
+    ahead = RolloutAhead(engine, device) if cfg.off_policy_steps else None
+    if ahead is not None:
+        closing.callback(ahead.close)  # before the engine closes (callbacks run last-in, first-out)
     evaluator = (
         Evaluator(cfg, engine, tokenizer, reward_functions, tracker, metrics_path, device)
         if cfg.eval_every
@@ -279,7 +285,9 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
 
     def checkpoint_now() -> Path:
         with watchdog.phase("checkpoint"):
-            state = trainer_state(optimizer, scheduler, sampler)
+            # a rollout in flight has drawn its prompts; a resume draws them again
+            sampler_state = ahead.pending.sampler_state if ahead and ahead.pending else sampler.state_dict()
+            state = trainer_state(optimizer, scheduler, sampler_state)
             weights = distributed.full_state_dict(model)  # FSDP2: gathered on rank 0; else None
             return distributed.on_main(
                 lambda: save_checkpoint(output_dir / "checkpoints", step, model, tokenizer, state, weights)
@@ -305,23 +313,49 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
         while step < cfg.max_steps:
             step_started = time.perf_counter()
 
-            # 1-2. A batch of prompts, as token ids.
-            rows = distributed.my_share(sampler.next_batch())  # the same global batch on every rank
+            # 1-3. A batch of prompts as token ids; the engine takes the trainer's current weights, then samples
+            #    G completions per prompt (Nash-MD, XPO: one; the pair's second comes from the policy/reference
+            #    mixture). One step off-policy, this step's rollout was generated while the last step trained.
+            engine_samples = 1 if second_sample_coef is not None else G
+            if ahead is not None and ahead.pending is not None:
+                watchdog.start("generate")
+                t = time.perf_counter()
+                pending, rollout, generate_s = ahead.take()
+                rows, prompt_ids = pending.rows, pending.prompt_ids
+                rollout.stats["time/wait_generate_s"] = time.perf_counter() - t
+                sync_s, on_policy = 0.0, False  # its weights were pushed (and timed) in the step before
+            else:
+                rows = distributed.my_share(sampler.next_batch())  # the same global batch on every rank
+                prompt_ids = tokenize_prompts(
+                    tokenizer,
+                    [row["prompt"] for row in rows],
+                    cfg.data.system_prompt,
+                    cfg.data.max_prompt_length,
+                )
+                t = time.perf_counter()
+                watchdog.start("sync")
+                engine.sync_weights(model)
+                sync_s = time.perf_counter() - t
+                watchdog.start("generate")
+                rollout = engine.generate(prompt_ids, engine_samples, sampling)
+                generate_s, on_policy = time.perf_counter() - t - sync_s, True
             questions = [row["prompt"] for row in rows]
-            prompt_ids = tokenize_prompts(
-                tokenizer, questions, cfg.data.system_prompt, cfg.data.max_prompt_length
-            )
-
-            # 3. The engine takes the trainer's current weights, then samples G completions per prompt
-            #    (Nash-MD, XPO: one, and the pair's second comes from the policy/reference mixture).
-            t = time.perf_counter()
-            watchdog.start("sync")
-            engine.sync_weights(model)
-            sync_s = time.perf_counter() - t
-            watchdog.start("generate")
-            rollout = engine.generate(prompt_ids, 1 if second_sample_coef is not None else G, sampling)
-            generate_s = time.perf_counter() - t - sync_s
             memory = gpu_memory_metrics(device)  # after generate: a sleeping engine is asleep again
+            if ahead is not None and step + 1 < cfg.max_steps:  # the next rollout, with the current weights
+                sampler_state = sampler.state_dict()
+                next_rows = distributed.my_share(sampler.next_batch())
+                next_prompt_ids = tokenize_prompts(
+                    tokenizer,
+                    [row["prompt"] for row in next_rows],
+                    cfg.data.system_prompt,
+                    cfg.data.max_prompt_length,
+                )
+                if not on_policy:  # (an on-policy rollout was just sampled with the current weights)
+                    t = time.perf_counter()
+                    watchdog.start("sync")
+                    engine.sync_weights(model)
+                    sync_s += time.perf_counter() - t
+                ahead.start(next_rows, next_prompt_ids, engine_samples, sampling, sampler_state)
             if second_sample_coef is not None:
                 t = time.perf_counter()
                 second = sample_geometric_mixture(
@@ -456,7 +490,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     )
                 token_count = max(rollout_tokens, 1)
                 engine_tokens = max(totals["engine_tokens"], 1)
-                if iteration == 0 and rollout.sampler_logprobs is not None:
+                # One step off-policy, the trainer is an update ahead of the sampler: the gap is logged, not checked.
+                if iteration == 0 and rollout.sampler_logprobs is not None and on_policy:
                     check_sync(totals["gap"] / engine_tokens, totals["gap_max"], cfg.vllm.max_logp_gap, step)
                 max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
                 grad_norm = distributed.clip_grad_norm(trainable, max_norm)
@@ -569,6 +604,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 if nonfinite.must_stop:
                     raise nonfinite.error(checkpoint_now())
                 if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    if ahead is not None:
+                        ahead.wait()  # one user of the engine at a time
                     summary.evals.append(evaluator.run(model, step))
                 if step >= cfg.max_steps:
                     break
@@ -763,6 +800,31 @@ def interleave_pairs(first: Rollout, second: Rollout) -> Rollout:
     )
 
 
+def check_off_policy(cfg: DictConfig) -> None:
+    """off_policy_steps=1 needs an engine that generates apart from the trainer's model, and the correction."""
+    if cfg.off_policy_steps not in (0, 1):
+        raise ValueError(
+            f"off_policy_steps={cfg.off_policy_steps}: use 0 (on-policy) or 1 (the next rollout generates while this one trains)"
+        )
+    if not cfg.off_policy_steps:
+        return
+    if cfg.algo.name not in POLICY_GRADIENT:
+        raise ValueError(
+            f"off_policy_steps=1 is for {' and '.join(POLICY_GRADIENT)}: algo={cfg.algo.name} samples with the policy itself"
+        )
+    if cfg.vllm.mode.value not in ("colocate", "server"):
+        raise ValueError(
+            f"off_policy_steps=1 needs vllm=colocate or vllm=server (vllm={cfg.vllm.mode.value} generates with the "
+            "model being trained, so the two cannot overlap)"
+        )
+    if not cfg.vllm.importance_sampling_correction:
+        raise ValueError(
+            "off_policy_steps=1 trains on samples one update old: set vllm.importance_sampling_correction=true to correct for it"
+        )
+    if cfg.hardware.num_processes > 1:
+        raise ValueError("off_policy_steps=1 runs on one process for now: use hardware with num_processes: 1")
+
+
 class SyncError(RuntimeError):
     """The engine's log-probs say it is not generating with the trainer's weights."""
 
@@ -804,11 +866,11 @@ def reference_logprobs(model, reference, batch, temperature, autocast_dtype) -> 
         return completion_logprobs(model, batch, temperature, autocast_dtype)[0]
 
 
-def trainer_state(optimizer, scheduler, sampler) -> dict[str, Any]:
+def trainer_state(optimizer, scheduler, sampler_state: dict[str, Any]) -> dict[str, Any]:
     return {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
+        "sampler": sampler_state,
     }
 
 

@@ -1,0 +1,73 @@
+"""One step off-policy: the next rollout generates in a background thread while the trainer trains on this one.
+
+    step t:  [sync w_t] -> start generating rollout t+1 with w_t  ->  train on rollout t (from w_t-1) -> w_t+1
+                                   (background thread)                  (this thread, at the same time)
+
+Rollout t+1 then trains weights one update newer than the ones that sampled it; the loop's truncated
+importance weights (vllm.importance_sampling_correction) correct for that, token by token. The engine is
+only ever used by one thread at a time: the weights are pushed before the thread starts, and anything
+else that uses the engine (evaluation, the end of the run) waits for the thread first.
+
+On a GPU the generating thread gets its own CUDA stream, so the engine's kernels can run beside the
+trainer's instead of queueing behind them on the default stream.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from online_rl.engines.protocol import Rollout
+
+
+@dataclass
+class PendingRollout:
+    rows: list[dict[str, Any]]  # the dataset rows of the prompts
+    prompt_ids: list[list[int]]
+    sampler_state: dict[str, Any]  # the prompt sampler before it drew these rows: what a checkpoint saves
+    future: Future  # -> (Rollout, seconds the engine took)
+
+
+class RolloutAhead:
+    """Runs engine.generate in one background thread; at most one rollout in flight."""
+
+    def __init__(self, engine, device: torch.device):
+        self.engine, self.device = engine, device
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
+        self.pending: PendingRollout | None = None
+
+    def start(self, rows, prompt_ids, n: int, sampling, sampler_state: dict[str, Any]) -> None:
+        """Generate n samples per prompt in the background, with the weights the engine holds now."""
+        if self.pending is not None:
+            raise RuntimeError("a rollout is already in flight: take it before starting the next")
+        future = self.executor.submit(self._generate, prompt_ids, n, sampling)
+        self.pending = PendingRollout(rows, prompt_ids, sampler_state, future)
+
+    def take(self) -> tuple[PendingRollout, Rollout, float]:
+        """Wait for the rollout in flight: (what was started, the rollout, the engine's seconds on it).
+        An exception raised while generating is raised here."""
+        pending, self.pending = self.pending, None
+        rollout, seconds = pending.future.result()
+        return pending, rollout, seconds
+
+    def wait(self) -> None:
+        """Let the rollout in flight finish (its result stays for `take`), so the engine is free."""
+        if self.pending is not None:
+            self.pending.future.exception()  # blocks until done; the exception, if any, comes with take()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _generate(self, prompt_ids, n, sampling) -> tuple[Rollout, float]:
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            with torch.cuda.stream(torch.cuda.Stream(self.device)):
+                rollout = self.engine.generate(prompt_ids, n, sampling)
+                torch.cuda.current_stream(self.device).synchronize()
+        else:
+            rollout = self.engine.generate(prompt_ids, n, sampling)
+        return rollout, time.perf_counter() - started
