@@ -139,6 +139,8 @@ def test_push_to_hub_is_skipped_cleanly_offline(tmp_path, monkeypatch, caplog, o
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    # huggingface_hub reads the variable once, at import: CI imports it with HF_HUB_OFFLINE=1
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline)
     with caplog.at_level(logging.WARNING):
         assert push_to_hub("someone/tiny-grpo", tmp_path / "model") is False
     reason = "HF_HUB_OFFLINE is set" if offline else "no Hugging Face token"
