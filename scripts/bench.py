@@ -33,6 +33,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,8 @@ class Settings:
     device: str = "cuda"
     use_vllm: bool = True
     seed: int = 0
+    # floor arm: torch.profiler over one more training step (not timed) -> <out>/<stem>-train-profile.txt
+    profile: bool = False
 
     @property
     def steps(self) -> int:
@@ -270,7 +273,6 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     from online_rl.data import load_prompts, tokenize_prompts
     from online_rl.engines import make_engine, resolve_mode
     from online_rl.logprobs import pack
-    from online_rl.loop import policy_gradient_pass
     from online_rl.models import load_policy, load_tokenizer, torch_dtype
 
     cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
@@ -296,7 +298,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     rows = load_prompts(cfg.data).select(range(settings.prompts_per_step))
     prompt_ids = tokenize_prompts(tokenizer, rows["prompt"], None, settings.prompt_tokens)
     generate_s, train_s = [], []
-    for _ in range(settings.steps):
+    for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
         engine.sync_weights(model)
         started = time.perf_counter()
         rollout = engine.generate(prompt_ids, settings.num_generations, cfg.sampling)
@@ -319,28 +321,56 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
         advantages = torch.randn(len(prompts_per_row))
         tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
         synchronize(device)
+        if step == settings.steps:
+            with profile_kernels(device) as profiler:
+                train_step(
+                    model, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+                )
+                synchronize(device)
+            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            (workdir / "train-profile.txt").write_text(
+                profiler.key_averages().table(sort_by=sort, row_limit=40)
+            )
+            break
         started = time.perf_counter()
-        policy_gradient_pass(
-            model,
-            micro_batches,
-            advantages,
-            None,
-            None,
-            cfg.algo,
-            cfg.vllm,
-            check_gap=True,
-            rollout_tokens=tokens,
-            sampling=cfg.sampling,
-            autocast_dtype=autocast_dtype,
-        )
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer)
         synchronize(device)
         train_s.append(time.perf_counter() - started)
     engine.close()
-    measured = slice(settings.warmup_steps, None)
+    measured = slice(settings.warmup_steps, settings.steps)
     return {"generate_s": generate_s[measured], "train_s": train_s[measured]}
+
+
+def train_step(model, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer) -> None:
+    """One optimizer step as the loop makes it: the policy-gradient pass, clipping, AdamW."""
+    import torch
+
+    from online_rl.loop import policy_gradient_pass
+
+    policy_gradient_pass(
+        model,
+        micro_batches,
+        advantages,
+        None,
+        None,
+        cfg.algo,
+        cfg.vllm,
+        check_gap=True,
+        rollout_tokens=tokens,
+        sampling=cfg.sampling,
+        autocast_dtype=autocast_dtype,
+    )
+    torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def profile_kernels(device):
+    """torch.profiler over CPU ops, and CUDA kernels on a GPU: where the training step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
 
 
 def synchronize(device) -> None:
@@ -757,6 +787,9 @@ def main() -> None:
             row["process_s"] = time.perf_counter() - t
             rows.append(row)
             print(f"bench: {arm}: {json.dumps(row)}", flush=True)
+            profile = options.workdir / "train-profile.txt"
+            if arm == "floor" and settings.profile and profile.exists():
+                shutil.copy(profile, options.out / f"{stem}-train-profile.txt")
         # after every arm, so that a run cut short still leaves what it measured
         table = report(rows, settings, commit, started, failures)
         results = {

@@ -25,6 +25,8 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
             "trl_full,ours_full,floor",
             "--set",
             "measured_steps=2",
+            "--set",
+            "profile=true",
             "--workdir",
             str(tmp_path / "work"),
             "--out",
@@ -70,3 +72,6 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     table = results_file.with_suffix(".md").read_text()
     assert "| trl_full |" in table and "| ours_full |" in table and "Our phases" in table
     assert results_file.with_suffix(".png").stat().st_size > 0
+    # the floor's extra, untimed step under torch.profiler: the matrix products of the forward and backward
+    profile = results_file.with_name(results_file.stem + "-train-profile.txt").read_text()
+    assert "aten::mm" in profile and "AdamW" in profile

@@ -293,6 +293,14 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 lambda: save_checkpoint(output_dir / "checkpoints", step, model, tokenizer, state, weights)
             )
 
+    def draw_prompts() -> tuple[list[dict], list[list[int]]]:
+        """The next batch's rows (this rank's share of the same global batch on every rank) and token ids."""
+        rows = distributed.my_share(sampler.next_batch())
+        questions = [row["prompt"] for row in rows]
+        return rows, tokenize_prompts(
+            tokenizer, questions, cfg.data.system_prompt, cfg.data.max_prompt_length
+        )
+
     summary = RunSummary(output_dir=output_dir, final_checkpoint=output_dir)
     # Last before the first step: a resume restores the RNG states here, after setup's random draws.
     step = (
@@ -325,13 +333,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 rollout.stats["time/wait_generate_s"] = time.perf_counter() - t
                 sync_s, on_policy = 0.0, False  # its weights were pushed (and timed) in the step before
             else:
-                rows = distributed.my_share(sampler.next_batch())  # the same global batch on every rank
-                prompt_ids = tokenize_prompts(
-                    tokenizer,
-                    [row["prompt"] for row in rows],
-                    cfg.data.system_prompt,
-                    cfg.data.max_prompt_length,
-                )
+                rows, prompt_ids = draw_prompts()
                 t = time.perf_counter()
                 watchdog.start("sync")
                 engine.sync_weights(model)
@@ -343,13 +345,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
             memory = gpu_memory_metrics(device)  # after generate: a sleeping engine is asleep again
             if ahead is not None and step + 1 < cfg.max_steps:  # the next rollout, with the current weights
                 sampler_state = sampler.state_dict()
-                next_rows = distributed.my_share(sampler.next_batch())
-                next_prompt_ids = tokenize_prompts(
-                    tokenizer,
-                    [row["prompt"] for row in next_rows],
-                    cfg.data.system_prompt,
-                    cfg.data.max_prompt_length,
-                )
+                next_rows, next_prompt_ids = draw_prompts()
                 if not on_policy:  # (an on-policy rollout was just sampled with the current weights)
                     t = time.perf_counter()
                     watchdog.start("sync")
