@@ -239,3 +239,43 @@ def test_one_step_off_policy_learns(make_config, engine):
     rewards = summary.reward_means
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last - first > 0.5 and last > 0.4, rewards
+
+
+def test_off_policy_engine_lost_in_the_background_saves_from_the_training_thread(
+    make_config, engine, tmp_path, monkeypatch
+):
+    """The engine fails while generating the next rollout in the background (the third rollout: a fault
+    injected into the real engine). The loop notices when it takes that rollout, on its own thread between
+    updates: a checkpoint of step 2 whose data position is before the lost rollout's prompts, then the error."""
+    from online_rl.data import PromptSampler, load_prompts
+    from online_rl.engines import EngineUnavailable
+    from online_rl.engines.vllm_colocate import VLLMColocateEngine
+    from online_rl.resume import TRAINER_STATE
+
+    engine.close()
+    real_generate, calls = VLLMColocateEngine.generate, []
+
+    def generate_then_fail(self, prompt_ids, n, sampling):
+        calls.append(len(prompt_ids))
+        if len(calls) == 3:
+            raise EngineUnavailable("the engine went away (injected)")
+        return real_generate(self, prompt_ids, n, sampling)
+
+    monkeypatch.setattr(VLLMColocateEngine, "generate", generate_then_fail)
+    cfg = make_config(
+        "max_steps=6",
+        "off_policy_steps=1",
+        "data.synthetic_rows=64",
+        "prompts_per_step=4",
+        "algo.num_generations=4",
+        "micro_batch_size=8",
+        *CPU_COLOCATE,
+    )
+    with pytest.raises(EngineUnavailable, match="saved to .*step_000002"):
+        run(cfg)
+    state = torch.load(tmp_path / "checkpoints" / "step_000002" / TRAINER_STATE, weights_only=False)
+    two_batches = PromptSampler(
+        load_prompts(cfg.data), cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle
+    )
+    two_batches.next_batch(), two_batches.next_batch()
+    assert state["sampler"] == two_batches.state_dict()  # the lost rollout's prompts come again on resume

@@ -264,7 +264,9 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     if tracker.dashboard_command():
         log.info("Dashboard: %s", tracker.dashboard_command())
     # off_policy_steps=1: the next rollout generates while this one trains (rollout_ahead.py)
-    ahead = RolloutAhead(engine, device) if cfg.off_policy_steps else None
+    # The thread calls the engine itself: a lost engine is handled (checkpoint, then stop) where the loop
+    # takes the rollout, on this thread, never in the middle of an update.
+    ahead = RolloutAhead(engine.engine, device) if cfg.off_policy_steps else None
     if ahead is not None:
         closing.callback(ahead.close)  # before the engine closes (callbacks run last-in, first-out)
     evaluator = (
@@ -328,7 +330,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
             if ahead is not None and ahead.pending is not None:
                 watchdog.start("generate")
                 t = time.perf_counter()
-                pending, rollout, generate_s = ahead.take()
+                pending, rollout, generate_s = engine.guarded(ahead.take)
                 rows, prompt_ids = pending.rows, pending.prompt_ids
                 rollout.stats["time/wait_generate_s"] = time.perf_counter() - t
                 sync_s, on_policy = 0.0, False  # its weights were pushed (and timed) in the step before

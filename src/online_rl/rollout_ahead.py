@@ -50,8 +50,11 @@ class RolloutAhead:
     def take(self) -> tuple[PendingRollout, Rollout, float]:
         """Wait for the rollout in flight: (what was started, the rollout, the engine's seconds on it).
         An exception raised while generating is raised here."""
-        pending, self.pending = self.pending, None
-        rollout, seconds = pending.future.result()
+        pending = self.pending
+        rollout, seconds = (
+            pending.future.result()
+        )  # on an error it stays pending: a checkpoint keeps its prompts
+        self.pending = None
         return pending, rollout, seconds
 
     def wait(self) -> None:

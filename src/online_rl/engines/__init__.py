@@ -82,7 +82,8 @@ class SaveWhenUnavailable:
     def __init__(self, engine: Engine, save: Callable[[], Any]):
         self.engine, self.save = engine, save
 
-    def _guarded(self, call: Callable[[], Any]) -> Any:
+    def guarded(self, call: Callable[[], Any]) -> Any:
+        """call(), saving first if it raises EngineUnavailable (also for a call that waits on the engine)."""
         try:
             return call()
         except EngineUnavailable as error:
@@ -92,10 +93,10 @@ class SaveWhenUnavailable:
             ) from error
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        self._guarded(lambda: self.engine.sync_weights(model))
+        self.guarded(lambda: self.engine.sync_weights(model))
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
-        return self._guarded(lambda: self.engine.generate(prompt_ids, n, sampling))
+        return self.guarded(lambda: self.engine.generate(prompt_ids, n, sampling))
 
     def close(self) -> None:
         self.engine.close()
