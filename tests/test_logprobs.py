@@ -62,3 +62,27 @@ def test_packed_batch_keeps_sampler_logprobs_when_moved():
     moved = batch.to(torch.device("cpu"))
     assert moved.sampler_logp.tolist() == [[-0.5, 0.0], [-1.0, -2.0]]
     assert moved.completion_mask.tolist() == [[1, 0], [1, 1]]
+
+
+def test_chunked_logprobs_equal_the_full_log_softmax_in_value_and_gradient(monkeypatch):
+    """Logits are upcast and normalised a chunk of rows at a time (recomputed in backward): the same
+    log-probs, entropies and gradients as one log_softmax over the whole tensor, bf16 logits included."""
+    from online_rl import logprobs
+
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 5 * 11)  # 3 rows per chunk: 7 rows -> 3 chunks
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (3 * torch.randn(7, 5, 11)).to(dtype).requires_grad_()
+        targets = torch.randint(0, 11, (7, 5))
+        weights = torch.randn(7, 5)  # a loss that weighs every position differently
+        logp, entropy = logprobs.token_logprobs(logits, targets, temperature=0.7, with_entropy=True)
+        (logp * weights).sum().backward()
+        chunked_grad, logits.grad = logits.grad, None
+
+        full = torch.log_softmax(logits.float() / 0.7, dim=-1)
+        expected = full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(logp, expected)
+        torch.testing.assert_close(chunked_grad, logits.grad)
+        torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1).detach())
+        assert logp.dtype == torch.float32 and not entropy.requires_grad
