@@ -133,14 +133,20 @@ def prepare(settings: Settings, workdir: Path) -> tuple[Path, Path]:
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     assert not tokenizer.chat_template, "the bench's prompts are plain text"
 
-    rows, rng = [], random.Random(settings.seed)
-    while len(rows) < settings.prompts_per_step * settings.steps:
+    rows, rng, needed = [], random.Random(settings.seed), settings.prompts_per_step * settings.steps
+    for _ in range(100 * needed):
+        if len(rows) == needed:
+            break
         text = " ".join(rng.choice(words) for _ in range(settings.prompt_tokens))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: settings.prompt_tokens - 1]
         question = tokenizer.decode(ids).strip()
         # our loop and TRL both tokenize question + "\n"; keep the rows where that is exactly prompt_tokens
         if len(tokenizer(question + "\n", add_special_tokens=False)["input_ids"]) == settings.prompt_tokens:
             rows.append({"prompt": question})
+    if len(rows) < needed:
+        raise RuntimeError(
+            f"found {len(rows)} of {needed} prompts of exactly {settings.prompt_tokens} tokens: change prompt_tokens"
+        )
     prompts = workdir / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return model_dir, prompts
