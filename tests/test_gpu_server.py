@@ -88,7 +88,7 @@ def gap(model, tokenizer, prompt_ids, rollout, n=G):
     with torch.no_grad():
         logp, _ = completion_logprobs(model, batch, 1.0)
     total, _ = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
-    return total / float(batch.completion_mask.sum())
+    return float(total) / float(batch.completion_mask.sum())
 
 
 def test_pushed_weights_drive_the_servers_samples_and_logprobs(server, trainer, tokenizer):

@@ -62,7 +62,7 @@ from online_rl.rewarding import (
     total_reward,
 )
 from online_rl.rollout_ahead import RolloutAhead
-from online_rl.sampler_correction import logp_gap, logp_gap_tensors, truncated_importance_weights
+from online_rl.sampler_correction import logp_gap, truncated_importance_weights
 from online_rl.tracking import ConsoleOnlyTracker, append_metrics, make_tracker
 from online_rl.watchdog import Watchdog
 
@@ -645,14 +645,18 @@ def policy_gradient_pass(
     Returns sums over tokens; the caller divides.
     """
     epsilon_high = algo.epsilon_high if algo.epsilon_high is not None else algo.epsilon
-    # Running sums stay on the device and are read once at the end: a read per micro-batch would stall
-    # the GPU while the CPU queues the next forward.
-    sums: dict[str, torch.Tensor] = {}
-
-    def add(key: str, value: torch.Tensor) -> None:
-        sums[key] = sums[key] + value.detach() if key in sums else value.detach()
-
-    gap_peaks = []
+    totals = DeviceSums(
+        "loss",
+        "kl",
+        "entropy",
+        "clip_low",
+        "clip_high",
+        "clip_region",
+        "gap",
+        "gap_max",
+        "engine_tokens",
+        "is_weight",
+    )
     for i, (batch, index, _) in enumerate(micro_batches):
         adv = advantages[index].to(batch.input_ids.device)  # (B,)
         logp, entropy = completion_logprobs(
@@ -663,20 +667,20 @@ def policy_gradient_pass(
         mask = batch.completion_mask
         if batch.sampler_logp is not None:
             if check_gap:  # the rollout policy vs the engine that sampled it
-                gap_sum, gap_peak = logp_gap_tensors(old, batch.sampler_logp, mask)
-                add("gap", gap_sum)
-                gap_peaks.append(gap_peak)
-                add("engine_tokens", mask.sum())
+                gap_sum, gap_peak = logp_gap(old, batch.sampler_logp, mask)
+                totals.add("gap", gap_sum)
+                totals.peak("gap_max", gap_peak)
+                totals.add("engine_tokens", mask.sum())
             if vllm_cfg.importance_sampling_correction:
                 weights = truncated_importance_weights(
                     old, batch.sampler_logp, vllm_cfg.importance_sampling_cap
                 )
                 token_loss = token_loss * weights
-                add("is_weight", (weights * mask).sum())
+                totals.add("is_weight", (weights * mask).sum())
         if ref_logps is not None:
             kl = grpo.k3_kl(logp, ref_logps[i])
             token_loss = token_loss + algo.beta * kl
-            add("kl", (kl * mask).sum())
+            totals.add("kl", (kl * mask).sum())
         loss = grpo.aggregate_loss(
             token_loss,
             mask,
@@ -686,27 +690,11 @@ def policy_gradient_pass(
             sampling.max_completion_length,
         )
         loss.backward()
-        add("loss", loss)
-        add("entropy", (entropy * mask).sum())
+        totals.add("loss", loss)
+        totals.add("entropy", (entropy * mask).sum())
         for key, value in grpo.clip_fractions(ratio, adv, mask, algo.epsilon, epsilon_high).items():
-            add(key, value * mask.sum())
-    totals = dict.fromkeys(
-        (
-            "loss",
-            "kl",
-            "entropy",
-            "clip_low",
-            "clip_high",
-            "clip_region",
-            "gap",
-            "engine_tokens",
-            "is_weight",
-        ),
-        0.0,
-    )
-    totals.update({key: float(value) for key, value in sums.items()})
-    totals["gap_max"] = float(torch.stack(gap_peaks).max()) if gap_peaks else 0.0
-    return totals
+            totals.add(key, value * mask.sum())
+    return totals.read()
 
 
 def preference_pass(
@@ -729,8 +717,8 @@ def preference_pass(
     the policy's rows. The loss is a mean over pairs (online DPO: over the pairs that are not ties).
     first_is_chosen, tie, first_preferred: (P,) from the ranking. Returns sums; the caller divides.
     """
-    totals = dict.fromkeys(
-        ("loss", "kl", "entropy", "margin", "accuracy", "exploration", "gap", "gap_max", "engine_tokens"), 0.0
+    totals = DeviceSums(
+        "loss", "kl", "entropy", "margin", "accuracy", "exploration", "gap", "gap_max", "engine_tokens"
     )
     pairs, decisive_pairs = len(tie), max(int((~tie).sum()), 1)
     for i, (batch, index, engine_rows) in enumerate(micro_batches):
@@ -759,23 +747,44 @@ def preference_pass(
                 algo.loss_type.value,
             )
             loss = (pair_loss * keep).sum() / decisive_pairs
-            totals["margin"] += float((margin * keep).sum())
-            totals["accuracy"] += float(((margin > 0) & keep).sum())
+            totals.add("margin", (margin * keep).sum())
+            totals.add("accuracy", ((margin > 0) & keep).sum())
             if algo.name == "xpo":  # the second row is the reference's sample
                 exploration = preference.xpo_exploration_loss(policy_pair[:, 1], algo.alpha).sum() / pairs
                 loss = loss + exploration
-                totals["exploration"] += float(exploration.detach())
+                totals.add("exploration", exploration)
         loss.backward()
-        totals["loss"] += float(loss.detach())
-        totals["kl"] += float((grpo.k3_kl(logp.detach(), ref_logps[i]) * mask).sum())
-        totals["entropy"] += float((entropy * mask).sum())
+        totals.add("loss", loss)
+        totals.add("kl", (grpo.k3_kl(logp.detach(), ref_logps[i]) * mask).sum())
+        totals.add("entropy", (entropy * mask).sum())
         if batch.sampler_logp is not None:  # the policy's samples vs the engine that sampled them
             engine_mask = mask * engine_rows.unsqueeze(1)
-            gap_sum, gap_peak = logp_gap(logp.detach(), batch.sampler_logp, engine_mask)
-            totals["gap"] += gap_sum
-            totals["gap_max"] = max(totals["gap_max"], gap_peak)
-            totals["engine_tokens"] += float(engine_mask.sum())
-    return totals
+            gap_sum, gap_peak = logp_gap(logp, batch.sampler_logp, engine_mask)
+            totals.add("gap", gap_sum)
+            totals.peak("gap_max", gap_peak)
+            totals.add("engine_tokens", engine_mask.sum())
+    return totals.read()
+
+
+class DeviceSums:
+    """A pass's running sums and maxima, kept on the device and read once at the end of the pass: a read per
+    micro-batch would stall the GPU while the CPU queues the next forward. Keys never added read as 0."""
+
+    def __init__(self, *keys: str):
+        self.keys, self.sums, self.peaks = keys, {}, {}
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def peak(self, key: str, value: torch.Tensor) -> None:
+        self.peaks.setdefault(key, []).append(value.detach().float())
+
+    def read(self) -> dict[str, float]:
+        totals = dict.fromkeys(self.keys, 0.0)
+        totals.update({key: float(value) for key, value in self.sums.items()})
+        totals.update({key: float(torch.stack(values).max()) for key, values in self.peaks.items()})
+        return totals
 
 
 def interleave_pairs(first: Rollout, second: Rollout) -> Rollout:

@@ -14,6 +14,7 @@ trainer's instead of queueing behind them on the default stream.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,9 +52,8 @@ class RolloutAhead:
         """Wait for the rollout in flight: (what was started, the rollout, the engine's seconds on it).
         An exception raised while generating is raised here."""
         pending = self.pending
-        rollout, seconds = (
-            pending.future.result()
-        )  # on an error it stays pending: a checkpoint keeps its prompts
+        # on an error it stays pending, so that a checkpoint keeps its prompts
+        rollout, seconds = pending.future.result()
         self.pending = None
         return pending, rollout, seconds
 
@@ -67,10 +67,9 @@ class RolloutAhead:
 
     def _generate(self, prompt_ids, n, sampling) -> tuple[Rollout, float]:
         started = time.perf_counter()
-        if self.device.type == "cuda":
-            with torch.cuda.stream(torch.cuda.Stream(self.device)):
-                rollout = self.engine.generate(prompt_ids, n, sampling)
-                torch.cuda.current_stream(self.device).synchronize()
-        else:
+        on_gpu = self.device.type == "cuda"
+        with torch.cuda.stream(torch.cuda.Stream(self.device)) if on_gpu else contextlib.nullcontext():
             rollout = self.engine.generate(prompt_ids, n, sampling)
+            if on_gpu:
+                torch.cuda.current_stream(self.device).synchronize()
         return rollout, time.perf_counter() - started

@@ -11,22 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def logp_gap_tensors(
+def logp_gap(
     trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, max) of |trainer - sampler| over the real tokens, as device scalars; (B, T) inputs, T >= 1."""
     gap = (trainer_logp.detach() - sampler_logp).abs() * mask
     return gap.sum(), gap.max()
-
-
-def logp_gap(
-    trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor
-) -> tuple[float, float]:
-    """(sum, max) of |trainer - sampler| over the real tokens; (B, T) inputs."""
-    if not mask.numel():
-        return 0.0, 0.0
-    gap_sum, gap_max = logp_gap_tensors(trainer_logp, sampler_logp, mask)
-    return float(gap_sum), float(gap_max)
 
 
 def truncated_importance_weights(
