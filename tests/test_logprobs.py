@@ -86,3 +86,27 @@ def test_chunked_logprobs_equal_the_full_log_softmax_in_value_and_gradient(monke
         torch.testing.assert_close(chunked_grad, logits.grad)
         torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1).detach())
         assert logp.dtype == torch.float32 and not entropy.requires_grad
+
+
+def test_compiled_logprob_kernels_equal_the_eager_ones_in_value_and_gradient():
+    """The GPU path's torch.compile'd kernels (compiled here for the CPU: same graph, other backend) give the
+    eager fp32 values and gradients, on bf16 logits and on a strided view as the model's output is sliced."""
+    from online_rl import logprobs
+
+    torch.manual_seed(0)
+    for dtype, width in ((torch.bfloat16, 5), (torch.float32, 3)):  # a second shape: no recompile needed
+        output = (3 * torch.randn(4, width + 1, 11)).to(dtype).requires_grad_()
+        logits = output[:, :-1]  # (B, C, V), not contiguous
+        targets = torch.randint(0, 11, (4, width))
+        weights = torch.randn(4, width)
+        logp = logprobs.compiled_logprobs(logits, targets, 0.7)
+        (logp * weights).sum().backward()
+        compiled_grad, output.grad = output.grad, None
+        expected = logprobs.chunk_logprobs(logits, targets, 0.7)
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(logp, expected)
+        torch.testing.assert_close(compiled_grad, output.grad)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                logprobs.compiled_entropy(logits, 0.7), logprobs.chunk_entropy(logits, 0.7)
+            )

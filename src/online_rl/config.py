@@ -146,6 +146,10 @@ class VLLMCheckConfig:
 class VLLMColocateConfig(VLLMCheckConfig):
     mode: EngineMode = EngineMode.colocate  # colocate, or auto (colocate with CUDA and vLLM, else off)
     gpu_memory_utilization: float = 0.3  # share of the GPU vLLM takes for weights + KV cache while awake
+    # KV cache size in GiB instead of what gpu_memory_utilization leaves: a rollout of N sequences of L tokens
+    # needs N x L x layers x 2 x kv_heads x head_dim x 2 bytes (128 x 640 on Qwen2-0.5B: 1 GiB); a small cache
+    # also sleeps and wakes faster. null = from gpu_memory_utilization
+    kv_cache_memory_gib: float | None = None
     max_model_len: int | None = None  # null = data.max_prompt_length + sampling.max_completion_length
     enable_prefix_caching: bool = True  # the G samples of a prompt share its prefill
     enforce_eager: bool = False  # skip CUDA graphs: faster start, slower decoding

@@ -99,12 +99,21 @@ CHUNK_ELEMENTS = 2**28
 def token_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(logits / temperature) at the targets, (B, C), from logits (B, C, V) in any dtype.
+    """log softmax(logits / temperature) at the targets, (B, C), from logits (B, C, V) in any dtype, computed
+    in fp32. The entropy (B, C) comes without gradient.
 
-    In fp32, a chunk of rows at a time. Each chunk runs under activation checkpointing, so the backward
-    pass recomputes its fp32 values instead of keeping them: only the model's own logits stay alive.
-    The entropy (B, C) comes without gradient.
+    On a GPU, each is one torch.compile'd kernel that reads the logits in their own dtype and upcasts in
+    registers: about 4 passes over the bf16 logits in forward and backward together, where the eager ops
+    make some 15 passes over fp32 copies (measured on an H200: half of a 0.5B model's training step went
+    to those element-wise passes). On a CPU, the eager ops run a chunk of rows at a time under activation
+    checkpointing, so the backward pass recomputes each chunk's fp32 values instead of keeping them.
     """
+    if logits.is_cuda:
+        logp = compiled_logprobs(logits, targets, temperature)
+        if not with_entropy:
+            return logp, None
+        with torch.no_grad():
+            return logp, compiled_entropy(logits.detach(), temperature)
     rows_per_chunk = max(1, CHUNK_ELEMENTS // (logits.shape[1] * logits.shape[2]))
     logps, entropies = [], []
     for start in range(0, logits.shape[0], rows_per_chunk):
@@ -115,9 +124,7 @@ def token_logprobs(
             logps.append(chunk_logprobs(chunk, target, temperature))
         if with_entropy:
             with torch.no_grad():
-                scaled = scaled_fp32(chunk, temperature)
-                log_normaliser = torch.logsumexp(scaled, dim=-1)
-                entropies.append(log_normaliser - (torch.softmax(scaled, dim=-1) * scaled).sum(dim=-1))
+                entropies.append(chunk_entropy(chunk, temperature))
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
@@ -126,6 +133,16 @@ def chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
+def chunk_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    scaled = scaled_fp32(logits, temperature)
+    return torch.logsumexp(scaled, dim=-1) - (torch.softmax(scaled, dim=-1) * scaled).sum(dim=-1)
+
+
 def scaled_fp32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = logits.float()
     return logits / temperature if temperature != 1.0 else logits  # one full-size pass fewer at T = 1
+
+
+# Compiled on first use; dynamic shapes, so micro-batches of other widths reuse the same kernels.
+compiled_logprobs = torch.compile(chunk_logprobs, dynamic=True)
+compiled_entropy = torch.compile(chunk_entropy, dynamic=True)

@@ -65,6 +65,10 @@ class VLLMColocateEngine:
                 ("max_num_seqs", cfg.max_num_seqs),
                 ("max_num_batched_tokens", cfg.max_num_batched_tokens),
                 ("async_scheduling", cfg.async_scheduling),
+                (
+                    "kv_cache_memory_bytes",
+                    int(cfg.kv_cache_memory_gib * 2**30) if cfg.kv_cache_memory_gib else None,
+                ),
             )
             if value is not None
         }
@@ -110,14 +114,28 @@ class VLLMColocateEngine:
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
         woken = time.perf_counter()
-        self.llm.collective_rpc(
-            "reload_weights",
-            kwargs={"weights_iterator": inference_weights(model), "is_checkpoint_format": True},
-        )
+        engine_model = self.in_process_model()
+        if engine_model is not None:
+            engine_model.load_weights(inference_weights(model))
+        else:
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": inference_weights(model), "is_checkpoint_format": True},
+            )
         self.weights_loaded = True
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self.stats["time/wake_weights_s"] = woken - started
         self.stats["time/load_weights_s"] = time.perf_counter() - woken
+
+    def in_process_model(self) -> torch.nn.Module | None:
+        """vLLM's own torch model, when it is a GPU model in this process. Loading into it directly takes
+        16 ms for a 0.5B model on an H200, where `reload_weights` (the same call inside a layer-by-layer
+        reload) takes 73 ms. On a CPU, vLLM repacks linear weights for oneDNN after loading, which only
+        `reload_weights` redoes; with tensor parallelism the model lives in worker processes."""
+        if self.device.type != "cuda":
+            return None
+        worker = getattr(self.llm.llm_engine.model_executor, "driver_worker", None)
+        return worker.model_runner.model if worker is not None else None
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
         from vllm import SamplingParams, TokensPrompt
@@ -139,6 +157,7 @@ class VLLMColocateEngine:
             top_k=sampling.top_k,
             max_tokens=sampling.max_completion_length,
             logprobs=0,  # the sampled token's own log-prob
+            flat_logprobs=True,  # as flat lists: no dict and Logprob object per token
             detokenize=False,  # the loop decodes once, with the trainer's tokenizer
             structured_outputs=StructuredOutputsParams(regex=self.cfg.regex) if self.cfg.regex else None,
         )
@@ -151,7 +170,12 @@ class VLLMColocateEngine:
                 tokens = list(sample.token_ids)
                 completion_ids.append(tokens)
                 finished.append(sample.finish_reason == "stop")
-                logprobs.append([position[token].logprob for position, token in zip(sample.logprobs, tokens)])
+                sampled_logprobs = list(sample.logprobs.logprobs)  # logprobs=0: the sampled token's only
+                if len(sampled_logprobs) != len(tokens):
+                    raise RuntimeError(
+                        f"vLLM returned {len(sampled_logprobs)} log-probs for {len(tokens)} tokens"
+                    )
+                logprobs.append(sampled_logprobs)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             self.stats["memory/device_used_awake_gib"] = (total - free) / 2**30
