@@ -543,7 +543,9 @@ def targets(rows: list[dict]) -> list[dict]:
         (
             "full fine-tune: step / floor (generation alone + training alone)",
             "<= 1.10",
-            ours["s_per_step_median"] / floor["floor_s"] if ours and floor else None,
+            ours["s_per_step_median"] / floor["floor_s"]
+            if ours and floor and ours.get("command") == floor.get("command")
+            else None,
             lambda v: v <= 1.10,
         ),
         ("LoRA r=8: ours / TRL completion tok/s", ">= 2.8", pairs.get("lora"), lambda v: v >= 2.8),
@@ -595,19 +597,14 @@ def flops_per_token(model_dir: Path, lora: bool) -> float:
 
 
 def report(
-    rows: list[dict],
-    settings: Settings,
-    commit: str,
-    started: str,
-    failures: dict[str, str],
-    gpus: str | None = None,
+    rows: list[dict], settings: Settings, commit: str, commands: list[dict], failures: dict[str, str]
 ) -> str:
     def fmt(row: dict, key: str, spec: str) -> str:
         return format(row[key], spec) if row.get(key) is not None else ""
 
     pairs = ratios(rows)
     lines = [
-        f"# make bench, {started}, commit {commit}",
+        f"# make bench, {commands[0]['started']}, commit {commit}",
         "",
         f"GRPO step: {settings.prompts_per_step} prompts x {settings.num_generations} samples x "
         f"{settings.completion_tokens} completion tokens, prompts of {settings.prompt_tokens} tokens, "
@@ -620,9 +617,12 @@ def report(
         )
         + f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps."
         + (
-            f" Two lanes at the same time on GPUs {gpus} of one host: the full fine-tune arms on the first, "
-            "the LoRA arms on the second."
-            if gpus and "," in gpus
+            " Measured in "
+            + "; then ".join(
+                f"one command at {command['started']} ({', '.join(command['arms'])})" for command in commands
+            )
+            + ", one after another on the same GPU; ratios and the floor distance only compare arms of one command."
+            if len(commands) > 1
             else ""
         ),
         "",
@@ -707,22 +707,8 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         arm.removeprefix("ours_"): by_arm[arm]["completion_tokens_per_s"]
         / by_arm[twin]["completion_tokens_per_s"]
         for arm, twin in twins.items()
-        if twin in by_arm
+        if twin in by_arm and by_arm[arm].get("command") == by_arm[twin].get("command")  # one command only
     }
-
-
-def arm_lanes(arms: list[str], gpus: str | None) -> dict[str | None, list[str]]:
-    """GPU -> the arms it runs, one after another. One GPU (or none named): every arm in one lane. Several:
-    the full fine-tune arms on the first, the LoRA arms on the second, so that each of our arms runs on the
-    same GPU as the TRL arm it is compared with."""
-    if not gpus or "," not in gpus:
-        return {gpus: arms}
-    full_gpu, lora_gpu = gpus.split(",")[:2]
-    lanes = {
-        full_gpu: [arm for arm in arms if not ARMS[arm][1]],
-        lora_gpu: [arm for arm in arms if ARMS[arm][1]],
-    }
-    return {gpu: lane for gpu, lane in lanes.items() if lane}
 
 
 def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: float, env: dict) -> dict | str:
@@ -792,8 +778,9 @@ def main() -> None:
         "--arm-timeout-s", type=float, default=900.0, help="an arm running longer is stopped and reported"
     )
     parser.add_argument(
-        "--gpus",
-        help="e.g. 0,1: full fine-tune arms on GPU 0, LoRA arms on GPU 1, at the same time (default: one GPU, in turn)",
+        "--append",
+        action="store_true",
+        help="add these arms to the results of an earlier command of the same commit and settings",
     )
     parser.add_argument("--report", type=Path, help="rewrite the .md and .png of a results .json, and stop")
     parser.add_argument("--run-arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
@@ -813,14 +800,8 @@ def main() -> None:
     if options.report:
         results = json.loads(options.report.read_text())
         settings = settings_from_json(results["settings"])
-        table = report(
-            results["arms"],
-            settings,
-            results["commit"],
-            results["started"],
-            results["failures"],
-            results.get("gpus"),
-        )
+        commands = results.get("commands") or [{"started": results["started"], "arms": None}]
+        table = report(results["arms"], settings, results["commit"], commands, results["failures"])
         options.report.with_suffix(".md").write_text(table)
         chart(results["arms"], options.report.with_suffix(".png"))
         print(table)
@@ -837,76 +818,58 @@ def main() -> None:
     stem = f"{started[:10]}-{commit}" + ("-smoke" if options.smoke else "")
     options.out.mkdir(parents=True, exist_ok=True)
     options.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"bench: setup in {options.workdir}", flush=True)
-    prepare(settings, options.workdir)
+    # --append: this command's arms join those of an earlier command's results (same commit and settings)
+    results_path = options.out / f"{stem}.json"
+    earlier = json.loads(results_path.read_text()) if options.append and results_path.exists() else None
+    if earlier and (
+        earlier["settings"] != json.loads(json.dumps(asdict(settings))) or earlier["commit"] != commit
+    ):
+        raise SystemExit(f"--append: {results_path} has other settings or another commit; leave out --append")
+    if earlier and (options.workdir / "prompts.jsonl").exists():
+        print(f"bench: the earlier command's model and prompts in {options.workdir}", flush=True)
+    else:
+        print(f"bench: setup in {options.workdir}", flush=True)
+        prepare(settings, options.workdir)
 
-    rows, failures = [], {}
+    rows = [row for row in earlier["arms"] if row["arm"] not in arms] if earlier else []
+    failures = {arm: why for arm, why in earlier["failures"].items() if arm not in arms} if earlier else {}
+    commands = (earlier["commands"] if earlier else []) + [{"started": started, "arms": arms}]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    recording = threading.Lock()
-
-    def record(arm: str, outcome: dict | str, seconds: float) -> str:
-        """Add an arm's row (or its failure) and rewrite the results: a run cut short keeps what it measured."""
-        with recording:
-            if isinstance(outcome, str):
-                failures[arm] = outcome
-            else:
-                row = summarize(
-                    arm, outcome, settings, flops_per_token(options.workdir / "model", ARMS[arm][1])
-                )
-                row["process_s"] = seconds
-                rows.append(row)
-                rows.sort(key=lambda row: arms.index(row["arm"]))
-                print(f"bench: {arm}: {json.dumps(row)}", flush=True)
-                profile = options.workdir / "train-profile.txt"
-                if arm == "floor" and settings.profile and profile.exists():
-                    shutil.copy(profile, options.out / f"{stem}-train-profile.txt")
-            table = report(rows, settings, commit, started, failures, options.gpus)
-            results = {
-                "started": started,
-                "commit": commit,
-                "settings": asdict(settings),
-                "gpus": options.gpus,
-                "ours_over_trl": ratios(rows),
-                "targets": targets(rows),
-                "arms": rows,
-                "failures": failures,
-            }
-            (options.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-            (options.out / f"{stem}.md").write_text(table)
-            if rows:
-                chart(rows, options.out / f"{stem}.png")
-            return table
-
-    def run_lane(gpu: str | None, lane: list[str]) -> None:
-        lane_env = env
-        if gpu is not None:  # compile caches of their own: two lanes never write the same cache entry at once
-            caches = options.workdir / f"caches-gpu{gpu}"
-            lane_env = {
-                **env,
-                "CUDA_VISIBLE_DEVICES": gpu,
-                "VLLM_CACHE_ROOT": str(caches / "vllm"),
-                "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
-                "TRITON_CACHE_DIR": str(caches / "triton"),
-            }
-        for arm in lane:
-            print(f"bench: {arm}" + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
-            t = time.perf_counter()
-            record(
-                arm,
-                run_arm_process(arm, settings, options.workdir, options.arm_timeout_s, lane_env),
-                time.perf_counter() - t,
-            )
-
-    lanes = arm_lanes(arms, options.gpus)
-    threads = [threading.Thread(target=run_lane, args=lane) for lane in lanes.items()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    table = report(rows, settings, commit, started, failures, options.gpus)
+    for arm in arms:
+        print(f"bench: {arm}", flush=True)
+        t = time.perf_counter()
+        outcome = run_arm_process(arm, settings, options.workdir, options.arm_timeout_s, env)
+        if isinstance(outcome, str):
+            failures[arm] = outcome
+        else:
+            row = summarize(arm, outcome, settings, flops_per_token(options.workdir / "model", ARMS[arm][1]))
+            row["process_s"] = time.perf_counter() - t
+            row["command"] = len(commands)  # which command of `commands` measured it
+            rows.append(row)
+            print(f"bench: {arm}: {json.dumps(row)}", flush=True)
+            profile = options.workdir / "train-profile.txt"
+            if arm == "floor" and settings.profile and profile.exists():
+                shutil.copy(profile, options.out / f"{stem}-train-profile.txt")
+        # after every arm, so that a run cut short still leaves what it measured
+        rows.sort(key=lambda row: list(ARMS).index(row["arm"]))
+        table = report(rows, settings, commit, commands, failures)
+        results = {
+            "started": commands[0]["started"],
+            "commit": commit,
+            "settings": asdict(settings),
+            "commands": commands,
+            "ours_over_trl": ratios(rows),
+            "targets": targets(rows),
+            "arms": rows,
+            "failures": failures,
+        }
+        results_path.write_text(json.dumps(results, indent=1))
+        results_path.with_suffix(".md").write_text(table)
+        if rows:
+            chart(rows, results_path.with_suffix(".png"))
     print(table)
     if failures:
         sys.exit(1)

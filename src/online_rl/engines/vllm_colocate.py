@@ -93,7 +93,9 @@ class VLLMColocateEngine:
         self.weights_asleep = self.kv_cache_asleep = False
         self.weights_loaded = True  # the checkpoint on disk is the trainer's starting point
         self.stats: dict[str, float] = {}
+        used_awake = self.device_used_bytes()
         self.sleep()  # give the GPU to the trainer until the first rollout
+        self.wake_bytes = used_awake - self.device_used_bytes()  # what waking takes back from the device
 
     def sleep(self) -> None:
         if self.sleep_level == 0:
@@ -108,8 +110,9 @@ class VLLMColocateEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         started = time.perf_counter()
         if self.weights_asleep:
-            if self.device.type == "cuda":
-                # blocks torch cached during training would sit beside vLLM's pool: the peak of a step
+            if self.device.type == "cuda" and torch.cuda.mem_get_info(self.device)[0] < 1.1 * self.wake_bytes:
+                # torch keeps the blocks it freed after training; hand them back only when vLLM's pool needs the
+                # room (returning 30 GiB of blocks takes 0.1 s, a step's whole sleep-and-wake budget)
                 torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
@@ -126,6 +129,12 @@ class VLLMColocateEngine:
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self.stats["time/wake_weights_s"] = woken - started
         self.stats["time/load_weights_s"] = time.perf_counter() - woken
+
+    def device_used_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
 
     def in_process_model(self) -> torch.nn.Module | None:
         """vLLM's own torch model, when it is a GPU model in this process. Loading into it directly takes
@@ -177,8 +186,7 @@ class VLLMColocateEngine:
                     )
                 logprobs.append(sampled_logprobs)
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            self.stats["memory/device_used_awake_gib"] = (total - free) / 2**30
+            self.stats["memory/device_used_awake_gib"] = self.device_used_bytes() / 2**30
         self.sleep()
         stats, self.stats = self.stats, {}
         return Rollout(
