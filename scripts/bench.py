@@ -228,7 +228,8 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
     if settings.use_vllm:
         overrides += [
             f"vllm.gpu_memory_utilization={settings.gpu_memory_utilization}",
-            f"vllm.sleep_level={settings.sleep_level}",
+            # off-policy: the engine generates beside training, awake (loop.check_off_policy)
+            f"vllm.sleep_level={0 if off_policy else settings.sleep_level}",
             f"vllm.kv_cache_memory_gib={settings.kv_cache_gib or 'null'}",
             "vllm.async_scheduling=true",
             # the step's sequences decode at once; vLLM captures CUDA graphs only up to this batch size

@@ -229,6 +229,8 @@ def test_off_policy_needs_a_separate_engine(make_config):
         run(make_config("off_policy_steps=1", "vllm=off"))
     with pytest.raises(ValueError, match="importance_sampling_correction=true"):
         run(make_config("off_policy_steps=1", *CPU_COLOCATE, "vllm.importance_sampling_correction=false"))
+    with pytest.raises(ValueError, match="needs vllm.sleep_level=0 \\(not 2\\)"):  # awake beside training
+        run(make_config("off_policy_steps=1", "vllm=colocate", "vllm.sleep_level=2"))
 
 
 def test_one_step_off_policy_learns(make_config, engine):

@@ -824,6 +824,14 @@ def check_off_policy(cfg: DictConfig) -> None:
             f"off_policy_steps=1 needs vllm=colocate or vllm=server (vllm={cfg.vllm.mode.value} generates with the "
             "model being trained, so the two cannot overlap)"
         )
+    if cfg.vllm.mode.value == "colocate" and cfg.vllm.sleep_level:
+        # The engine generates while the trainer trains, so sleeping frees nothing for training. On the H200
+        # (2026-11-30) the second rollout generated beside training with sleep mode on never finished.
+        raise ValueError(
+            f"off_policy_steps=1 with vllm=colocate needs vllm.sleep_level=0 (not {cfg.vllm.sleep_level}): the "
+            "engine generates while the trainer trains, so it stays awake; size its memory with "
+            "vllm.kv_cache_memory_gib"
+        )
     if not cfg.vllm.importance_sampling_correction:
         raise ValueError(
             "off_policy_steps=1 trains on samples one update old: set vllm.importance_sampling_correction=true to correct for it"
