@@ -348,11 +348,11 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
             if ahead is not None and step + 1 < cfg.max_steps:  # the next rollout, with the current weights
                 sampler_state = sampler.state_dict()
                 next_rows, next_prompt_ids = draw_prompts()
-                # also after an on-policy rollout: at sleep level 2 the engine dropped its weights when it slept
-                t = time.perf_counter()
-                watchdog.start("sync")
-                engine.sync_weights(model)
-                sync_s += time.perf_counter() - t
+                if not on_policy:  # (an on-policy rollout was just sampled with the current weights)
+                    t = time.perf_counter()
+                    watchdog.start("sync")
+                    engine.sync_weights(model)
+                    sync_s += time.perf_counter() - t
                 ahead.start(next_rows, next_prompt_ids, engine_samples, sampling, sampler_state)
             if second_sample_coef is not None:
                 t = time.perf_counter()

@@ -93,6 +93,7 @@ class VLLMColocateEngine:
         self.weights_asleep = self.kv_cache_asleep = False
         self.weights_loaded = True  # the checkpoint on disk is the trainer's starting point
         self.stats: dict[str, float] = {}
+        self.engine_model = self.in_process_model()  # None: weights go through reload_weights
         used_awake = self.device_used_bytes()
         self.sleep()  # give the GPU to the trainer until the first rollout
         self.wake_bytes = used_awake - self.device_used_bytes()  # what waking takes back from the device
@@ -117,9 +118,8 @@ class VLLMColocateEngine:
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
         woken = time.perf_counter()
-        engine_model = self.in_process_model()
-        if engine_model is not None:
-            engine_model.load_weights(inference_weights(model))
+        if self.engine_model is not None:
+            self.engine_model.load_weights(inference_weights(model))
         else:
             self.llm.collective_rpc(
                 "reload_weights",
