@@ -1,7 +1,7 @@
 """make bench: this repo's GRPO loop against TRL's GRPOTrainer on the same run, side by side in one command.
 
     python scripts/bench.py                       # the anchor, on one CUDA GPU (the H200 numbers of issue 6)
-    python scripts/bench.py --arms ours_full,trl_full --measured-steps 5
+    python scripts/bench.py --arms ours_full,trl_full --set measured_steps=5
     python scripts/bench.py --smoke               # the harness on a CPU: tiny model, no vLLM; checks, measures nothing
 
 The anchor: a Qwen2-0.5B-shaped random model, 16 prompts x 8 samples = 128 completions of 512 tokens per
@@ -22,9 +22,10 @@ What is measured, per arm, over the steps after the warm-up:
 - ours_offpolicy: our loop with off_policy_steps=1 (the next rollout generates while this one trains),
   reported as its own row and compared with TRL's on-policy run, never as our on-policy result;
 - ours only: the phases (generate, reward, train, sync, sleep/wake) from the loop's own metrics, the train
-  phase's MFU, and the floor: vLLM generation alone plus training alone, both from the same run's steps.
-  The floor is what a step cannot go below without overlapping generation and training; the distance to
-  it is everything else (sync, sleep/wake, rewards, packing, Python).
+  phase's MFU, and the floor (`floor`, and `floor_lora` for LoRA): vLLM generation alone plus training
+  alone, each timed by itself with our code and settings. The floor is what an on-policy step cannot go
+  below without overlapping generation and training; our distance to it is everything else (sync,
+  sleep/wake, rewards, packing, Python), and TRL's step over it is the most an on-policy step can gain.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Settings:
     device: str = "cuda"
     use_vllm: bool = True
     seed: int = 0
-    # floor arm: torch.profiler over one more training step (not timed) -> <out>/<stem>-train-profile.txt
+    # floor arms: torch.profiler over one more training step (not timed) -> <out>/<stem>-<arm>-train-profile.txt
     profile: bool = False
 
     @property
@@ -107,7 +108,10 @@ ARMS = {
     "ours_offpolicy": ("ours", False, True),  # compared with trl_full: TRL's GRPO generates on-policy
     "trl_lora": ("trl", True, False),
     "ours_lora": ("ours", True, False),
+    "floor_lora": ("floor", True, False),
 }
+# each floor and the on-policy arms it bounds (TRL's twin: the most an on-policy step can gain on it)
+FLOOR_OF = {"floor": ("ours_full", "trl_full"), "floor_lora": ("ours_lora", "trl_lora")}
 
 
 # ---------------------------------------------------------------- setup: one model and one prompt file
@@ -346,7 +350,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
                 )
                 synchronize(device)
             sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            (workdir / "train-profile.txt").write_text(
+            (workdir / f"{arm}-train-profile.txt").write_text(
                 profiler.key_averages().table(sort_by=sort, row_limit=40)
             )
             break
@@ -501,7 +505,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
             else None
         )
 
-    if arm == "floor":
+    if ARMS[arm][0] == "floor":
         generate, train = statistics.median(raw["generate_s"]), statistics.median(raw["train_s"])
         return {
             "arm": arm,
@@ -543,9 +547,7 @@ def targets(rows: list[dict]) -> list[dict]:
         (
             "full fine-tune: step / floor (generation alone + training alone)",
             "<= 1.10",
-            ours["s_per_step_median"] / floor["floor_s"]
-            if ours and floor and ours.get("command") == floor.get("command")
-            else None,
+            floor_bounds(rows).get("floor", {}).get("step_over_floor"),
             lambda v: v <= 1.10,
         ),
         ("LoRA r=8: ours / TRL completion tok/s", ">= 2.8", pairs.get("lora"), lambda v: v >= 2.8),
@@ -583,6 +585,23 @@ def targets(rows: list[dict]) -> list[dict]:
         }
         for name, goal, value, check in measured
     ]
+
+
+def floor_bounds(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per floor arm, measured in the same command: our step / floor, and TRL's step / floor (the ratio to TRL
+    that an on-policy step would reach at the floor; a target above it needs generation or training faster)."""
+    by_arm = {row["arm"]: row for row in rows}
+    bounds = {}
+    for floor_arm, (ours_arm, trl_arm) in FLOOR_OF.items():
+        floor = by_arm.get(floor_arm)
+        if floor is None:
+            continue
+        bounds[floor_arm] = {
+            key: by_arm[arm]["s_per_step_median"] / floor["floor_s"]
+            for key, arm in (("step_over_floor", ours_arm), ("trl_over_floor", trl_arm))
+            if arm in by_arm and by_arm[arm].get("command") == floor.get("command")
+        }
+    return bounds
 
 
 def flops_per_token(model_dir: Path, lora: bool) -> float:
@@ -646,13 +665,22 @@ def report(
             lines.append(
                 f"| {row['arm']} | {p['generate']:.2f} | {p['reward']:.3f} | {p['train']:.2f} | {p['sync']:.3f} | {p['sleep_wake']:.3f} |"
             )
+    bounds = floor_bounds(rows)
     for row in rows:
-        if row["arm"] == "floor":
-            lines += [
-                "",
-                f"Floor, each half alone: generation {row['generate_alone_s']:.2f} s + training {row['train_alone_s']:.2f} s "
-                f"(MFU {fmt(row, 'train_mfu', '.1%')}) = {row['floor_s']:.2f} s.",
+        if row["arm"] in FLOOR_OF:
+            bound = bounds.get(row["arm"], {})
+            sentences = [
+                f"{'Floor' if row['arm'] == 'floor' else 'LoRA floor'}, each half alone: generation "
+                f"{row['generate_alone_s']:.2f} s + training {row['train_alone_s']:.2f} s "
+                f"(MFU {fmt(row, 'train_mfu', '.1%')}) = {row['floor_s']:.2f} s."
             ]
+            if "step_over_floor" in bound:
+                sentences.append(f"Our step / floor: {bound['step_over_floor']:.2f}.")
+            if "trl_over_floor" in bound:
+                sentences.append(
+                    f"TRL's step / floor: {bound['trl_over_floor']:.2f}, the most an on-policy step can gain on TRL."
+                )
+            lines += ["", " ".join(sentences)]
     lines += ["", "Issue 6's targets:", "", "| target | goal | measured | met |", "|---|---|---|---|"]
     for target in targets(rows):
         value = target["measured"]
@@ -850,9 +878,9 @@ def main() -> None:
             row["command"] = len(commands)  # which command of `commands` measured it
             rows.append(row)
             print(f"bench: {arm}: {json.dumps(row)}", flush=True)
-            profile = options.workdir / "train-profile.txt"
-            if arm == "floor" and settings.profile and profile.exists():
-                shutil.copy(profile, options.out / f"{stem}-train-profile.txt")
+            profile = options.workdir / f"{arm}-train-profile.txt"
+            if arm in FLOOR_OF and settings.profile and profile.exists():
+                shutil.copy(profile, options.out / f"{stem}-{arm}-train-profile.txt")
         # after every arm, so that a run cut short still leaves what it measured
         rows.sort(key=lambda row: list(ARMS).index(row["arm"]))
         table = report(rows, settings, commit, commands, failures)
@@ -863,6 +891,7 @@ def main() -> None:
             "commands": commands,
             "ours_over_trl": ratios(rows),
             "targets": targets(rows),
+            "floor_bounds": floor_bounds(rows),
             "arms": rows,
             "failures": failures,
         }

@@ -322,7 +322,11 @@ def test_every_algorithm_option_trains(make_config, overrides):
 LEARN = {
     "rloo": ["algo=rloo", "max_steps=40"],
     "dpo": ["algo=dpo", "prompts_per_step=16", "max_steps=40"],
-    "nash_md": ["algo=nash_md", "prompts_per_step=16", "max_steps=40", "optim.lr=1e-2"],
+    # beta 0.02: the preference signal P(y > y') - 0.5 is at most 0.38 here (rewards in [-1, 1]), and at the
+    # default beta 0.1 the sequence KL (a few nats) soon outweighs it and pulls the policy back to the
+    # reference (40 steps then ended below the start for some seeds); at 0.02 seeds 1-9 and 42 each gained
+    # 0.70 to 0.83
+    "nash_md": ["algo=nash_md", "prompts_per_step=16", "max_steps=40", "algo.beta=0.02"],
     "xpo": ["algo=xpo", "prompts_per_step=16", "max_steps=40"],
 }
 

@@ -62,6 +62,10 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     assert measured["full fine-tune: step / floor (generation alone + training alone)"] == pytest.approx(
         ours["s_per_step_median"] / floor["floor_s"]
     )
+    # how far TRL's step is above the floor: the most an on-policy step could gain on it
+    assert results["floor_bounds"]["floor"]["trl_over_floor"] == pytest.approx(
+        arms["trl_full"]["s_per_step_median"] / floor["floor_s"]
+    )
     assert (
         abs(
             results["ours_over_trl"]["full"]
@@ -71,7 +75,8 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     )
     table = results_file.with_suffix(".md").read_text()
     assert "| trl_full |" in table and "| ours_full |" in table and "Our phases" in table
+    assert "TRL's step / floor" in table
     assert results_file.with_suffix(".png").stat().st_size > 0
     # the floor's extra, untimed step under torch.profiler: the matrix products of the forward and backward
-    profile = results_file.with_name(results_file.stem + "-train-profile.txt").read_text()
+    profile = results_file.with_name(results_file.stem + "-floor-train-profile.txt").read_text()
     assert "aten::mm" in profile and "AdamW" in profile
