@@ -14,7 +14,7 @@ from online_rl.loop import run
 from online_rl.reward_model import RewardModel
 from online_rl.rloo import leave_one_out_advantages
 
-from .conftest import compose_config
+from .conftest import DATA, compose_config
 
 # ---- RLOO
 
@@ -317,6 +317,38 @@ def test_every_algorithm_option_trains(make_config, overrides):
         assert [m["train/beta"] for m in summary.history] == pytest.approx([0.1, 0.3, 0.5])
     if "algo=xpo" in overrides[0]:
         assert summary.history[0]["train/exploration_loss"] < 0  # alpha * log pi(y_ref), log pi < 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [  # each rollout in two micro-batches: 4 prompts x 8 samples, 4 pairs, Nash-MD's 4 own samples
+        ["algo=grpo", "micro_batch_size=16"],
+        ["algo=grpo", "algo.loss_type=grpo", "micro_batch_size=16"],
+        ["algo=rloo", "micro_batch_size=16"],
+        ["algo=dpo", "micro_batch_size=4"],
+        ["algo=nash_md", "micro_batch_size=2"],
+    ],
+    ids=["grpo-dapo", "grpo-sequence-mean", "rloo", "dpo-pairs", "nash_md"],
+)
+def test_micro_batches_by_length_change_the_padding_not_the_update(make_config, overrides):
+    """The same rollout (same seed) trained in micro-batches of similar lengths and in the rollout's order:
+    the loss and the gradient are the same, and fewer positions are padding."""
+    varied_prompts = [  # questions of 14 to 18 words; the random model's completions all run to the limit
+        "data=gsm8k",
+        "data.path=json",
+        f"data.data_files={DATA / 'gsm8k_sample.jsonl'}",
+        "data.subset=null",
+        "prompts_per_step=4",
+        "max_steps=1",
+    ]
+    by_length, in_order = (
+        run(make_config(*varied_prompts, f"micro_batch_by_length={flag}", *overrides)).history[0]
+        for flag in ("true", "false")
+    )
+    assert by_length["reward/total_mean"] == in_order["reward/total_mean"]  # the same rollout
+    assert by_length["train/loss"] == pytest.approx(in_order["train/loss"], rel=1e-4, abs=1e-6)
+    assert by_length["train/grad_norm"] == pytest.approx(in_order["train/grad_norm"], rel=1e-4)
+    assert by_length["train/padding_frac"] < in_order["train/padding_frac"]
 
 
 LEARN = {

@@ -335,6 +335,9 @@ class TrainConfig:
         8  # prompts per rollout; the rollout has prompts_per_step x num_generations samples
     )
     micro_batch_size: int = 8  # completions per forward/backward; gradients accumulate over the rollout
+    # rows of similar length share a micro-batch (the rollout sorted, longest first), so less of it is padding;
+    # false: the rollout's order. Changes no loss but bnpo's (a token mean per micro-batch)
+    micro_batch_by_length: bool = True
     # 0 = on-policy; 1 = the next rollout generates (vllm=colocate or server) while this one trains, and trains
     # one update later, corrected by vllm.importance_sampling_correction
     off_policy_steps: int = 0

@@ -61,6 +61,26 @@ def pack(
     return PackedBatch(input_ids, attention_mask, completion_mask, sampler_logp)
 
 
+def micro_batch_rows(
+    units: list[list[int]], row_lengths: list[int], rows_per_micro_batch: int, by_length: bool
+) -> list[list[int]]:
+    """The rollout's rows grouped into micro-batches of `rows_per_micro_batch` rows (the last may hold fewer).
+
+    units: rows that must share a micro-batch, in their order (a row; a preference pair). row_lengths: tokens
+    of each row, prompt and completion. by_length: units longest first, so that rows of similar length share
+    a micro-batch and little of it is padding (`pack` pads every row to the micro-batch's longest), and the
+    most memory-hungry micro-batch runs first; otherwise the rollout's order. The count of micro-batches
+    depends only on the count of rows: every rank runs as many backward passes, as DDP and FSDP2 require.
+    """
+    if by_length:  # a stable sort: rows of equal length keep the rollout's order
+        units = sorted(units, key=lambda unit: -max(row_lengths[row] for row in unit))
+    units_per_batch = max(1, rows_per_micro_batch // max(len(unit) for unit in units))
+    return [
+        [row for unit in units[start : start + units_per_batch] for row in unit]
+        for start in range(0, len(units), units_per_batch)
+    ]
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     batch: PackedBatch,

@@ -42,7 +42,7 @@ from online_rl.evaluation import Evaluator, check_eval_config, run_eval_only
 from online_rl.export import check_export_config, export_final_model
 from online_rl.guards import NonFiniteGuard
 from online_rl.interrupts import StopOnSignal
-from online_rl.logprobs import completion_logprobs, pack
+from online_rl.logprobs import completion_logprobs, micro_batch_rows, pack
 from online_rl.models import (
     frozen_copy,
     is_lora,
@@ -186,12 +186,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     G = 2 if is_preference else algo.num_generations
     # Nash-MD and XPO draw the second sample of each pair themselves (mixture coefficient c).
     second_sample_coef = {"nash_md": algo.get("mixture_coef"), "xpo": 1.0}.get(algo.name)
-    # Online DPO and XPO keep both samples of a pair in one micro-batch (an even size).
-    micro_size = (
-        cfg.micro_batch_size - cfg.micro_batch_size % 2
-        if algo.name in ("dpo", "xpo")
-        else cfg.micro_batch_size
-    )
+    # Online DPO and XPO train on both samples of a pair, in one micro-batch.
+    trains_on_pairs = algo.name in ("dpo", "xpo")
 
     # Data, model, reference, optimizer, engine, rewards, tracker.
     dataset = load_prompts(cfg.data)
@@ -411,14 +407,22 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 first_preferred = preference.bradley_terry_preference(pair_scores[:, 0], pair_scores[:, 1])
                 beta = preference.scheduled_beta(algo.beta, algo.beta_final, step, cfg.max_steps)
 
-            # 6. Optimizer step(s) over the rollout, in micro-batches. Nash-MD trains on its own samples only.
+            # 6. Optimizer step(s) over the rollout, in micro-batches of rows of similar length (less padding).
+            #    Nash-MD trains on its own samples only.
             t = time.perf_counter()
             watchdog.start("train")
             full_prompts = [p for p in prompt_ids for _ in range(G)]
             trained_rows = [i for i in range(len(completion_ids)) if algo.name != "nash_md" or from_engine[i]]
-            micro_batches = []
-            for start in range(0, len(trained_rows), micro_size):
-                index = trained_rows[start : start + micro_size]
+            units = (
+                [trained_rows[i : i + 2] for i in range(0, len(trained_rows), 2)]
+                if trains_on_pairs
+                else [[i] for i in trained_rows]
+            )
+            row_lengths = [len(full_prompts[i]) + len(completion_ids[i]) for i in range(len(completion_ids))]
+            micro_batches, padded_tokens, real_tokens = [], 0, 0
+            for index in micro_batch_rows(
+                units, row_lengths, cfg.micro_batch_size, cfg.micro_batch_by_length
+            ):
                 sampler_rows = (
                     [rollout.sampler_logprobs[i] if from_engine[i] else [] for i in index]
                     if rollout.sampler_logprobs is not None
@@ -430,6 +434,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     tokenizer.pad_token_id,
                     sampler_rows,
                 )
+                padded_tokens += batch.attention_mask.numel()
+                real_tokens += int(batch.attention_mask.sum())
                 batch = batch.to(device)
                 if not is_preference and algo.mask_truncated_completions:
                     batch.completion_mask = batch.completion_mask * finished[index].to(device).unsqueeze(1)
@@ -522,6 +528,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     "train/entropy": totals["entropy"] / token_count,
                     "train/grad_norm": grad_norm,
                     "train/lr": scheduler.get_last_lr()[0],
+                    # share of the micro-batches' token positions that are padding (compute spent on nothing)
+                    "train/padding_frac": 1 - real_tokens / max(padded_tokens, 1),
                     "time/generate_s": generate_s,
                     "time/reward_s": reward_s,
                     "time/train_s": train_s,
