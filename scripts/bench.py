@@ -70,6 +70,7 @@ class Settings:
     sleep_level: int = (
         2  # ours, as conf/vllm/colocate.yaml: vLLM sleeps while the trainer trains (TRL keeps it awake)
     )
+    compile_model: bool = False  # ours: model.compile (the training passes torch.compile'd; floors too)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -225,6 +226,7 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
         "optim.lr_scheduler=constant",
         "eval_every=0",
         f"seed={settings.seed}",
+        f"model.compile={settings.compile_model}",
         f"off_policy_steps={int(off_policy)}",
         f"output_dir={workdir / arm}",
     ]
@@ -295,7 +297,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     from online_rl.data import load_prompts, tokenize_prompts
     from online_rl.engines import make_engine, resolve_mode
     from online_rl.logprobs import pack
-    from online_rl.models import load_policy, load_tokenizer, torch_dtype
+    from online_rl.models import compiled_for_training, load_policy, load_tokenizer, torch_dtype
 
     cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
     device = torch.device(cfg.hardware.device)
@@ -303,6 +305,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     model = load_policy(str(model_dir), cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
     model.train()
+    trained = compiled_for_training(model, cfg.model)  # what the loop's training passes call
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, fused=device.type == "cuda")
     engine = make_engine(
@@ -346,7 +349,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
         if step == settings.steps:
             with profile_kernels(device) as profiler:
                 train_step(
-                    model, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+                    trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
                 )
                 synchronize(device)
             sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -355,7 +358,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
             )
             break
         started = time.perf_counter()
-        train_step(model, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer)
+        train_step(trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer)
         synchronize(device)
         train_s.append(time.perf_counter() - started)
     engine.close()
@@ -505,7 +508,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
             else None
         )
 
-    if ARMS[arm][0] == "floor":
+    if arm in FLOOR_OF:
         generate, train = statistics.median(raw["generate_s"]), statistics.median(raw["train_s"])
         return {
             "arm": arm,

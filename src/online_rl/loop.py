@@ -44,6 +44,7 @@ from online_rl.guards import NonFiniteGuard
 from online_rl.interrupts import StopOnSignal
 from online_rl.logprobs import completion_logprobs, micro_batch_rows, pack
 from online_rl.models import (
+    compiled_for_training,
     frozen_copy,
     is_lora,
     load_policy,
@@ -202,8 +203,11 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     reference = frozen_copy(model) if algo.beta > 0 and not is_lora(model) else None
     if checkpoint is not None:  # resume: the checkpoint's weights; a reference model stays the initial one
         load_weights(model, checkpoint)
-    # The training forwards run through `policy` (DDP: a wrapper of model; FSDP2: model itself, sharded).
-    policy = distributed.wrap_policy(model, cfg.hardware.strategy.value, ranks)
+    # The training forwards run through `policy` (DDP: a wrapper of model; FSDP2: model itself, sharded),
+    # compiled with model.compile.
+    policy = compiled_for_training(
+        distributed.wrap_policy(model, cfg.hardware.strategy.value, ranks), cfg.model
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,

@@ -115,6 +115,13 @@ def load_policy(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.dev
     return model
 
 
+def compiled_for_training(policy: torch.nn.Module, model_cfg: Any) -> torch.nn.Module:
+    """The module the training passes call: `policy` itself, or with model.compile its torch.compile'd
+    forward and backward (dynamic shapes: micro-batches of every width share one graph). Generation, the
+    reference and checkpoints keep using the eager model, whose weights the compiled one shares."""
+    return torch.compile(policy, dynamic=True) if model_cfg.compile else policy
+
+
 def load_trained_model(
     path: str, model_cfg: Any, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.nn.Module, str]:
