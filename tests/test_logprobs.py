@@ -1,5 +1,7 @@
 """The trainer's token log-probs, and the transformers engine that samples."""
 
+import random
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,8 +145,6 @@ def test_micro_batch_rows(units, by_length, rows, expected):
 
 
 def test_micro_batches_by_length_pad_less_and_as_many_on_every_rank():
-    import random
-
     generator = random.Random(0)
     lengths = [generator.randint(20, 1024) for _ in range(128)]  # completions of a math task, say
     units = [[i] for i in range(128)]
