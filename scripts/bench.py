@@ -819,12 +819,7 @@ def main() -> None:
     options = parser.parse_args()
 
     if options.run_arm:
-        settings = Settings(
-            **{
-                **json.loads(options.settings),
-                "lora_targets": tuple(json.loads(options.settings)["lora_targets"]),
-            }
-        )
+        settings = settings_from_json(json.loads(options.settings))
         run_arm(options.run_arm, settings, options.workdir)
         return
 

@@ -124,32 +124,32 @@ def padding(groups: list[list[int]], lengths: list[int]) -> int:
 
 
 @pytest.mark.parametrize(
-    "units, by_length, rows, expected",
+    "rows, per_unit, by_length, size, expected",
     [
         # the rollout's order: consecutive rows
-        ([[i] for i in range(8)], False, 4, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        (range(8), 1, False, 4, [[0, 1, 2, 3], [4, 5, 6, 7]]),
         # longest first: 31, 30, 29, 28 | 12, 11, 7, 5
-        ([[i] for i in range(8)], True, 4, [[5, 1, 7, 3], [2, 6, 4, 0]]),
+        (range(8), 1, True, 4, [[5, 1, 7, 3], [2, 6, 4, 0]]),
         # a last micro-batch with fewer rows
-        ([[i] for i in range(8)], True, 3, [[5, 1, 7], [3, 2, 6], [4, 0]]),
+        (range(8), 1, True, 3, [[5, 1, 7], [3, 2, 6], [4, 0]]),
         # pairs stay whole and in order, ranked by their longer row: (4,5) 31, (0,1) 30, (6,7) 29, (2,3) 28
-        ([[0, 1], [2, 3], [4, 5], [6, 7]], True, 4, [[4, 5, 0, 1], [6, 7, 2, 3]]),
+        (range(8), 2, True, 4, [[4, 5, 0, 1], [6, 7, 2, 3]]),
         # a micro-batch smaller than a pair still holds one whole pair
-        ([[0, 1], [2, 3]], False, 1, [[0, 1], [2, 3]]),
+        (range(4), 2, False, 1, [[0, 1], [2, 3]]),
         # Nash-MD trains on every other row only: 12, 11 | 7, 5
-        ([[0], [2], [4], [6]], True, 2, [[2, 6], [4, 0]]),
+        ([0, 2, 4, 6], 1, True, 2, [[2, 6], [4, 0]]),
     ],
 )
-def test_micro_batch_rows(units, by_length, rows, expected):
-    assert micro_batch_rows(units, LENGTHS, rows, by_length) == expected
+def test_micro_batch_rows(rows, per_unit, by_length, size, expected):
+    assert micro_batch_rows(list(rows), LENGTHS, size, by_length, per_unit) == expected
 
 
 def test_micro_batches_by_length_pad_less_and_as_many_on_every_rank():
     generator = random.Random(0)
     lengths = [generator.randint(20, 1024) for _ in range(128)]  # completions of a math task, say
-    units = [[i] for i in range(128)]
-    in_order = micro_batch_rows(units, lengths, 8, by_length=False)
-    by_length = micro_batch_rows(units, lengths, 8, by_length=True)
+    rows = list(range(128))
+    in_order = micro_batch_rows(rows, lengths, 8, by_length=False)
+    by_length = micro_batch_rows(rows, lengths, 8, by_length=True)
     assert sorted(r for rows in by_length for r in rows) == list(range(128))
     assert len(by_length) == len(in_order) == 16  # ranks agree on the count of backward passes
     # 0.42 of the positions are padding in the rollout's order, 0.05 sorted

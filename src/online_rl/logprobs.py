@@ -62,19 +62,25 @@ def pack(
 
 
 def micro_batch_rows(
-    units: list[list[int]], row_lengths: list[int], rows_per_micro_batch: int, by_length: bool
+    rows: list[int],
+    row_lengths: list[int],
+    rows_per_micro_batch: int,
+    by_length: bool,
+    rows_per_unit: int = 1,
 ) -> list[list[int]]:
-    """The rollout's rows grouped into micro-batches of `rows_per_micro_batch` rows (the last may hold fewer).
+    """`rows` grouped into micro-batches of `rows_per_micro_batch` rows (the last may hold fewer).
 
-    units: rows that must share a micro-batch, in their order (a row; a preference pair). row_lengths: tokens
-    of each row, prompt and completion. by_length: units longest first, so that rows of similar length share
-    a micro-batch and little of it is padding (`pack` pads every row to the micro-batch's longest), and the
-    most memory-hungry micro-batch runs first; otherwise the rollout's order. The count of micro-batches
-    depends only on the count of rows: every rank runs as many backward passes, as DDP and FSDP2 require.
+    rows_per_unit: consecutive rows that must share a micro-batch, in their order (2: a preference pair).
+    row_lengths: tokens of each rollout row, prompt and completion. by_length: units longest first, so that
+    rows of similar length share a micro-batch and little of it is padding (`pack` pads every row to the
+    micro-batch's longest), and the most memory-hungry micro-batch runs first; otherwise the rollout's order.
+    The count of micro-batches depends only on the count of rows: every rank runs as many backward passes,
+    as DDP and FSDP2 require.
     """
+    units = [rows[start : start + rows_per_unit] for start in range(0, len(rows), rows_per_unit)]
     if by_length:  # a stable sort: rows of equal length keep the rollout's order
-        units = sorted(units, key=lambda unit: -max(row_lengths[row] for row in unit))
-    units_per_batch = max(1, rows_per_micro_batch // max(len(unit) for unit in units))
+        units.sort(key=lambda unit: -max(row_lengths[row] for row in unit))
+    units_per_batch = max(1, rows_per_micro_batch // rows_per_unit)
     return [
         [row for unit in units[start : start + units_per_batch] for row in unit]
         for start in range(0, len(units), units_per_batch)

@@ -188,7 +188,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     # Nash-MD and XPO draw the second sample of each pair themselves (mixture coefficient c).
     second_sample_coef = {"nash_md": algo.get("mixture_coef"), "xpo": 1.0}.get(algo.name)
     # Online DPO and XPO train on both samples of a pair, in one micro-batch.
-    trains_on_pairs = algo.name in ("dpo", "xpo")
+    rows_per_unit = 2 if algo.name in ("dpo", "xpo") else 1
 
     # Data, model, reference, optimizer, engine, rewards, tracker.
     dataset = load_prompts(cfg.data)
@@ -417,15 +417,11 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
             watchdog.start("train")
             full_prompts = [p for p in prompt_ids for _ in range(G)]
             trained_rows = [i for i in range(len(completion_ids)) if algo.name != "nash_md" or from_engine[i]]
-            units = (
-                [trained_rows[i : i + 2] for i in range(0, len(trained_rows), 2)]
-                if trains_on_pairs
-                else [[i] for i in trained_rows]
-            )
             row_lengths = [len(full_prompts[i]) + len(completion_ids[i]) for i in range(len(completion_ids))]
-            micro_batches, padded_tokens, real_tokens = [], 0, 0
+            trained_tokens = sum(row_lengths[i] for i in trained_rows)  # prompts and completions, no padding
+            micro_batches, padded_tokens = [], 0
             for index in micro_batch_rows(
-                units, row_lengths, cfg.micro_batch_size, cfg.micro_batch_by_length
+                trained_rows, row_lengths, cfg.micro_batch_size, cfg.micro_batch_by_length, rows_per_unit
             ):
                 sampler_rows = (
                     [rollout.sampler_logprobs[i] if from_engine[i] else [] for i in index]
@@ -439,7 +435,6 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     sampler_rows,
                 )
                 padded_tokens += batch.attention_mask.numel()
-                real_tokens += int(batch.attention_mask.sum())
                 batch = batch.to(device)
                 if not is_preference and algo.mask_truncated_completions:
                     batch.completion_mask = batch.completion_mask * finished[index].to(device).unsqueeze(1)
@@ -533,7 +528,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     "train/grad_norm": grad_norm,
                     "train/lr": scheduler.get_last_lr()[0],
                     # share of the micro-batches' token positions that are padding (compute spent on nothing)
-                    "train/padding_frac": 1 - real_tokens / max(padded_tokens, 1),
+                    "train/padding_frac": 1 - trained_tokens / max(padded_tokens, 1),
                     "time/generate_s": generate_s,
                     "time/reward_s": reward_s,
                     "time/train_s": train_s,
