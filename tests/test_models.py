@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.models import add_lora
+from online_rl.models import CompiledBlocks, add_lora
 
 
 def test_tiny_tokenizer_round_trips_through_auto_classes(tiny_model_dir):
@@ -83,3 +83,43 @@ def test_build_random_model_script(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert AutoConfig.from_pretrained(out).model_type == "qwen2"
     assert AutoTokenizer.from_pretrained(out).decode([]) == ""
+
+
+def qwen2_of_depth(layers: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen2",
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=300,
+    )
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+@pytest.mark.parametrize("layers", [2, 6])
+def test_compiled_blocks_compile_one_layer_for_all_and_train_as_eager(layers):
+    """model.compile compiles the decoder layer once, whatever the depth; gives the eager gradients, also on a
+    micro-batch of another shape, without recompiling; and leaves direct calls of the model eager."""
+    from torch._dynamo.utils import counters
+
+    model = qwen2_of_depth(layers)
+    compiled = CompiledBlocks(model)
+    counters.clear()
+    torch._dynamo.reset()
+    for rows, width in [(2, 20), (3, 27)]:  # the second micro-batch has another shape
+        ids = torch.randint(0, 300, (rows, width))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0  # left padding
+        compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits.square().mean().backward()
+        compiled_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, use_cache=False).logits.square().mean().backward()
+        for ours, eager in zip(compiled_grads, (p.grad for p in model.parameters())):
+            torch.testing.assert_close(ours, eager, rtol=1e-3, atol=1e-5)
+        model.zero_grad()
+    # one graph: the layer's forward (its backward with it), for every layer and both shapes
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["frames"]["total"] == 1  # and the direct calls of the model compiled nothing

@@ -1,0 +1,184 @@
+"""The bench's training half alone, under variants: where the on-policy floor's training time goes.
+
+    python scripts/train_speed.py                               # every variant, on one CUDA GPU
+    python scripts/train_speed.py --variants eager,compiled --profile eager
+    python scripts/train_speed.py --smoke                       # tiny model on the CPU: checks, measures nothing
+
+One optimizer step is the bench's (scripts/bench.py): the policy-gradient pass over 16 x 8 completions of
+512 tokens after prompts of 128, clipping and AdamW, with our config and code. No vLLM: the rows are random
+token ids, which cost the trainer the same as sampled ones. Every variant loads a fresh model in this
+process, runs the bench's warm-up steps (compilation included, and reported apart) and then its measured
+steps. Results: <out>/train-speed-<date>-<commit>.json, and with --profile the variant's kernel table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (scripts/bench.py: the same step, settings and model)
+
+# variant -> (config overrides on top of the bench's floor, bench settings changed)
+VARIANTS = {
+    "eager": ([], {}),
+    "compiled": (["model.compile=true"], {}),
+    "compiled_mb32": (["model.compile=true"], {"our_micro_batch_size": 32}),
+    "eager_bf16_weights": (["hardware.param_dtype=bfloat16", "hardware.autocast_dtype=null"], {}),
+    "eager_checkpointing": (["model.gradient_checkpointing=true"], {}),
+    "lora_eager": (["model.lora.enabled=true"], {}),
+    "lora_compiled": (["model.lora.enabled=true", "model.compile=true"], {}),
+}
+
+
+def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path: Path | None) -> dict:
+    """Seconds of each training step of one variant (the first ones: warm-up), and its peak memory."""
+    import torch
+
+    from online_rl.logprobs import pack
+    from online_rl.models import compiled_for_training, load_policy, torch_dtype
+
+    overrides, changes = VARIANTS[variant]
+    settings = replace(settings, **changes)
+    lora = "model.lora.enabled=true" in overrides
+    arm = "floor_lora" if lora else "floor"
+    cfg = bench.compose_config(
+        bench.our_overrides(settings, arm, workdir / "model", workdir / "prompts.jsonl", workdir) + overrides
+    )
+    device = torch.device(cfg.hardware.device)
+    model = load_policy(
+        str(workdir / "model"), cfg.model, torch_dtype(cfg.hardware.param_dtype), device
+    ).train()
+    trained = compiled_for_training(model, cfg.model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, fused=device.type == "cuda")
+    autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
+
+    rows = settings.prompts_per_step * settings.num_generations
+    generator = torch.Generator().manual_seed(settings.seed)
+    vocab = model.get_input_embeddings().num_embeddings
+
+    def random_rows(count: int, width: int) -> list[list[int]]:
+        return torch.randint(0, vocab, (count, width), generator=generator).tolist()
+
+    prompts = random_rows(rows, settings.prompt_tokens)
+    completions = random_rows(rows, settings.completion_tokens)
+    size = settings.our_micro_batch_size
+    micro_batches = [
+        (pack(prompts[i : i + size], completions[i : i + size], 0).to(device), list(range(i, i + size)), None)
+        for i in range(0, rows, size)
+    ]
+    tokens = rows * settings.completion_tokens
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(settings.steps):
+        advantages = torch.randn(rows, generator=generator)
+        started = time.perf_counter()
+        bench.train_step(
+            trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+        )
+        bench.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    if profile_path is not None:
+        with bench.profile_kernels(device) as profiler:
+            bench.train_step(
+                trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+            )
+            bench.synchronize(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile_path.write_text(profiler.key_averages().table(sort_by=sort, row_limit=40))
+    measured = seconds[settings.warmup_steps :]
+    train_s = statistics.median(measured)
+    flops = (
+        bench.flops_per_token(workdir / "model", lora)
+        * rows
+        * (settings.prompt_tokens + settings.completion_tokens)
+    )
+    return {
+        "variant": variant,
+        "overrides": overrides,
+        "micro_batch_size": settings.our_micro_batch_size,
+        "warmup_s": seconds[: settings.warmup_steps],
+        "step_s": measured,
+        "train_s": train_s,
+        "mfu": flops / train_s / bench.H200_BF16_DENSE_FLOPS if device.type == "cuda" else None,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"from {','.join(VARIANTS)}")
+    parser.add_argument("--profile", help="a variant to profile over one more step (torch.profiler)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--out", type=Path, default=bench.REPO / "bench" / "results")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: one variant in this process
+    options = parser.parse_args()
+    settings = bench.SMOKE if options.smoke else bench.Settings()
+
+    if options.run_variant:
+        profile = options.out / f"{options.run_variant}-profile.txt" if options.profile else None
+        result = measure(options.run_variant, settings, options.workdir, profile)
+        (options.workdir / f"train-speed-{options.run_variant}.json").write_text(json.dumps(result))
+        return
+
+    variants = [v for v in options.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {','.join(VARIANTS)}")
+    commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
+    stem = f"train-speed-{dt.date.today()}-{commit}" + ("-smoke" if options.smoke else "")
+    options.out.mkdir(parents=True, exist_ok=True)
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    if not (options.workdir / "prompts.jsonl").exists():
+        bench.prepare(settings, options.workdir)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(bench.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    results, failures = [], {}
+    for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
+        command = [sys.executable, __file__, "--run-variant", variant, "--out", str(options.out)]
+        command += ["--workdir", str(options.workdir)] + (["--smoke"] if options.smoke else [])
+        command += ["--profile", variant] if variant == options.profile else []
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            failures[variant] = done.stderr[-1500:]
+            print(f"{variant} FAILED:\n{failures[variant]}", flush=True)
+            continue
+        results.append(json.loads((options.workdir / f"train-speed-{variant}.json").read_text()))
+        print(json.dumps(results[-1]), flush=True)
+        (options.out / f"{stem}.json").write_text(
+            json.dumps(
+                {"commit": commit, "settings": asdict(settings), "variants": results, "failures": failures},
+                indent=1,
+            )
+        )
+    print(
+        "\n| variant | micro-batch | train s (median) | warm-up s | MFU | peak allocated GiB |\n|---|---|---|---|---|---|"
+    )
+    for r in results:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
+        peak = f"{r['peak_allocated_gib']:.1f}" if r["peak_allocated_gib"] is not None else ""
+        warmup = " + ".join(f"{s:.1f}" for s in r["warmup_s"])
+        print(
+            f"| {r['variant']} | {r['micro_batch_size']} | {r['train_s']:.3f} | {warmup} | {mfu} | {peak} |"
+        )
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
