@@ -70,7 +70,9 @@ class Settings:
     sleep_level: int = (
         2  # ours, as conf/vllm/colocate.yaml: vLLM sleeps while the trainer trains (TRL keeps it awake)
     )
-    compile_model: bool = False  # ours: model.compile (the training passes torch.compile'd; floors too)
+    # ours: model.compile, the decoder layers torch.compile'd for training (floors too): on the H200 the
+    # training step took 0.79 s instead of 1.07 s, after a 30 s compile (bench/results/train-speed-*)
+    compile_model: bool = True
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -99,6 +101,7 @@ SMOKE = Settings(
     device="cpu",
     use_vllm=False,
     sleep_level=0,
+    compile_model=False,  # a compile takes longer than the whole smoke run (tests/test_train.py covers it)
 )
 
 # arm -> (framework, LoRA, one step off-policy); floor: our generation alone and our training alone
@@ -266,6 +269,9 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         ],
         "peak_gpu_gib": memory.gib,
         "phases": phase_breakdown(steps),
+        # per step, to tell a slow step's phase (generation has varied by 50% from one arm to the next)
+        "generate_s": [m["time/generate_s"] for m in steps],
+        "train_s": [m["time/train_s"] for m in steps],
         "reward_mean": [m["reward/total_mean"] for m in summary.history],
         "logp_gap_mean": [m.get("sync/logp_gap_mean") for m in steps],
     }
@@ -516,6 +522,8 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
             "train_alone_s": train,
             "floor_s": generate + train,
             "train_mfu": mfu(train),
+            "generate_alone_steps_s": raw["generate_s"],
+            "train_alone_steps_s": raw["train_s"],
         }
     seconds = raw["step_s"]
     row = {
@@ -527,12 +535,15 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
             t / s for t, s in zip(raw["completion_tokens"], seconds)
         ),
         "peak_gpu_gib": raw["peak_gpu_gib"],
+        "steps_s": seconds,
     }
     phases = raw.get("phases")
     if phases:
         row.update(
             {
                 "phases_s": phases,
+                "generate_steps_s": raw["generate_s"],
+                "train_steps_s": raw["train_s"],
                 "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / row["s_per_step_median"],
                 "train_mfu": mfu(phases["train"]),
             }
@@ -637,6 +648,7 @@ def report(
             if settings.use_vllm
             else "no vLLM (transformers generate); "
         )
+        + ("our training passes torch.compile'd (model.compile); " if settings.compile_model else "")
         + f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps."
         + (
             " Measured in "

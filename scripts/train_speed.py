@@ -8,7 +8,8 @@ One optimizer step is the bench's (scripts/bench.py): the policy-gradient pass o
 512 tokens after prompts of 128, clipping and AdamW, with our config and code. No vLLM: the rows are random
 token ids, which cost the trainer the same as sampled ones. Every variant loads a fresh model in this
 process, runs the bench's warm-up steps (compilation included, and reported apart) and then its measured
-steps. Results: <out>/train-speed-<date>-<commit>.json, and with --profile the variant's kernel table.
+steps. Results: <out>/train-speed-<date>-<commit>.json, and with --profile the variant's kernel table
+(<out>/train-speed-<date>-<commit>-<variant>-profile.txt).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,10 +128,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: one variant in this process
     options = parser.parse_args()
-    settings = bench.SMOKE if options.smoke else bench.Settings()
+    # each variant says itself whether it compiles
+    settings = replace(bench.SMOKE if options.smoke else bench.Settings(), compile_model=False)
 
     if options.run_variant:
-        profile = options.out / f"{options.run_variant}-profile.txt" if options.profile else None
+        profile = options.workdir / f"{options.run_variant}-profile.txt" if options.profile else None
         result = measure(options.run_variant, settings, options.workdir, profile)
         (options.workdir / f"train-speed-{options.run_variant}.json").write_text(json.dumps(result))
         return
@@ -138,6 +141,8 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {','.join(VARIANTS)}")
+    if options.profile and options.profile not in variants:
+        parser.error(f"--profile {options.profile}: not one of --variants {','.join(variants)}")
     commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
     stem = f"train-speed-{dt.date.today()}-{commit}" + ("-smoke" if options.smoke else "")
     options.out.mkdir(parents=True, exist_ok=True)
@@ -150,22 +155,24 @@ def main() -> None:
     }
     results, failures = [], {}
     for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
-        command = [sys.executable, __file__, "--run-variant", variant, "--out", str(options.out)]
-        command += ["--workdir", str(options.workdir)] + (["--smoke"] if options.smoke else [])
-        command += ["--profile", variant] if variant == options.profile else []
+        command = [sys.executable, __file__, "--run-variant", variant, "--workdir", str(options.workdir)]
+        command += (["--smoke"] if options.smoke else []) + (
+            ["--profile", variant] if variant == options.profile else []
+        )
         done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
+        if done.returncode == 0:
+            results.append(json.loads((options.workdir / f"train-speed-{variant}.json").read_text()))
+            print(json.dumps(results[-1]), flush=True)
+            if variant == options.profile:
+                shutil.copy(
+                    options.workdir / f"{variant}-profile.txt", options.out / f"{stem}-{variant}-profile.txt"
+                )
+        else:
             failures[variant] = done.stderr[-1500:]
             print(f"{variant} FAILED:\n{failures[variant]}", flush=True)
-            continue
-        results.append(json.loads((options.workdir / f"train-speed-{variant}.json").read_text()))
-        print(json.dumps(results[-1]), flush=True)
-        (options.out / f"{stem}.json").write_text(
-            json.dumps(
-                {"commit": commit, "settings": asdict(settings), "variants": results, "failures": failures},
-                indent=1,
-            )
-        )
+        # after every variant, so that a command cut short still leaves what it measured
+        summary = {"commit": commit, "settings": asdict(settings), "variants": results, "failures": failures}
+        (options.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     print(
         "\n| variant | micro-batch | train s (median) | warm-up s | MFU | peak allocated GiB |\n|---|---|---|---|---|---|"
     )

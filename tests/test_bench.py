@@ -80,3 +80,51 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     # the floor's extra, untimed step under torch.profiler: the matrix products of the forward and backward
     profile = results_file.with_name(results_file.stem + "-floor-train-profile.txt").read_text()
     assert "aten::mm" in profile and "AdamW" in profile
+
+
+def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
+    """scripts/train_speed.py: the bench's optimizer step alone, one process per variant, warm-up apart from
+    the measured steps, and the profiled variant's kernel table."""
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train_speed.py"),
+            "--smoke",
+            "--variants",
+            "eager,lora_eager",
+            "--profile",
+            "lora_eager",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (results_file,) = out.glob("train-speed-*-smoke.json")
+    results = json.loads(results_file.read_text())
+    settings = results["settings"]
+    assert [v["variant"] for v in results["variants"]] == ["eager", "lora_eager"] and not results["failures"]
+    for variant in results["variants"]:
+        assert len(variant["warmup_s"]) == settings["warmup_steps"]
+        assert len(variant["step_s"]) == settings["measured_steps"]
+        assert variant["train_s"] > 0
+    assert results["variants"][1]["overrides"] == ["model.lora.enabled=true"]
+    (profile,) = out.glob("train-speed-*-smoke-lora_eager-profile.txt")
+    assert "aten::" in profile.read_text()
+    assert "| eager | 2 |" in result.stdout  # the table: variant, micro-batch size, seconds
+
+
+def test_train_speed_refuses_a_profile_of_a_variant_it_does_not_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_speed.py"), "--smoke", "--variants", "eager"]
+        + ["--profile", "compiled", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "--profile compiled: not one of --variants eager" in result.stderr
