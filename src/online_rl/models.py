@@ -126,7 +126,7 @@ class CompiledBlocks(torch.nn.Module):
 
     Compiling block by block rather than the whole model: the blocks run the same code, so dynamo compiles
     one block's forward and backward and every layer reuses them. Compiling a whole Qwen2-0.5B at once had
-    not finished its first training step after 3.5 minutes on the H200 machine (2026-11-30). Dynamic shapes:
+    not finished its first training step after 3 minutes on the H200 machine (2026-11-30). Dynamic shapes:
     micro-batches of every width share the graphs. The blocks are compiled only while this module runs, so
     every other call of `policy` (generation with a KV cache, the LoRA reference) stays eager. A model
     without known blocks (no `_no_split_modules`) is compiled whole.
