@@ -1,4 +1,4 @@
-"""The trainer's log-probs on a CUDA GPU (`make test-gpu`): the compiled kernels against the eager fp32 maths."""
+"""The trainer's log-probs on a CUDA GPU (`make test-gpu`): the fused compiled kernels against the eager fp32 maths."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ def needs_cuda():
         pytest.skip("no CUDA GPU")
 
 
-def test_compiled_logprobs_match_fp32_at_the_qwen2_vocabulary():
+def test_fused_logprobs_match_fp32_at_the_qwen2_vocabulary():
     """bf16 logits of a 152k vocabulary, sliced as the model's output is: values, gradients and entropies of
     the compiled path equal one fp32 log_softmax over the whole tensor."""
     torch.manual_seed(0)

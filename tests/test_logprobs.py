@@ -91,9 +91,11 @@ def test_chunked_logprobs_equal_the_full_log_softmax_in_value_and_gradient(monke
         assert logp.dtype == torch.float32 and not entropy.requires_grad
 
 
-def test_compiled_logprob_kernels_equal_the_eager_ones_in_value_and_gradient():
-    """The GPU path's torch.compile'd kernels (compiled here for the CPU: same graph, other backend) give the
-    eager fp32 values and gradients, on bf16 logits and on a strided view as the model's output is sliced."""
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_fused_logprob_kernels_equal_the_eager_ones_in_value_and_gradient(temperature):
+    """The GPU path's two torch.compile'd kernels with their own backward (compiled here for the CPU: same
+    graphs, other backend) give the eager fp32 values, entropies and gradients, on bf16 logits and on a
+    strided view as the model's output is sliced; without the entropy, only the log-probs."""
     from online_rl import logprobs
 
     torch.manual_seed(0)
@@ -102,17 +104,20 @@ def test_compiled_logprob_kernels_equal_the_eager_ones_in_value_and_gradient():
         logits = output[:, :-1]  # (B, C, V), not contiguous
         targets = torch.randint(0, 11, (4, width))
         weights = torch.randn(4, width)
-        logp = logprobs.compiled_logprobs(logits, targets, 0.7)
+        logp, entropy = logprobs.fused_token_logprobs(logits, targets, temperature, with_entropy=True)
         (logp * weights).sum().backward()
-        compiled_grad, output.grad = output.grad, None
-        expected = logprobs.chunk_logprobs(logits, targets, 0.7)
+        fused_grad, output.grad = output.grad, None
+        expected = logprobs.chunk_logprobs(logits, targets, temperature)
         (expected * weights).sum().backward()
         torch.testing.assert_close(logp, expected)
-        torch.testing.assert_close(compiled_grad, output.grad)
-        with torch.no_grad():
-            torch.testing.assert_close(
-                logprobs.compiled_entropy(logits, 0.7), logprobs.chunk_entropy(logits, 0.7)
-            )
+        assert fused_grad.dtype == dtype
+        torch.testing.assert_close(fused_grad, output.grad)
+        full = torch.log_softmax(logits.detach().float() / temperature, dim=-1)
+        torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
+        assert not entropy.requires_grad
+        alone, no_entropy = logprobs.fused_token_logprobs(logits, targets, temperature)
+        assert no_entropy is None
+        torch.testing.assert_close(alone, expected)
 
 
 LENGTHS = [5, 30, 12, 28, 7, 31, 11, 29]  # tokens of rows 0-7 (prompt + completion)

@@ -664,8 +664,12 @@ def policy_gradient_pass(
         "engine_tokens",
         "is_weight",
     )
-    for i, (batch, index, _) in enumerate(micro_batches):
-        adv = advantages[index].to(batch.input_ids.device)  # (B,)
+    # every micro-batch's advantages on the device in one copy: a copy per micro-batch waits for the GPU to
+    # finish the last one (a copy from pageable memory synchronizes), which leaves it idle while the next is queued
+    rows = [row for _, index, _ in micro_batches for row in index]
+    device_advantages = advantages[rows].to(micro_batches[0][0].input_ids.device)
+    per_micro_batch = device_advantages.split([len(index) for _, index, _ in micro_batches])
+    for i, ((batch, _, _), adv) in enumerate(zip(micro_batches, per_micro_batch)):  # adv: (B,)
         logp, entropy = completion_logprobs(
             model, batch, sampling.temperature, autocast_dtype, with_entropy=True
         )

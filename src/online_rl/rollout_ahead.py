@@ -8,11 +8,11 @@ importance weights (vllm.importance_sampling_correction) correct for that, token
 only ever used by one thread at a time: the weights are pushed before the thread starts, and anything
 else that uses the engine (evaluation, the end of the run) waits for the thread first.
 
-On a GPU the generating thread gets its own CUDA stream, so the engine's kernels can run beside the
-trainer's instead of queueing behind them on the default stream. Both threads need the interpreter: the
-trainer to launch its kernels, the engine to schedule every decoding step (a few ms of Python each). While
-a rollout is in flight the interpreter switches threads every 0.5 ms instead of Python's 5 ms, so a decoding
-step does not wait out the trainer's turn.
+On a GPU the generating thread gets its own CUDA stream, of high priority, so the engine's kernels can run
+beside the trainer's instead of queueing behind them on the default stream. Both threads need the
+interpreter: the trainer to launch its kernels, the engine to schedule every decoding step (a few ms of
+Python each). While a rollout is in flight the interpreter switches threads every 0.5 ms instead of
+Python's 5 ms, so a decoding step does not wait out the trainer's turn.
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ class RolloutAhead:
     def _generate(self, prompt_ids, n, sampling) -> tuple[Rollout, float]:
         started = time.perf_counter()
         on_gpu = self.device.type == "cuda"
-        with torch.cuda.stream(torch.cuda.Stream(self.device)) if on_gpu else contextlib.nullcontext():
+        # A high-priority stream: the GPU schedules a waiting decoding kernel before the trainer's next one.
+        # Generation is the longer half of an overlapped step (2.3 s against 1.1 s of training alone on the
+        # H200), so its kernels are the ones not to keep waiting.
+        stream = torch.cuda.Stream(self.device, priority=-1) if on_gpu else None
+        with torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext():
             try:
                 rollout = self.engine.generate(prompt_ids, n, sampling)
                 if on_gpu:
