@@ -9,7 +9,8 @@ One optimizer step is the bench's (scripts/bench.py): the policy-gradient pass o
 token ids, which cost the trainer the same as sampled ones. Every variant loads a fresh model in this
 process, runs the bench's warm-up steps (compilation included, and reported apart) and then its measured
 steps. Results: <out>/train-speed-<date>-<commit>.json, and with --profile the variant's kernel table
-(<out>/train-speed-<date>-<commit>-<variant>-profile.txt).
+(<out>/train-speed-<date>-<commit>-<variant>-profile.txt) and, on a GPU, the Python stacks of the calls
+that made the CPU wait for the GPU in one more step (...-<variant>-syncs.txt).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
         bench.synchronize(device)
         seconds.append(time.perf_counter() - started)
     if profile_path is not None:
+        syncs_path = profile_path.with_name(profile_path.name.replace("-profile", "-syncs"))
+        syncs_path.unlink(missing_ok=True)  # an earlier command's
         with bench.profile_kernels(device) as profiler:
             bench.train_step(
                 trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
@@ -98,6 +101,17 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
             bench.synchronize(device)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         profile_path.write_text(profiler.key_averages().table(sort_by=sort, row_limit=40))
+        if device.type == "cuda":  # and where the CPU waits for the GPU: the GPU idles while it catches up
+            try:
+                sites = synchronizing_calls(
+                    lambda: bench.train_step(
+                        trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+                    )
+                )
+                report = "".join(f"--- {count} times:\n{stack}\n" for stack, count in sites)
+            except Exception as error:  # a diagnosis that fails must not lose the timings measured above
+                report = f"the sync debug step failed: {error!r}\n"
+            syncs_path.write_text(report or "no synchronizing CUDA call\n")
     measured = seconds[settings.warmup_steps :]
     train_s = statistics.median(measured)
     flops = (
@@ -117,6 +131,33 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
         if device.type == "cuda"
         else None,
     }
+
+
+def synchronizing_calls(step) -> list[tuple[str, int]]:
+    """Run step() under CUDA's sync debug mode: the Python stacks of the calls that made the CPU wait for the
+    GPU, most frequent first, each with how often it waited."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            sites["".join(traceback.format_stack(limit=12)[:-1])] += 1
+
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sites.most_common()
 
 
 def main() -> None:
@@ -164,9 +205,10 @@ def main() -> None:
             results.append(json.loads((options.workdir / f"train-speed-{variant}.json").read_text()))
             print(json.dumps(results[-1]), flush=True)
             if variant == options.profile:
-                shutil.copy(
-                    options.workdir / f"{variant}-profile.txt", options.out / f"{stem}-{variant}-profile.txt"
-                )
+                for kind in ("profile", "syncs"):  # (syncs: on a GPU only)
+                    written = options.workdir / f"{variant}-{kind}.txt"
+                    if written.exists():
+                        shutil.copy(written, options.out / f"{stem}-{variant}-{kind}.txt")
         else:
             failures[variant] = done.stderr[-1500:]
             print(f"{variant} FAILED:\n{failures[variant]}", flush=True)

@@ -123,3 +123,19 @@ def test_compiled_blocks_compile_one_layer_for_all_and_train_as_eager(layers):
     # one graph: the layer's forward (its backward with it), for every layer and both shapes
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["frames"]["total"] == 1  # and the direct calls of the model compiled nothing
+
+
+def test_compiled_blocks_are_found_through_subclasses_and_a_model_without_blocks_compiles_whole():
+    """FSDP2 turns each sharded layer into an instance of a subclass (FSDPQwen2DecoderLayer): still a block.
+    A model that names no blocks is compiled whole, and computes what it computed eagerly."""
+    model = qwen2_of_depth(3)
+    for layer in model.model.layers:
+        layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})
+    compiled = CompiledBlocks(model)
+    assert [block for block, _ in compiled.compiled] == list(model.model.layers) and compiled.whole is None
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    whole = CompiledBlocks(plain)
+    assert whole.compiled == [] and whole.whole is not None
+    inputs = torch.randn(5, 4)
+    torch.testing.assert_close(whole(inputs), plain(inputs))

@@ -138,10 +138,21 @@ class CompiledBlocks(torch.nn.Module):
         block_classes = {
             name for module in policy.modules() for name in (getattr(module, "_no_split_modules", None) or ())
         }
-        blocks = [module for module in policy.modules() if type(module).__name__ in block_classes]
+        # along the class's ancestry: FSDP2 makes each sharded layer an instance of a subclass of its own
+        blocks = [
+            module
+            for module in policy.modules()
+            if any(cls.__name__ in block_classes for cls in type(module).__mro__)
+        ]
         # (block, its compiled forward): each wraps the block's own eager forward, captured here
         self.compiled = [(block, torch.compile(block.forward, dynamic=True)) for block in blocks]
         self.whole = None if blocks else torch.compile(policy, dynamic=True)
+        log.info(
+            "model.compile: %s",
+            f"{len(blocks)} {type(blocks[0]).__name__} blocks, compiled once for all"
+            if blocks
+            else "no repeated blocks known (_no_split_modules), so the whole model",
+        )
 
     def forward(self, *args, **kwargs):
         if self.whole is not None:

@@ -53,8 +53,14 @@ class RolloutAhead:
         """Generate n samples per prompt in the background, with the weights the engine holds now."""
         if self.pending is not None:
             raise RuntimeError("a rollout is already in flight: take it before starting the next")
+        # The weights were just pushed by kernels queued on this thread's stream; the generating stream must
+        # not start before they have run, or it would sample with a mix of the old and the new weights.
+        weights_pushed = None
+        if self.device.type == "cuda":
+            weights_pushed = torch.cuda.Event()
+            weights_pushed.record(torch.cuda.current_stream(self.device))
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        future = self.executor.submit(self._generate, prompt_ids, n, sampling)
+        future = self.executor.submit(self._generate, prompt_ids, n, sampling, weights_pushed)
         self.pending = PendingRollout(rows, prompt_ids, sampler_state, future)
 
     def take(self) -> tuple[PendingRollout, Rollout, float]:
@@ -75,13 +81,15 @@ class RolloutAhead:
         self.executor.shutdown(wait=True, cancel_futures=True)
         sys.setswitchinterval(self.default_switch_interval)
 
-    def _generate(self, prompt_ids, n, sampling) -> tuple[Rollout, float]:
+    def _generate(self, prompt_ids, n, sampling, weights_pushed) -> tuple[Rollout, float]:
         started = time.perf_counter()
         on_gpu = self.device.type == "cuda"
         # A high-priority stream: the GPU schedules a waiting decoding kernel before the trainer's next one.
         # Generation is the longer half of an overlapped step (2.3 s against 1.1 s of training alone on the
         # H200), so its kernels are the ones not to keep waiting.
         stream = torch.cuda.Stream(self.device, priority=-1) if on_gpu else None
+        if weights_pushed is not None:
+            stream.wait_event(weights_pushed)
         with torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext():
             try:
                 rollout = self.engine.generate(prompt_ids, n, sampling)
