@@ -664,11 +664,8 @@ def policy_gradient_pass(
         "engine_tokens",
         "is_weight",
     )
-    # every micro-batch's advantages on the device in one copy: a copy per micro-batch waits for the GPU to
-    # finish the last one (a copy from pageable memory synchronizes), which leaves it idle while the next is queued
-    rows = [row for _, index, _ in micro_batches for row in index]
-    device_advantages = advantages[rows].to(micro_batches[0][0].input_ids.device)
-    per_micro_batch = device_advantages.split([len(index) for _, index, _ in micro_batches])
+    device = micro_batches[0][0].input_ids.device
+    per_micro_batch = on_device([advantages[index] for _, index, _ in micro_batches], device)
     for i, ((batch, _, _), adv) in enumerate(zip(micro_batches, per_micro_batch)):  # adv: (B,)
         logp, entropy = completion_logprobs(
             model, batch, sampling.temperature, autocast_dtype, with_entropy=True
@@ -732,22 +729,24 @@ def preference_pass(
         "loss", "kl", "entropy", "margin", "accuracy", "exploration", "gap", "gap_max", "engine_tokens"
     )
     pairs, decisive_pairs = len(tie), max(int((~tie).sum()), 1)
-    for i, (batch, index, engine_rows) in enumerate(micro_batches):
-        device = batch.input_ids.device
+    device = micro_batches[0][0].input_ids.device
+    # each micro-batch's pairs: Nash-MD has the policy's row of each, the others both rows
+    pair_index = [
+        torch.tensor(index if algo.name == "nash_md" else index[0::2]) // 2 for _, index, _ in micro_batches
+    ]
+    preferred = on_device([first_preferred[pair] for pair in pair_index], device)
+    first_chosen = on_device([first_is_chosen[pair] for pair in pair_index], device)
+    decisive = on_device([~tie[pair] for pair in pair_index], device)
+    for i, (batch, _, engine_rows) in enumerate(micro_batches):
         logp, entropy = completion_logprobs(model, batch, temperature, autocast_dtype, with_entropy=True)
         mask = batch.completion_mask
         sequence_logp = (logp * mask).sum(dim=1)  # (B,)
         ref_sequence_logp = (ref_logps[i] * mask).sum(dim=1)  # (B,)
         if algo.name == "nash_md":  # one row per pair: the policy's sample
-            pair = torch.tensor(index) // 2
-            pair_loss = preference.nash_md_loss(
-                sequence_logp, ref_sequence_logp, first_preferred[pair].to(device), beta
-            )
+            pair_loss = preference.nash_md_loss(sequence_logp, ref_sequence_logp, preferred[i], beta)
             loss = pair_loss.sum() / pairs
         else:  # two rows per pair: [first, second]
-            pair = torch.tensor(index[0::2]) // 2
-            first = first_is_chosen[pair].to(device)
-            keep = (~tie[pair]).to(device)
+            first, keep = first_chosen[i], decisive[i]
             policy_pair, ref_pair = sequence_logp.view(-1, 2), ref_sequence_logp.view(-1, 2)  # (B/2, 2)
             pair_loss, margin = preference.dpo_loss(
                 torch.where(first, policy_pair[:, 0], policy_pair[:, 1]),
@@ -775,6 +774,13 @@ def preference_pass(
             totals.peak("gap_max", gap_peak)
             totals.add("engine_tokens", engine_mask.sum())
     return totals.read()
+
+
+def on_device(parts: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Each micro-batch's part of a CPU tensor, moved to the device in one copy. A copy from pageable memory
+    waits for the GPU to finish its queued work, so a copy per micro-batch would leave it idle while the
+    CPU queues the next micro-batch's forward."""
+    return torch.cat(parts).to(device).split([len(part) for part in parts])
 
 
 class DeviceSums:
