@@ -6,9 +6,8 @@
 
 One optimizer step is the bench's (scripts/bench.py): the policy-gradient pass over 16 x 8 completions of
 512 tokens after prompts of 128, clipping and AdamW, with our config and code. No vLLM: the rows are random
-token ids, which cost the trainer the same as sampled ones. Every variant loads a fresh model in this
-process, runs the bench's warm-up steps (compilation included, and reported apart) and then its measured
-steps. Results: <out>/train-speed-<date>-<commit>.json, and with --profile the variant's kernel table
+token ids, which cost the trainer the same as sampled ones. Every variant runs in a process of its own: a
+fresh model, the bench's warm-up steps (compilation included, and reported apart), then its measured steps. Results: <out>/train-speed-<date>-<commit>.json, and with --profile the variant's kernel table
 (<out>/train-speed-<date>-<commit>-<variant>-profile.txt) and, on a GPU, the Python stacks of the calls
 that made the CPU wait for the GPU in one more step (...-<variant>-syncs.txt).
 """
