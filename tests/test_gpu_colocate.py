@@ -82,3 +82,57 @@ except RuntimeError as error:
         [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert "REFUSED: the vLLM engine has no current weights" in result.stdout, result.stderr[-3000:]
+
+
+def test_off_policy_rollouts_sample_with_the_weights_pushed_before_they_start(tmp_path):
+    """One step off-policy on the GPU: weights pushed on the trainer's stream, then a rollout started on the
+    generating thread's own stream. Each rollout must sample with the pushed weights: its log-probs equal
+    the trainer's under them, and differ from those under the weights the engine held before the push (a
+    large perturbation each round, so that sampling with some of the old weights would show)."""
+    snippet = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from tests.conftest import compose_config
+from online_rl.data import synthetic_arithmetic
+from online_rl.engines.vllm_colocate import VLLMColocateEngine
+from online_rl.logprobs import completion_logprobs, pack
+from online_rl.models import build_random_model, load_policy
+from online_rl.rollout_ahead import RolloutAhead
+cfg = compose_config(["vllm=colocate", "vllm.sleep_level=0", "vllm.gpu_memory_utilization=0.2",
+                      "sampling.max_completion_length=64"])
+device = torch.device("cuda")
+path = build_random_model(cfg.model.random_init, synthetic_arithmetic(100)["prompt"], __import__("pathlib").Path({str(tmp_path)!r}))
+model = load_policy(str(path), cfg.model, torch.float32, device)
+engine = VLLMColocateEngine(str(path), cfg.vllm, device, seed=0, max_model_len=256)
+ahead = RolloutAhead(engine, device)
+prompts = [[5, 6, 7, 8], [9, 10, 11]]
+torch.manual_seed(0)
+for r in range(3):
+    held = {{name: p.detach().clone() for name, p in model.named_parameters()}}  # what the engine holds
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pushed = {{name: p.detach().clone() for name, p in model.named_parameters()}}
+    engine.sync_weights(model)
+    ahead.start(None, prompts, 4, cfg.sampling, {{}})
+    _, rollout, _ = ahead.take()
+    batch = pack([p for p in prompts for _ in range(4)], rollout.completion_ids, 0, rollout.sampler_logprobs)
+    batch = batch.to(device)
+    mask = batch.completion_mask.float()
+    gaps = {{}}
+    for label, weights in (("held", held), ("pushed", pushed)):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name])
+            logp, _ = completion_logprobs(model, batch, cfg.sampling.temperature)
+        gaps[label] = float(((logp - batch.sampler_logp).abs() * mask).sum() / mask.sum())
+    print(f"ROUND {{r}} pushed {{gaps['pushed']:.5f}} held {{gaps['held']:.5f}}")
+ahead.close()
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    rounds = [line.split() for line in result.stdout.splitlines() if line.startswith("ROUND")]
+    assert len(rounds) == 3, (result.stdout + result.stderr)[-3000:]
+    for _, _, _, pushed, _, held in rounds:
+        assert float(pushed) < 0.1 < float(held), rounds  # 0.1: the sync check's threshold
