@@ -76,6 +76,7 @@ class Settings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_base_dtype: str = ""  # ours: model.lora.base_dtype, e.g. bfloat16 as peft and TRL keep it; "": fp32
     model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
     device: str = "cuda"
     use_vllm: bool = True
@@ -251,6 +252,8 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
             f"model.lora.alpha={settings.lora_alpha}",
             f"model.lora.target_modules=[{targets}]",
         ]
+        if settings.lora_base_dtype:
+            overrides.append(f"model.lora.base_dtype={settings.lora_base_dtype}")
     return overrides
 
 

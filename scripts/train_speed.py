@@ -38,6 +38,10 @@ VARIANTS = {
     "eager_checkpointing": (["model.gradient_checkpointing=true"], {}),
     "lora_eager": (["model.lora.enabled=true"], {}),
     "lora_compiled": (["model.lora.enabled=true", "model.compile=true"], {}),
+    "lora_compiled_bf16_base": (
+        ["model.lora.enabled=true", "model.compile=true", "model.lora.base_dtype=bfloat16"],
+        {},
+    ),
 }
 
 

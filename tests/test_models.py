@@ -5,7 +5,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.models import CompiledBlocks, add_lora
+from online_rl.models import CompiledBlocks, add_lora, load_policy
+
+from .conftest import compose_config
 
 
 def test_tiny_tokenizer_round_trips_through_auto_classes(tiny_model_dir):
@@ -64,6 +66,26 @@ def test_lora_trains_only_adapters(tiny_model_dir):
     peft_model = add_lora(model, lora)
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_lora_base_in_bf16_keeps_the_adapters_in_the_trained_dtype(tiny_model_dir):
+    """model.lora.base_dtype=bfloat16: the frozen base in bf16, the adapters in the trained dtype (fp32), and
+    a forward and backward under bf16 autocast give the adapters finite fp32 gradients."""
+    cfg = compose_config(
+        ["model.lora.enabled=true", "model.lora.base_dtype=bfloat16", "model.lora.dropout=0"]
+    )
+    model = load_policy(str(tiny_model_dir), cfg.model, torch.float32, torch.device("cpu"))
+    trained = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name: p.dtype for name, p in model.named_parameters() if not p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    assert set(trained.values()) == {torch.float32} and set(frozen.values()) == {torch.bfloat16}
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, use_cache=False).logits
+    torch.log_softmax(logits.float(), dim=-1)[..., 0].mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
 
 
 def test_build_random_model_script(tmp_path):

@@ -1,6 +1,7 @@
 """End-to-end runs of the loop on the tiny model: smoke, learning, every algorithm option, checkpoints."""
 
 import errno
+import math
 import re
 import sqlite3
 import subprocess
@@ -117,6 +118,8 @@ def test_compiled_training_passes_train_as_the_eager_ones(make_config):
         (["micro_batch_size=5"], "micro_batch_size=5 must divide"),
         (["model.lora.enabled=true", "model.lora.target_modules=[c_attn]"], "does not have"),
         (["hardware=1gpu"], "torch sees no CUDA GPU"),
+        (["model.lora.base_dtype=bfloat16"], "set model.lora.enabled=true"),
+        (["model.lora.enabled=true", "model.lora.base_dtype=bf16"], "use float32, bfloat16 or float16"),
     ],
 )
 def test_bad_settings_fail_before_training(make_config, overrides, message):
@@ -190,3 +193,16 @@ def test_warmup_ramps_the_learning_rate_for_every_schedule(make_config, schedule
         assert lrs[2:] == pytest.approx([1e-2, 1e-2])
     else:
         assert lrs[3] < lrs[2] < 1e-2
+
+
+def test_lora_with_a_bf16_base_trains_its_adapters(make_config):
+    """model.lora.base_dtype=bfloat16 composes with the loop: every step has a finite loss and a gradient,
+    and the final checkpoint holds the adapters (in fp32, the trained dtype)."""
+    from safetensors.torch import load_file
+
+    summary = run(
+        make_config("max_steps=3", *SMALL, "model.lora.enabled=true", "model.lora.base_dtype=bfloat16")
+    )
+    assert all(m["train/grad_norm"] > 0 and math.isfinite(m["train/loss"]) for m in summary.history)
+    adapters = load_file(summary.final_checkpoint / "adapter_model.safetensors")
+    assert adapters and all("lora_" in name and t.dtype == torch.float32 for name, t in adapters.items())

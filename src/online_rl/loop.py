@@ -121,6 +121,16 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(
             "sampling.temperature must be > 0: RL needs samples, and log-probs are taken at this temperature"
         )
+    if cfg.model.lora.base_dtype is not None:
+        if not cfg.model.lora.enabled:
+            raise ValueError(
+                f"model.lora.base_dtype={cfg.model.lora.base_dtype} is the frozen base's dtype under LoRA: set "
+                "model.lora.enabled=true, or leave it null (the weights are then in hardware.param_dtype)"
+            )
+        if cfg.model.lora.base_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"model.lora.base_dtype={cfg.model.lora.base_dtype}: use float32, bfloat16 or float16"
+            )
     check_checkpoint_schedule(cfg.checkpoint_every, algo.get("num_iterations", 1))
     check_off_policy(cfg)
     distributed.check_config(cfg)

@@ -98,18 +98,26 @@ def load_tokenizer(path: str, trust_remote_code: bool) -> Any:
 
 
 def load_policy(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The trainable model: all weights, or LoRA adapters on a frozen base when model.lora.enabled."""
+    """The trainable model: all weights, or LoRA adapters on a frozen base when model.lora.enabled. `dtype`
+    is the trained weights' (the adapters' under LoRA); the frozen base is in model.lora.base_dtype if set."""
+    lora = model_cfg.lora
+    base_dtype = torch_dtype(lora.base_dtype) if lora.enabled and lora.base_dtype else dtype
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=dtype,
+        dtype=base_dtype,
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
     ).to(device)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if model_cfg.lora.enabled:
-        model = add_lora(model, model_cfg.lora)
+    if lora.enabled:
+        model = add_lora(model, lora)
+        for (
+            param
+        ) in model.parameters():  # peft makes adapters in the base's dtype (or fp32): make them `dtype`
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
     if model_cfg.disable_dropout:
         disable_dropout(model)
     return model
