@@ -861,6 +861,10 @@ def main() -> None:
     options.workdir.mkdir(parents=True, exist_ok=True)
     # --append: this command's arms join those of an earlier command's results (same commit and settings)
     results_path = options.out / f"{stem}.json"
+    if results_path.exists() and not options.append:  # a second command must not erase the first's results
+        raise SystemExit(
+            f"{results_path} exists: add these arms to it with --append, or write elsewhere with --out DIR"
+        )
     earlier = json.loads(results_path.read_text()) if options.append and results_path.exists() else None
     if earlier and (
         earlier["settings"] != json.loads(json.dumps(asdict(settings))) or earlier["commit"] != commit

@@ -16,26 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     out = tmp_path / "results"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "bench.py"),
-            "--smoke",
-            "--arms",
-            "trl_full,ours_full,floor",
-            "--set",
-            "measured_steps=2",
-            "--set",
-            "profile=true",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "bench.py"),
+        "--smoke",
+        "--arms",
+        "trl_full,ours_full,floor",
+        "--set",
+        "measured_steps=2",
+        "--set",
+        "profile=true",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     (results_file,) = out.glob("*-smoke.json")
     results = json.loads(results_file.read_text())
@@ -80,6 +76,12 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     # the floor's extra, untimed step under torch.profiler: the matrix products of the forward and backward
     profile = results_file.with_name(results_file.stem + "-floor-train-profile.txt").read_text()
     assert "aten::mm" in profile and "AdamW" in profile
+
+    # the same command again, without --append, must not erase these results
+    written = results_file.read_bytes()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "exists: add these arms to it with --append" in again.stderr
+    assert results_file.read_bytes() == written
 
 
 def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):

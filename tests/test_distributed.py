@@ -379,6 +379,7 @@ def test_weight_specs_describe_what_the_engine_receives(tiny_model_dir, lora):
                 "alpha": 8,
                 "dropout": 0.0,
                 "target_modules": ["q_proj", "v_proj"],
+                "base_dtype": None,
             },
         }
     )
