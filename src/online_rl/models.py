@@ -113,9 +113,8 @@ def load_policy(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.dev
         model.config.use_cache = False
     if lora.enabled:
         model = add_lora(model, lora)
-        for (
-            param
-        ) in model.parameters():  # peft makes adapters in the base's dtype (or fp32): make them `dtype`
+        # peft makes the adapters in the base's dtype (or upcasts them to fp32): they train in `dtype`
+        for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(dtype)
     if model_cfg.disable_dropout:
