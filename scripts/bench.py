@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import shutil
@@ -306,17 +307,13 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     from online_rl.data import load_prompts, tokenize_prompts
     from online_rl.engines import make_engine, resolve_mode
     from online_rl.logprobs import pack
-    from online_rl.models import compiled_for_training, load_policy, load_tokenizer, torch_dtype
+    from online_rl.models import load_tokenizer, torch_dtype
 
     cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
     device = torch.device(cfg.hardware.device)
     autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
-    model = load_policy(str(model_dir), cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
-    model.train()
-    trained = compiled_for_training(model, cfg.model)  # what the loop's training passes call
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, fused=device.type == "cuda")
+    model, trained, trainable, optimizer = trainer(cfg, model_dir, settings.lr)
     engine = make_engine(
         resolve_mode(cfg.vllm.mode.value, device),
         cfg.vllm,
@@ -355,20 +352,15 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
         advantages = torch.randn(len(prompts_per_row))
         tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
         synchronize(device)
+
+        step_once = functools.partial(
+            train_step, trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+        )
         if step == settings.steps:
-            with profile_kernels(device) as profiler:
-                train_step(
-                    trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
-                )
-                synchronize(device)
-            sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            (workdir / f"{arm}-train-profile.txt").write_text(
-                profiler.key_averages().table(sort_by=sort, row_limit=40)
-            )
+            profile_step(step_once, device, workdir / f"{arm}-train-profile.txt")
             break
         started = time.perf_counter()
-        train_step(trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer)
-        synchronize(device)
+        step_once()
         train_s.append(time.perf_counter() - started)
     engine.close()
     measured = slice(settings.warmup_steps, settings.steps)
@@ -376,7 +368,8 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
 
 
 def train_step(model, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer) -> None:
-    """One optimizer step as the loop makes it: the policy-gradient pass, clipping, AdamW."""
+    """One optimizer step as the loop makes it: the policy-gradient pass, clipping, AdamW; returns when the
+    device has finished it."""
     import torch
 
     from online_rl.loop import policy_gradient_pass
@@ -397,14 +390,33 @@ def train_step(model, micro_batches, advantages, tokens, cfg, autocast_dtype, tr
     torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    synchronize(torch.device(cfg.hardware.device))
 
 
-def profile_kernels(device):
-    """torch.profiler over CPU ops, and CUDA kernels on a GPU: where the training step's time goes."""
+def trainer(cfg, model_dir: Path, lr: float):
+    """The loop's trainer for cfg on the bench's model: (model in train mode, what the training passes call
+    (compiled with model.compile), the trainable parameters, fused AdamW on a GPU)."""
+    import torch
+
+    from online_rl.models import compiled_for_training, load_policy, torch_dtype
+
+    device = torch.device(cfg.hardware.device)
+    model = load_policy(str(model_dir), cfg.model, torch_dtype(cfg.hardware.param_dtype), device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, fused=device.type == "cuda")
+    return model, compiled_for_training(model, cfg.model), trainable, optimizer
+
+
+def profile_step(step, device, path: Path) -> None:
+    """step() once under torch.profiler (CPU ops, and CUDA kernels on a GPU): where its time goes, as a table
+    of the top 40 ops by self time in path."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    return profile(activities=activities)
+    with profile(activities=activities) as profiler:
+        step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(profiler.key_averages().table(sort_by=sort, row_limit=40))
 
 
 def synchronize(device) -> None:
@@ -577,7 +589,7 @@ def targets(rows: list[dict]) -> list[dict]:
         (
             "train phase MFU (training alone)",
             ">= 40%",
-            floor["train_mfu"] if floor and floor["train_mfu"] is not None else None,
+            floor["train_mfu"] if floor else None,
             lambda v: v >= 0.40,
         ),
         (

@@ -50,7 +50,7 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
     import torch
 
     from online_rl.logprobs import pack
-    from online_rl.models import compiled_for_training, load_policy, torch_dtype
+    from online_rl.models import torch_dtype
 
     overrides, changes = VARIANTS[variant]
     settings = replace(settings, **changes)
@@ -60,12 +60,7 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
         bench.our_overrides(settings, arm, workdir / "model", workdir / "prompts.jsonl", workdir) + overrides
     )
     device = torch.device(cfg.hardware.device)
-    model = load_policy(
-        str(workdir / "model"), cfg.model, torch_dtype(cfg.hardware.param_dtype), device
-    ).train()
-    trained = compiled_for_training(model, cfg.model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, fused=device.type == "cuda")
+    model, trained, trainable, optimizer = bench.trainer(cfg, workdir / "model", settings.lr)
     autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
 
     rows = settings.prompts_per_step * settings.num_generations
@@ -83,34 +78,27 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
         for i in range(0, rows, size)
     ]
     tokens = rows * settings.completion_tokens
+
+    def step_once():  # with the advantages of the step
+        bench.train_step(
+            trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+        )
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = []
     for _ in range(settings.steps):
         advantages = torch.randn(rows, generator=generator)
         started = time.perf_counter()
-        bench.train_step(
-            trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
-        )
-        bench.synchronize(device)
+        step_once()
         seconds.append(time.perf_counter() - started)
     if profile_path is not None:
         syncs_path = profile_path.with_name(profile_path.name.replace("-profile", "-syncs"))
         syncs_path.unlink(missing_ok=True)  # an earlier command's
-        with bench.profile_kernels(device) as profiler:
-            bench.train_step(
-                trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
-            )
-            bench.synchronize(device)
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        profile_path.write_text(profiler.key_averages().table(sort_by=sort, row_limit=40))
+        bench.profile_step(step_once, device, profile_path)
         if device.type == "cuda":  # and where the CPU waits for the GPU: the GPU idles while it catches up
             try:
-                sites = synchronizing_calls(
-                    lambda: bench.train_step(
-                        trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
-                    )
-                )
+                sites = synchronizing_calls(step_once)
                 report = "".join(f"--- {count} times:\n{stack}\n" for stack, count in sites)
             except Exception as error:  # a diagnosis that fails must not lose the timings measured above
                 report = f"the sync debug step failed: {error!r}\n"

@@ -44,6 +44,7 @@ from online_rl.guards import NonFiniteGuard
 from online_rl.interrupts import StopOnSignal
 from online_rl.logprobs import completion_logprobs, micro_batch_rows, pack
 from online_rl.models import (
+    DTYPES,
     compiled_for_training,
     frozen_copy,
     is_lora,
@@ -127,9 +128,10 @@ def validate(cfg: DictConfig) -> None:
                 f"model.lora.base_dtype={cfg.model.lora.base_dtype} is the frozen base's dtype under LoRA: set "
                 "model.lora.enabled=true, or leave it null (the weights are then in hardware.param_dtype)"
             )
-        if cfg.model.lora.base_dtype not in ("float32", "bfloat16", "float16"):
+        if cfg.model.lora.base_dtype not in DTYPES:
+            *others, last = DTYPES
             raise ValueError(
-                f"model.lora.base_dtype={cfg.model.lora.base_dtype}: use float32, bfloat16 or float16"
+                f"model.lora.base_dtype={cfg.model.lora.base_dtype}: use {', '.join(others)} or {last}"
             )
     check_checkpoint_schedule(cfg.checkpoint_every, algo.get("num_iterations", 1))
     check_off_policy(cfg)

@@ -242,10 +242,12 @@ def is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def torch_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}: use one of {sorted(dtypes)}")
-    return dtypes[name]
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[name]
