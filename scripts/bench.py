@@ -295,6 +295,10 @@ def phase_breakdown(steps: list[dict]) -> dict[str, float]:
         "train": median("time/train_s"),
         "sync": median("time/sync_s") - median("time/wake_weights_s"),
         "sleep_wake": sleep_wake,
+        # its parts, for the JSON: which of vLLM's calls a slow sleep/wake is
+        "sleep": median("time/sleep_s"),
+        "wake_weights": median("time/wake_weights_s"),
+        "wake_kv_cache": median("time/wake_kv_cache_s"),
     }
 
 

@@ -136,3 +136,39 @@ ahead.close()
     assert len(rounds) == 3, (result.stdout + result.stderr)[-3000:]
     for _, _, _, pushed, _, held in rounds:
         assert float(pushed) < 0.1 < float(held), rounds  # 0.1: the sync check's threshold
+
+
+def test_sleep_keeps_the_trainers_cached_memory(tmp_path):
+    """vLLM's own sleep empties torch's cache and runs a full garbage collection; beside a trainer it must do
+    neither: the blocks the trainer freed stay cached for its next pass, while vLLM's memory is still freed."""
+    snippet = f"""
+import gc, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from tests.conftest import compose_config
+from online_rl.data import synthetic_arithmetic
+from online_rl.engines.vllm_colocate import VLLMColocateEngine
+from online_rl.models import build_random_model, load_policy
+cfg = compose_config(["vllm=colocate", "vllm.sleep_level=2", "vllm.gpu_memory_utilization=0.2",
+                      "sampling.max_completion_length=32"])
+device = torch.device("cuda")
+path = build_random_model(cfg.model.random_init, synthetic_arithmetic(100)["prompt"], __import__("pathlib").Path({str(tmp_path)!r}))
+model = load_policy(str(path), cfg.model, torch.float32, device)
+engine = VLLMColocateEngine(str(path), cfg.vllm, device, seed=0, max_model_len=256)
+collect = gc.collect
+del torch.empty(2**31, dtype=torch.uint8, device=device)  # a training pass's activations: freed, still cached
+cached = torch.cuda.memory_reserved(device)
+engine.sync_weights(model)
+rollout = engine.generate([[5, 6, 7, 8]], 4, cfg.sampling)  # wakes, generates, sleeps
+print("CACHED", cached, torch.cuda.memory_reserved(device))
+print("FREED", rollout.stats["memory/device_used_awake_gib"] - engine.device_used_bytes() / 2**30)
+print("RESTORED", gc.collect is collect and torch.cuda.empty_cache.__module__ == "torch.cuda.memory")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line[:1].isupper()}
+    assert {"CACHED", "FREED", "RESTORED"} <= lines.keys(), (result.stdout + result.stderr)[-3000:]
+    before, after = map(int, lines["CACHED"])
+    assert after >= before, lines  # the trainer's 2 GiB were not handed back to the driver
+    assert float(lines["FREED"][0]) > 5, lines  # vLLM's weights and KV cache (0.2 of the GPU) were released
+    assert lines["RESTORED"] == ["True"], lines

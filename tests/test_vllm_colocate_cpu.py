@@ -281,3 +281,20 @@ def test_off_policy_engine_lost_in_the_background_saves_from_the_training_thread
     )
     two_batches.next_batch(), two_batches.next_batch()
     assert state["sampler"] == two_batches.state_dict()  # the lost rollout's prompts come again on resume
+
+
+def test_the_cleanup_vllm_skips_while_sleeping_is_back_after_an_error():
+    """While vLLM sleeps its gc.collect and torch.cuda.empty_cache do nothing; whatever happens in the sleep,
+    the process gets both back."""
+    import gc
+
+    from online_rl.engines.vllm_colocate import without_vllm_cleanup
+
+    garbage = []
+    garbage.append(garbage)  # a reference cycle: only a collection frees it
+    with pytest.raises(RuntimeError, match="sleep failed"), without_vllm_cleanup():
+        assert gc.collect() == 0  # the cycle is left alone
+        raise RuntimeError("sleep failed")
+    del garbage
+    assert gc.collect() > 0  # the real collection is back and frees the cycle
+    assert torch.cuda.empty_cache.__module__ == "torch.cuda.memory"
