@@ -78,6 +78,9 @@ class Settings:
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_base_dtype: str = ""  # ours: model.lora.base_dtype, e.g. bfloat16 as peft and TRL keep it; "": fp32
+    # ours: vllm.separate_process, vLLM's engine in a process of its own, so that generating beside training
+    # (ours_offpolicy) does not wait for the trainer's interpreter
+    separate_process: bool = False
     model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
     device: str = "cuda"
     use_vllm: bool = True
@@ -242,6 +245,7 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
             f"vllm.sleep_level={0 if off_policy else settings.sleep_level}",
             f"vllm.kv_cache_memory_gib={settings.kv_cache_gib or 'null'}",
             "vllm.async_scheduling=true",
+            f"vllm.separate_process={settings.separate_process}",
             # the step's sequences decode at once; vLLM captures CUDA graphs only up to this batch size
             f"vllm.max_num_seqs={settings.prompts_per_step * settings.num_generations}",
         ]
@@ -668,6 +672,11 @@ def report(
             else "no vLLM (transformers generate); "
         )
         + ("our training passes torch.compile'd (model.compile); " if settings.compile_model else "")
+        + (
+            "our vLLM engine in a process of its own (vllm.separate_process); "
+            if settings.separate_process
+            else ""
+        )
         + f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps."
         + (
             " Measured in "

@@ -61,6 +61,20 @@ def test_lora_colocate(tmp_path):
     assert (tmp_path / "checkpoints" / "step_000003" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [["vllm.sleep_level=2"], ["vllm.sleep_level=0", "off_policy_steps=1"]],
+    ids=["asleep", "off_policy"],
+)
+def test_separate_process_engine_samples_with_the_pushed_weights(tmp_path, overrides):
+    """vllm.separate_process=true on the GPU: the weights reach vLLM's engine process through CUDA IPC, in
+    sleep mode and one step off-policy; every rollout's log-probs are close to the trainer's."""
+    history = train(tmp_path, "vllm.separate_process=true", "optim.warmup_steps=0", *overrides)
+    for metrics in history:  # on-policy the run itself stops above it; off-policy it only logs it
+        assert metrics["sync/logp_gap_mean"] < 0.1, metrics
+    assert history[-1]["train/grad_norm"] > 0
+
+
 def test_level_two_refuses_to_generate_before_a_sync(tmp_path):
     """At level 2 the woken weights are garbage until the trainer's are pushed: generate must refuse."""
     snippet = f"""

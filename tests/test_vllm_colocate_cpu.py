@@ -145,6 +145,21 @@ def test_sleep_mode_on_cpu_names_the_fix(tiny_model_dir):
         VLLMColocateEngine(str(tiny_model_dir), cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
 
 
+@pytest.mark.parametrize(
+    "overrides, fix",
+    [
+        (["vllm.tensor_parallel_size=2"], "vllm.separate_process=false"),
+        (["vllm.weight_bucket_mib=0"], "at least 1 MiB"),
+    ],
+)
+def test_separate_process_settings_it_cannot_run_name_the_fix(tiny_model_dir, overrides, fix):
+    from online_rl.engines.vllm_colocate import VLLMColocateEngine
+
+    cfg = compose_config([*CPU_COLOCATE, "vllm.separate_process=true", *overrides])
+    with pytest.raises(ValueError, match=fix):
+        VLLMColocateEngine(str(tiny_model_dir), cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
+
+
 def test_three_step_grpo_run_with_colocate(make_config, engine):
     engine.close()  # one vLLM engine at a time on this 2-core machine
     summary = run(
@@ -298,3 +313,83 @@ def test_the_cleanup_vllm_skips_while_sleeping_is_back_after_an_error():
     del garbage
     assert gc.collect() > 0  # the real collection is back and frees the cycle
     assert torch.cuda.empty_cache.__module__ == "torch.cuda.memory"
+
+
+def test_shared_weight_buckets_fit_the_block_and_keep_the_order():
+    """vllm.separate_process pushes the weights through one block: buckets of at most the block's size, in the
+    trainer's order, each view aligned; floating-point weights in vLLM's dtype; a weight larger than a bucket
+    gets one of its own, and the block grows to it."""
+    from online_rl.engines.shared_weights import plan_buckets, slot_view
+
+    specs = [
+        ("embed", torch.float32, (100, 8)),  # 1600 bytes in bf16
+        ("q", torch.float32, (8, 8)),  # 128
+        ("k", torch.float32, (8, 8)),  # 128
+        ("steps", torch.int64, (3,)),  # 24, stays int64
+        ("lm_head", torch.float32, (300, 8)),  # 4800: larger than a bucket
+        ("norm", torch.float32, (8,)),  # 16
+    ]
+    buckets, block_bytes = plan_buckets(specs, torch.bfloat16, bucket_bytes=2048)
+    assert [[s.name for s in bucket] for bucket in buckets] == [
+        ["embed", "q"],
+        ["k", "steps"],
+        ["lm_head"],
+        ["norm"],
+    ]
+    assert [(s.offset, s.nbytes) for s in buckets[0]] == [(0, 1600), (1792, 128)]  # 1600 rounded up to 256s
+    assert buckets[1][1].dtype == "int64" and buckets[0][0].dtype == "bfloat16"
+    assert block_bytes == 4864  # lm_head's 4800 bytes, rounded up
+    block = torch.zeros(block_bytes, dtype=torch.uint8)
+    slot_view(block, buckets[0][1]).copy_(torch.ones(8, 8))
+    assert slot_view(block, buckets[0][1]).dtype == torch.bfloat16
+    assert slot_view(block, buckets[0][1]).sum() == 64 and slot_view(block, buckets[0][0]).sum() == 0
+
+
+def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
+    """vllm.separate_process=true: vLLM's engine runs in processes of its own, and every rollout samples with
+    the weights the trainer just pushed through shared memory (its log-probs equal the trainer's), on-policy
+    and one step off-policy. Its own `train.py` process: vLLM reads its multiprocessing setting once."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    common = [
+        "model=tiny",
+        "logger=none",
+        "eval_every=0",
+        "data.synthetic_rows=64",
+        "prompts_per_step=4",
+        "algo.num_generations=4",
+        "micro_batch_size=8",
+        "optim.lr=1e-3",  # large steps: stale weights in the engine would show in the log-prob gap
+        "optim.warmup_steps=0",  # every update moves the weights, from the first
+        *CPU_COLOCATE,
+        "vllm.separate_process=true",
+    ]
+    for off_policy in (0, 1):
+        out = tmp_path / f"off_policy_{off_policy}"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "train.py",
+                *common,
+                "max_steps=3",
+                f"off_policy_steps={off_policy}",
+                f"hydra.run.dir={out}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        assert "EngineCore pid=" in result.stdout + result.stderr  # vLLM's engine process logged
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(history) == 3
+        on_policy_steps = history if not off_policy else history[:1]  # later ones sample one update behind
+        for metrics in on_policy_steps:
+            assert metrics["sync/logp_gap_mean"] < 1e-4, metrics
+        if off_policy:  # sampled one update behind the trainer: visibly apart
+            assert all(m["sync/logp_gap_mean"] > 1e-3 for m in history[1:]), history

@@ -12,7 +12,8 @@ On a GPU the generating thread gets its own CUDA stream, of high priority, so th
 beside the trainer's instead of queueing behind them on the default stream. Both threads need the
 interpreter: the trainer to launch its kernels, the engine to schedule every decoding step (a few ms of
 Python each). While a rollout is in flight the interpreter switches threads every 0.5 ms instead of
-Python's 5 ms, so a decoding step does not wait out the trainer's turn.
+Python's 5 ms, so a decoding step does not wait out the trainer's turn. With `vllm.separate_process=true`
+the engine schedules in a process of its own, and this thread mostly waits for its results.
 """
 
 from __future__ import annotations

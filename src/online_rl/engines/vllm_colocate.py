@@ -9,6 +9,10 @@ The order of one rollout, as the loop drives it:
 The weights that generate are always the ones just pushed from the trainer, never the checkpoint on
 disk: at level 2 the woken weights are uninitialised memory, and `generate` refuses to run on them
 until `sync_weights` has filled them.
+
+With `vllm.separate_process=true` the engine runs in a process of its own on the same device (vLLM's
+multiprocessing mode), and `sync_weights` copies the weights into memory that both processes map
+(`shared_weights`). Its scheduling and input preparation then never wait for the trainer's interpreter.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from typing import Any
 import torch
 
 from online_rl.engines.protocol import Rollout
+from online_rl.engines.shared_weights import SharedWeightBuffer
 from online_rl.engines.weights import inference_weights
+from online_rl.models import torch_dtype
+
+WORKER_EXTENSION = "online_rl.engines.shared_weights.SharedWeightsWorker"
 
 
 def external_launcher() -> dict[str, str]:
@@ -71,8 +79,18 @@ class VLLMColocateEngine:
                 f"vllm.sleep_level={cfg.sleep_level} needs CUDA (vLLM's sleep mode frees GPU memory); "
                 "on a CPU use vllm.sleep_level=0"
             )
-        # The engine core runs in this process, so the trainer's tensors reach it by reference.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if cfg.separate_process and (external_launcher() or cfg.tensor_parallel_size > 1):
+            raise ValueError(
+                "vllm.separate_process=true needs one training rank and vllm.tensor_parallel_size=1: "
+                "set vllm.separate_process=false"
+            )
+        if cfg.separate_process and cfg.weight_bucket_mib < 1:
+            raise ValueError(
+                f"vllm.weight_bucket_mib={cfg.weight_bucket_mib}: the shared block needs at least 1 MiB"
+            )
+        # In this process, the engine core takes the trainer's tensors by reference; in a process of its own,
+        # it maps a block of memory they are copied into (shared_weights).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.separate_process else "0"
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
         from vllm import LLM
@@ -107,11 +125,17 @@ class VLLMColocateEngine:
             logprobs_mode="processed_logprobs",
             **optional,
             **external_launcher(),
+            **({"worker_extension_cls": WORKER_EXTENSION} if cfg.separate_process else {}),
         )
         self.device = device
         self.weights_asleep = self.kv_cache_asleep = False
         self.weights_loaded = True  # the checkpoint on disk is the trainer's starting point
         self.stats: dict[str, float] = {}
+        self.shared_weights = (
+            SharedWeightBuffer(self.llm, device, torch_dtype(cfg.dtype), cfg.weight_bucket_mib * 2**20)
+            if cfg.separate_process
+            else None
+        )
         self.engine_model = self.in_process_model()  # None: weights go through reload_weights
         used_awake = self.device_used_bytes()
         self.sleep()  # give the GPU to the trainer until the first rollout
@@ -138,7 +162,9 @@ class VLLMColocateEngine:
             self.llm.wake_up(tags=["weights"])
             self.weights_asleep = False
         woken = time.perf_counter()
-        if self.engine_model is not None:
+        if self.shared_weights is not None:
+            self.shared_weights.push(model)
+        elif self.engine_model is not None:
             self.engine_model.load_weights(inference_weights(model))
         else:
             self.llm.collective_rpc(
@@ -161,7 +187,7 @@ class VLLMColocateEngine:
         16 ms for a 0.5B model on an H200, where `reload_weights` (the same call inside a layer-by-layer
         reload) takes 73 ms. On a CPU, vLLM repacks linear weights for oneDNN after loading, which only
         `reload_weights` redoes; with tensor parallelism the model lives in worker processes."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.shared_weights is not None:
             return None
         worker = getattr(self.llm.llm_engine.model_executor, "driver_worker", None)
         return worker.model_runner.model if worker is not None else None
@@ -216,6 +242,8 @@ class VLLMColocateEngine:
     def close(self) -> None:
         if self.llm is None:
             return
-        self.llm = None  # drops the engine and its memory pool
+        if self.shared_weights is not None:
+            self.shared_weights.close()
+        self.llm = None  # drops the engine and its memory pool (and its process)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
