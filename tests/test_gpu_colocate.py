@@ -169,7 +169,8 @@ path = build_random_model(cfg.model.random_init, synthetic_arithmetic(100)["prom
 model = load_policy(str(path), cfg.model, torch.float32, device)
 engine = VLLMColocateEngine(str(path), cfg.vllm, device, seed=0, max_model_len=256)
 collect = gc.collect
-del torch.empty(2**31, dtype=torch.uint8, device=device)  # a training pass's activations: freed, still cached
+activations = torch.empty(2**31, dtype=torch.uint8, device=device)
+del activations  # as after a training pass: freed, still cached by torch
 cached = torch.cuda.memory_reserved(device)
 engine.sync_weights(model)
 rollout = engine.generate([[5, 6, 7, 8]], 4, cfg.sampling)  # wakes, generates, sleeps
