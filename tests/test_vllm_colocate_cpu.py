@@ -393,3 +393,40 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
             assert metrics["sync/logp_gap_mean"] < 1e-4, metrics
         if off_policy:  # sampled one update behind the trainer: visibly apart
             assert all(m["sync/logp_gap_mean"] > 1e-3 for m in history[1:]), history
+
+
+def test_a_dead_engine_process_is_an_error_not_a_hang(tmp_path, tiny_model_dir):
+    """vllm.separate_process=true: if vLLM's processes die (killed, out of memory) just before or during a
+    call, the call raises EngineUnavailable (the loop then saves the trainer's state) within seconds, instead
+    of waiting for an answer that never comes (which vLLM 0.26 does), and a call after that raises too."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    snippet = f"""
+import os, signal, sys, time, psutil, torch
+sys.path.insert(0, {str(ROOT)!r})
+from tests.conftest import compose_config
+from online_rl.engines.vllm_colocate import VLLMColocateEngine
+from online_rl.models import load_policy
+cfg = compose_config({[*CPU_COLOCATE, "vllm.separate_process=true"]!r})
+model = load_policy({str(tiny_model_dir)!r}, cfg.model, torch.float32, torch.device("cpu"))
+engine = VLLMColocateEngine({str(tiny_model_dir)!r}, cfg.vllm, torch.device("cpu"), seed=0, max_model_len=128)
+engine.sync_weights(model)
+for child in psutil.Process().children(recursive=True):
+    os.kill(child.pid, signal.SIGKILL)
+for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6, 7]], 2, cfg.sampling)):
+    started = time.perf_counter()
+    try:
+        call()
+    except Exception as error:
+        print("RAISED", type(error).__name__, round(time.perf_counter() - started))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    raised = [line.split() for line in result.stdout.splitlines() if line.startswith("RAISED")]
+    assert len(raised) == 2, (result.stdout + result.stderr)[-3000:]
+    for _, kind, seconds in raised:
+        assert kind == "EngineUnavailable" and int(seconds) < 10, raised

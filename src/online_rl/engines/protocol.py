@@ -3,6 +3,8 @@ settings, never the algorithm."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,3 +39,23 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free what the engine holds."""
+
+
+class Background:
+    """fn() on a daemon thread, its wait bounded by the caller: a call that hangs (an NCCL collective, an engine
+    process that died mid-call) can neither block the run nor keep the process alive."""
+
+    def __init__(self, fn: Callable[[], Any], what: str):
+        self.what, self.value, self.error = what, None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=what)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.value = fn()
+        except BaseException as error:  # handed to the waiting thread
+            self.error = error
+
+    @property
+    def done(self) -> bool:
+        return not self.thread.is_alive()

@@ -21,16 +21,18 @@ import contextlib
 import gc
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from online_rl.engines.protocol import Rollout
+from online_rl.engines.protocol import Background, EngineUnavailable, Rollout
 from online_rl.engines.shared_weights import SharedWeightBuffer
 from online_rl.engines.weights import inference_weights
 from online_rl.models import torch_dtype
 
 WORKER_EXTENSION = "online_rl.engines.shared_weights.SharedWeightsWorker"
+ENGINE_POLL_S = 0.05  # separate_process: how often a call in flight checks that the engine process lives
 
 
 def external_launcher() -> dict[str, str]:
@@ -153,6 +155,36 @@ class VLLMColocateEngine:
         self.weights_loaded = self.sleep_level == 1
 
     def sync_weights(self, model: torch.nn.Module) -> None:
+        self.in_engine(lambda: self.push_weights(model), "the weight push")
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
+        return self.in_engine(lambda: self.sample(prompt_ids, n, sampling), "generation")
+
+    def in_engine(self, call: Callable[[], Any], what: str) -> Any:
+        """call(), which talks to vLLM's engine. In a process of its own the engine can die during a call
+        (killed, out of memory), and vLLM 0.26 then leaves the call waiting for an answer that never comes. So
+        there the call runs on a daemon thread, and waiting for it ends in EngineUnavailable (the loop saves
+        the trainer's state) as soon as vLLM has noticed that the process exited."""
+        if self.shared_weights is None:
+            return call()
+        exited = f"vLLM's engine process exited before or during {what} (killed, or out of memory: its log says why)"
+        task = Background(call, f"vLLM {what}")
+        while not task.done:
+            if self.engine_process_exited():
+                raise EngineUnavailable(exited)
+            task.thread.join(ENGINE_POLL_S)
+        if task.error is not None:
+            if self.engine_process_exited():  # a call after the exit: vLLM's EngineDeadError
+                raise EngineUnavailable(exited) from task.error
+            raise task.error
+        return task.value
+
+    def engine_process_exited(self) -> bool:
+        """vLLM's own flag, set by its thread that watches the engine process."""
+        resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
+        return bool(getattr(resources, "engine_dead", False))
+
+    def push_weights(self, model: torch.nn.Module) -> None:
         started = time.perf_counter()
         if self.weights_asleep:
             if self.device.type == "cuda" and torch.cuda.mem_get_info(self.device)[0] < 1.1 * self.wake_bytes:
@@ -192,7 +224,7 @@ class VLLMColocateEngine:
         worker = getattr(self.llm.llm_engine.model_executor, "driver_worker", None)
         return worker.model_runner.model if worker is not None else None
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
+    def sample(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 

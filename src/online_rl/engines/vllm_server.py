@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,7 +32,7 @@ import httpx
 import torch
 
 from online_rl.engines import gpu_guard
-from online_rl.engines.protocol import EngineUnavailable, Rollout
+from online_rl.engines.protocol import Background, EngineUnavailable, Rollout
 from online_rl.engines.weights import inference_weight_specs, inference_weights
 
 log = logging.getLogger(__name__)
@@ -133,25 +132,6 @@ def check_server_config(url: str, info: dict, needs_weight_transfer: bool) -> No
             'restart it with --weight-transfer-config \'{"backend":"nccl"}\' (make serve does), or set '
             "vllm.sync_weights=false for generation only"
         )
-
-
-class Background:
-    """fn() on a daemon thread, its wait bounded: a hung NCCL call can neither block nor keep the process alive."""
-
-    def __init__(self, fn: Callable[[], Any], what: str):
-        self.what, self.value, self.error = what, None, None
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=what)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.value = fn()
-        except BaseException as error:  # handed to the waiting thread
-            self.error = error
-
-    @property
-    def done(self) -> bool:
-        return not self.thread.is_alive()
 
 
 def wait_all(tasks: list[Background], timeout: float) -> list[Any]:
