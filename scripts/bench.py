@@ -522,21 +522,21 @@ def run_arm(arm: str, settings: Settings, workdir: Path) -> None:
 # ---------------------------------------------------------------- the driver: arms, then the report
 
 
-def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -> dict:
-    """One arm's row of the results: medians and spreads over the measured steps."""
+def train_mfu(train_s: float, settings: Settings, flops_per_token: float) -> float | None:
+    """The share of the H200's bf16 peak that an optimizer step over one rollout's tokens (prompts and
+    completions) reaches in train_s seconds; None off a GPU."""
+    if settings.device != "cuda":
+        return None
     tokens_per_step = (
         settings.prompts_per_step
         * settings.num_generations
         * (settings.prompt_tokens + settings.completion_tokens)
     )
+    return flops_per_token * tokens_per_step / train_s / H200_BF16_DENSE_FLOPS
 
-    def mfu(seconds: float) -> float | None:
-        return (
-            flops_per_token * tokens_per_step / seconds / H200_BF16_DENSE_FLOPS
-            if settings.device == "cuda"
-            else None
-        )
 
+def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -> dict:
+    """One arm's row of the results: medians and spreads over the measured steps."""
     if arm in FLOOR_OF:
         generate, train = statistics.median(raw["generate_s"]), statistics.median(raw["train_s"])
         return {
@@ -544,7 +544,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
             "generate_alone_s": generate,
             "train_alone_s": train,
             "floor_s": generate + train,
-            "train_mfu": mfu(train),
+            "train_mfu": train_mfu(train, settings, flops_per_token),
             "generate_alone_steps_s": raw["generate_s"],
             "train_alone_steps_s": raw["train_s"],
         }
@@ -568,7 +568,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
                 "generate_steps_s": raw["generate_s"],
                 "train_steps_s": raw["train_s"],
                 "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / row["s_per_step_median"],
-                "train_mfu": mfu(phases["train"]),
+                "train_mfu": train_mfu(phases["train"], settings, flops_per_token),
             }
         )
     return row

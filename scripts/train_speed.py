@@ -105,11 +105,6 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
             syncs_path.write_text(report or "no synchronizing CUDA call\n")
     measured = seconds[settings.warmup_steps :]
     train_s = statistics.median(measured)
-    flops = (
-        bench.flops_per_token(workdir / "model", lora)
-        * rows
-        * (settings.prompt_tokens + settings.completion_tokens)
-    )
     return {
         "variant": variant,
         "overrides": overrides,
@@ -117,7 +112,7 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
         "warmup_s": seconds[: settings.warmup_steps],
         "step_s": measured,
         "train_s": train_s,
-        "mfu": flops / train_s / bench.H200_BF16_DENSE_FLOPS if device.type == "cuda" else None,
+        "mfu": bench.train_mfu(train_s, settings, bench.flops_per_token(workdir / "model", lora)),
         "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
         else None,

@@ -75,26 +75,36 @@ def test_separate_process_engine_samples_with_the_pushed_weights(tmp_path, overr
     assert history[-1]["train/grad_norm"] > 0
 
 
-def test_level_two_refuses_to_generate_before_a_sync(tmp_path):
-    """At level 2 the woken weights are garbage until the trainer's are pushed: generate must refuse."""
-    snippet = f"""
-import sys, torch
+def run_with_engine(tmp_path, overrides: list[str], body: str) -> subprocess.CompletedProcess:
+    """`body` in a process of its own, after a prologue that builds the tiny model in tmp_path and names cfg
+    (vllm=colocate at 0.2 of the GPU, then `overrides`), device, model (the trainer, fp32) and engine."""
+    prologue = f"""
+import pathlib, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import compose_config
 from online_rl.data import synthetic_arithmetic
-from online_rl.models import build_random_model
 from online_rl.engines.vllm_colocate import VLLMColocateEngine
-cfg = compose_config(["vllm=colocate", "vllm.sleep_level=2", "vllm.gpu_memory_utilization=0.2", "vllm.enforce_eager=true"])
-path = build_random_model(cfg.model.random_init, synthetic_arithmetic(100)["prompt"], __import__("pathlib").Path({str(tmp_path)!r}))
-engine = VLLMColocateEngine(str(path), cfg.vllm, torch.device("cuda"), seed=0, max_model_len=256)
+from online_rl.models import build_random_model, load_policy
+cfg = compose_config(["vllm=colocate", "vllm.gpu_memory_utilization=0.2", *{overrides!r}])
+device = torch.device("cuda")
+path = build_random_model(cfg.model.random_init, synthetic_arithmetic(100)["prompt"], pathlib.Path({str(tmp_path)!r}))
+model = load_policy(str(path), cfg.model, torch.float32, device)
+engine = VLLMColocateEngine(str(path), cfg.vllm, device, seed=0, max_model_len=256)
+"""
+    return subprocess.run(
+        [sys.executable, "-c", prologue + body], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_level_two_refuses_to_generate_before_a_sync(tmp_path):
+    """At level 2 the woken weights are garbage until the trainer's are pushed: generate must refuse."""
+    body = """
 try:
     engine.generate([[1, 2, 3]], 2, cfg.sampling)
 except RuntimeError as error:
     print("REFUSED:", error)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    result = run_with_engine(tmp_path, ["vllm.sleep_level=2", "vllm.enforce_eager=true"], body)
     assert "REFUSED: the vLLM engine has no current weights" in result.stdout, result.stderr[-3000:]
 
 
@@ -103,49 +113,35 @@ def test_off_policy_rollouts_sample_with_the_weights_pushed_before_they_start(tm
     generating thread's own stream. Each rollout must sample with the pushed weights: its log-probs equal
     the trainer's under them, and differ from those under the weights the engine held before the push (a
     large perturbation each round, so that sampling with some of the old weights would show)."""
-    snippet = f"""
-import sys, torch
-sys.path.insert(0, {str(ROOT)!r})
-from tests.conftest import compose_config
-from online_rl.data import synthetic_arithmetic
-from online_rl.engines.vllm_colocate import VLLMColocateEngine
+    body = """
 from online_rl.logprobs import completion_logprobs, pack
-from online_rl.models import build_random_model, load_policy
 from online_rl.rollout_ahead import RolloutAhead
-cfg = compose_config(["vllm=colocate", "vllm.sleep_level=0", "vllm.gpu_memory_utilization=0.2",
-                      "sampling.max_completion_length=64"])
-device = torch.device("cuda")
-path = build_random_model(cfg.model.random_init, synthetic_arithmetic(100)["prompt"], __import__("pathlib").Path({str(tmp_path)!r}))
-model = load_policy(str(path), cfg.model, torch.float32, device)
-engine = VLLMColocateEngine(str(path), cfg.vllm, device, seed=0, max_model_len=256)
 ahead = RolloutAhead(engine, device)
 prompts = [[5, 6, 7, 8], [9, 10, 11]]
 torch.manual_seed(0)
 for r in range(3):
-    held = {{name: p.detach().clone() for name, p in model.named_parameters()}}  # what the engine holds
+    held = {name: p.detach().clone() for name, p in model.named_parameters()}  # what the engine holds
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    pushed = {{name: p.detach().clone() for name, p in model.named_parameters()}}
+    pushed = {name: p.detach().clone() for name, p in model.named_parameters()}
     engine.sync_weights(model)
-    ahead.start(None, prompts, 4, cfg.sampling, {{}})
+    ahead.start(None, prompts, 4, cfg.sampling, {})
     _, rollout, _ = ahead.take()
     batch = pack([p for p in prompts for _ in range(4)], rollout.completion_ids, 0, rollout.sampler_logprobs)
     batch = batch.to(device)
     mask = batch.completion_mask.float()
-    gaps = {{}}
+    gaps = {}
     for label, weights in (("held", held), ("pushed", pushed)):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(weights[name])
             logp, _ = completion_logprobs(model, batch, cfg.sampling.temperature)
         gaps[label] = float(((logp - batch.sampler_logp).abs() * mask).sum() / mask.sum())
-    print(f"ROUND {{r}} pushed {{gaps['pushed']:.5f}} held {{gaps['held']:.5f}}")
+    print(f"ROUND {r} pushed {gaps['pushed']:.5f} held {gaps['held']:.5f}")
 ahead.close()
 """
-    result = subprocess.run(
-        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    result = run_with_engine(tmp_path, ["vllm.sleep_level=0", "sampling.max_completion_length=64"], body)
     rounds = [line.split() for line in result.stdout.splitlines() if line.startswith("ROUND")]
     assert len(rounds) == 3, (result.stdout + result.stderr)[-3000:]
     for _, _, _, pushed, _, held in rounds:
@@ -155,19 +151,8 @@ ahead.close()
 def test_sleep_keeps_the_trainers_cached_memory(tmp_path):
     """vLLM's own sleep empties torch's cache and runs a full garbage collection; beside a trainer it must do
     neither: the blocks the trainer freed stay cached for its next pass, while vLLM's memory is still freed."""
-    snippet = f"""
-import gc, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
-from tests.conftest import compose_config
-from online_rl.data import synthetic_arithmetic
-from online_rl.engines.vllm_colocate import VLLMColocateEngine
-from online_rl.models import build_random_model, load_policy
-cfg = compose_config(["vllm=colocate", "vllm.sleep_level=2", "vllm.gpu_memory_utilization=0.2",
-                      "sampling.max_completion_length=32"])
-device = torch.device("cuda")
-path = build_random_model(cfg.model.random_init, synthetic_arithmetic(100)["prompt"], __import__("pathlib").Path({str(tmp_path)!r}))
-model = load_policy(str(path), cfg.model, torch.float32, device)
-engine = VLLMColocateEngine(str(path), cfg.vllm, device, seed=0, max_model_len=256)
+    body = """
+import gc
 collect = gc.collect
 activations = torch.empty(2**31, dtype=torch.uint8, device=device)
 del activations  # as after a training pass: freed, still cached by torch
@@ -178,9 +163,7 @@ print("CACHED", cached, torch.cuda.memory_reserved(device))
 print("FREED", rollout.stats["memory/device_used_awake_gib"] - engine.device_used_bytes() / 2**30)
 print("RESTORED", gc.collect is collect and torch.cuda.empty_cache.__module__ == "torch.cuda.memory")
 """
-    result = subprocess.run(
-        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    result = run_with_engine(tmp_path, ["vllm.sleep_level=2", "sampling.max_completion_length=32"], body)
     lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line[:1].isupper()}
     assert {"CACHED", "FREED", "RESTORED"} <= lines.keys(), (result.stdout + result.stderr)[-3000:]
     before, after = map(int, lines["CACHED"])
