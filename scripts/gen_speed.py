@@ -40,6 +40,8 @@ VARIANTS = {
     "separate_process": (["vllm.separate_process=true"], lambda settings: {}),
     "sync_scheduling": (["vllm.async_scheduling=false"], lambda settings: {}),
     "no_sleep": (["vllm.sleep_level=0"], lambda settings: {}),
+    # the prompt's blocks hashed and cached for every sequence at every step, against 8x the prefill
+    "no_prefix_cache": (["vllm.enable_prefix_caching=false"], lambda settings: {}),
     # half the requests over the same number of decoding steps: what each sequence costs against each step
     "half_batch": ([], lambda settings: {"prompts_per_step": max(1, settings.prompts_per_step // 2)}),
 }

@@ -34,7 +34,20 @@ def train(tmp_path, *overrides):
         timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return [record for record in records(tmp_path) if "eval/prompts" not in record]  # the training steps
+
+
+def records(tmp_path) -> list[dict]:
+    """The run's metrics.jsonl: one line per training step, and one per evaluation (its keys eval/...)."""
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_evaluation(tmp_path) -> dict:
+    """The evaluation at the end of the run (eval_every: 40 > max_steps). At sleep level 2 it makes several
+    engine calls (greedy, then sampled), each after the engine dropped its weights."""
+    (evaluation,) = [record for record in records(tmp_path) if "eval/prompts" in record]
+    assert evaluation["step"] == 3 and "eval/pass@1_greedy" in evaluation and "eval/pass@1" in evaluation
+    return evaluation
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +66,7 @@ def test_sleep_frees_memory_and_every_rollout_uses_the_latest_weights(tmp_path, 
             metrics
         )
     assert history[-1]["train/grad_norm"] > 0
+    final_evaluation(tmp_path)
 
 
 def test_lora_colocate(tmp_path):
@@ -73,6 +87,7 @@ def test_separate_process_engine_samples_with_the_pushed_weights(tmp_path, overr
     for metrics in history:  # on-policy the run itself stops above it; off-policy it only logs it
         assert metrics["sync/logp_gap_mean"] < 0.1, metrics
     assert history[-1]["train/grad_norm"] > 0
+    final_evaluation(tmp_path)
 
 
 def run_with_engine(tmp_path, overrides: list[str], body: str) -> subprocess.CompletedProcess:

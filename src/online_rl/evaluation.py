@@ -120,16 +120,15 @@ class Evaluator:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         started = time.perf_counter()
-        self.engine.sync_weights(model)
         n = self.eval_cfg.num_generations
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the training run's random stream stays as it was
             metrics = {}
             if self.eval_cfg.greedy:
-                outcome = self.score(1, self.greedy)
+                outcome = self.score(model, 1, self.greedy)
                 metrics["eval/pass@1_greedy"] = mean_pass_at_k(outcome["passes"], [1])[1]
                 metrics["eval/reward_mean_greedy"] = outcome["reward_mean"]
-            outcome = self.score(n, self.sampled)
+            outcome = self.score(model, n, self.sampled)
         metrics.update(
             {f"eval/pass@{k}": v for k, v in mean_pass_at_k(outcome["passes"], k_values(n)).items()}
         )
@@ -140,14 +139,17 @@ class Evaluator:
         metrics["time/eval_s"] = time.perf_counter() - started
         return metrics
 
-    def score(self, n: int, sampling: Any) -> dict[str, Any]:
-        """n completions per eval prompt, generated batch by batch and scored by every reward."""
+    def score(self, model: torch.nn.Module, n: int, sampling: Any) -> dict[str, Any]:
+        """n completions per eval prompt of `model`, generated batch by batch and scored by every reward."""
         passes: list[list[bool]] = []
         totals, lengths = [], []
         per_reward: dict[str, list[float]] = {reward.name: [] for reward in self.reward_functions}
         batch_size = self.eval_cfg.batch_size
         for start in range(0, len(self.rows), batch_size):
             rows = self.rows[start : start + batch_size]
+            # before every engine call, not once per evaluation: a colocated vLLM at sleep level 2 drops its
+            # weights when it sleeps after each call (a push takes tens of ms; an evaluation a few calls)
+            self.engine.sync_weights(model)
             rollout = self.engine.generate(self.prompt_ids[start : start + batch_size], n, sampling)
             completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             columns = {
