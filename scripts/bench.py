@@ -81,6 +81,9 @@ class Settings:
     # ours, on-policy: vllm.separate_process, vLLM's engine in a process of its own (ours_offpolicy always
     # runs it so: in the trainer's, generating beside training took 2x as long as alone)
     separate_process: bool = False
+    # ours: vllm.engine_processes, engines on the GPU each generating a share of the prompts (in processes of
+    # their own); generation is bound by vLLM's Python per sequence, the GPU running kernels 28% of the time
+    engine_processes: int = 1
     model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
     device: str = "cuda"
     use_vllm: bool = True
@@ -247,7 +250,8 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
             "vllm.async_scheduling=true",
             # off-policy: generation runs beside training, so the engine gets a process (and interpreter) of its
             # own; in the trainer's it waits for training's Python (4.3-4.6 s against 2.1 s alone, e80fade)
-            f"vllm.separate_process={settings.separate_process or off_policy}",
+            f"vllm.separate_process={settings.separate_process or off_policy or settings.engine_processes > 1}",
+            f"vllm.engine_processes={settings.engine_processes}",
             # the step's sequences decode at once; vLLM captures CUDA graphs only up to this batch size
             f"vllm.max_num_seqs={settings.prompts_per_step * settings.num_generations}",
         ]
@@ -676,7 +680,17 @@ def report(
         + ("our training passes torch.compile'd (model.compile); " if settings.compile_model else "")
         + (
             "our vLLM engine in a process of its own (vllm.separate_process); "
-            if settings.separate_process
+            if settings.separate_process and settings.engine_processes == 1
+            else ""
+        )
+        + (
+            f"{settings.engine_processes} vLLM engines of ours, each in a process of its own (vllm.engine_processes); "
+            if settings.engine_processes > 1
+            else ""
+        )
+        + (
+            "our off-policy arm's vLLM engine in a process of its own; "
+            if any(row["arm"] == "ours_offpolicy" for row in rows) and not settings.separate_process
             else ""
         )
         + f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps."

@@ -1,7 +1,7 @@
 """The bench's generation half alone, under engine variants: where the on-policy floor's generation time goes.
 
     python scripts/gen_speed.py                                  # every variant, on one CUDA GPU
-    python scripts/gen_speed.py --variants default,separate_process --profile default
+    python scripts/gen_speed.py --variants default,two_engines --profile default
     python scripts/gen_speed.py --smoke                          # tiny model on the CPU, no vLLM: checks the harness
 
 One rollout is the bench's (scripts/bench.py): 16 prompts of 128 tokens x 8 samples of 512 tokens, with our
@@ -38,6 +38,8 @@ import bench  # noqa: E402  (scripts/bench.py: the same rollout, settings and mo
 VARIANTS = {
     "default": ([], lambda settings: {}),
     "separate_process": (["vllm.separate_process=true"], lambda settings: {}),
+    # two engine processes on the GPU, half the prompts each: vLLM's Python per sequence on two CPU cores
+    "two_engines": (["vllm.separate_process=true", "vllm.engine_processes=2"], lambda settings: {}),
     "sync_scheduling": (["vllm.async_scheduling=false"], lambda settings: {}),
     "no_sleep": (["vllm.sleep_level=0"], lambda settings: {}),
     # the prompt's blocks hashed and cached for every sequence at every step, against 8x the prefill

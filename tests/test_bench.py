@@ -121,6 +121,42 @@ def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
     assert "| eager | 2 |" in result.stdout  # the table: variant, micro-batch size, seconds
 
 
+def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
+    """scripts/gen_speed.py: the bench's rollout alone, one process per variant (here the CPU's engine:
+    transformers generate), warm-up apart, and the profiled variant's kernel and Python tables."""
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "gen_speed.py"),
+            "--smoke",
+            "--variants",
+            "default,half_batch",
+        ]
+        + ["--profile", "half_batch", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (results_file,) = out.glob("gen-speed-*-smoke.json")
+    results = json.loads(results_file.read_text())
+    settings = results["settings"]
+    default, half = results["variants"]
+    assert (default["variant"], half["variant"]) == ("default", "half_batch") and not results["failures"]
+    rows = settings["prompts_per_step"] * settings["num_generations"]
+    assert (default["completions"], half["completions"]) == (rows, rows // 2)
+    for variant in (default, half):
+        assert len(variant["warmup_s"]) == settings["warmup_steps"]
+        assert len(variant["generate_steps_s"]) == settings["measured_steps"]
+        assert variant["generate_s"] > 0 and variant["completion_tokens_per_s"] > 0
+    assert half["profiled_wall_s"] > 0 and "profiled_wall_s" not in default
+    (python,) = out.glob("gen-speed-*-smoke-half_batch-python.txt")
+    assert "function calls" in python.read_text()  # cProfile's table
+    (kernels,) = out.glob("gen-speed-*-smoke-half_batch-kernels.txt")
+    assert "aten::" in kernels.read_text()
+
+
 def test_train_speed_refuses_a_profile_of_a_variant_it_does_not_run(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train_speed.py"), "--smoke", "--variants", "eager"]

@@ -77,8 +77,12 @@ def test_lora_colocate(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["vllm.sleep_level=2"], ["vllm.sleep_level=0", "off_policy_steps=1"]],
-    ids=["asleep", "off_policy"],
+    [
+        ["vllm.sleep_level=2"],
+        ["vllm.sleep_level=0", "off_policy_steps=1"],
+        ["vllm.sleep_level=2", "vllm.engine_processes=2"],  # each engine sampling its share with them
+    ],
+    ids=["asleep", "off_policy", "two_engines"],
 )
 def test_separate_process_engine_samples_with_the_pushed_weights(tmp_path, overrides):
     """vllm.separate_process=true on the GPU: the weights reach vLLM's engine process through CUDA IPC, in

@@ -5,6 +5,7 @@ here, so its log-probs must equal the trainer's to float precision.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -148,14 +149,16 @@ def test_sleep_mode_on_cpu_names_the_fix(tiny_model_dir):
 @pytest.mark.parametrize(
     "overrides, fix",
     [
-        (["vllm.tensor_parallel_size=2"], "vllm.separate_process=false"),
-        (["vllm.weight_bucket_mib=0"], "at least 1 MiB"),
+        (["vllm.separate_process=true", "vllm.tensor_parallel_size=2"], "vllm.separate_process=false"),
+        (["vllm.separate_process=true", "vllm.weight_bucket_mib=0"], "at least 1 MiB"),
+        (["vllm.engine_processes=2"], "with vllm.separate_process=true"),
+        (["vllm.separate_process=true", "vllm.engine_processes=0"], "set it to 1"),
     ],
 )
 def test_separate_process_settings_it_cannot_run_name_the_fix(tiny_model_dir, overrides, fix):
     from online_rl.engines.vllm_colocate import VLLMColocateEngine
 
-    cfg = compose_config([*CPU_COLOCATE, "vllm.separate_process=true", *overrides])
+    cfg = compose_config([*CPU_COLOCATE, *overrides])
     with pytest.raises(ValueError, match=fix):
         VLLMColocateEngine(str(tiny_model_dir), cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
 
@@ -345,10 +348,20 @@ def test_shared_weight_buckets_fit_the_block_and_keep_the_order():
     assert slot_view(block, buckets[0][1]).sum() == 64 and slot_view(block, buckets[0][0]).sum() == 0
 
 
+def test_contiguous_shares_keep_the_order_and_differ_by_one_at_most():
+    from online_rl.engines.vllm_colocate import contiguous_shares
+
+    assert contiguous_shares(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert contiguous_shares(list(range(4)), 2) == [[0, 1], [2, 3]]
+    assert contiguous_shares([0], 2) == [[0], []]  # fewer prompts than engines: one has none
+    assert contiguous_shares(list(range(5)), 1) == [list(range(5))]
+
+
 def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
     """vllm.separate_process=true: vLLM's engine runs in processes of its own, and every rollout samples with
     the weights the trainer just pushed through shared memory (its log-probs equal the trainer's), on-policy
-    and one step off-policy. Its own `train.py` process: vLLM reads its multiprocessing setting once."""
+    and one step off-policy; with vllm.engine_processes=2, two engines, each sampling its share of the prompts
+    with those weights. Its own `train.py` process: vLLM reads its multiprocessing setting once."""
     import json
     import subprocess
     import sys
@@ -368,8 +381,8 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
         *CPU_COLOCATE,
         "vllm.separate_process=true",
     ]
-    for off_policy in (0, 1):
-        out = tmp_path / f"off_policy_{off_policy}"
+    for off_policy, engines in ((0, 1), (1, 1), (0, 2)):
+        out = tmp_path / f"off_policy_{off_policy}_engines_{engines}"
         result = subprocess.run(
             [
                 sys.executable,
@@ -377,6 +390,7 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
                 *common,
                 "max_steps=3",
                 f"off_policy_steps={off_policy}",
+                f"vllm.engine_processes={engines}",
                 f"hydra.run.dir={out}",
             ],
             cwd=ROOT,
@@ -385,7 +399,9 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
             timeout=600,
         )
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-        assert "EngineCore pid=" in result.stdout + result.stderr  # vLLM's engine process logged
+        # each engine process logs as "(EngineCore pid=N)"
+        engine_pids = set(re.findall(r"EngineCore pid=(\d+)", result.stdout + result.stderr))
+        assert len(engine_pids) == engines, engine_pids
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(history) == 3
         on_policy_steps = history if not off_policy else history[:1]  # later ones sample one update behind

@@ -171,6 +171,11 @@ class VLLMColocateConfig(VLLMCheckConfig):
     # it otherwise shares with training when the two overlap (off_policy_steps=1). One training rank, one GPU.
     separate_process: bool = False
     weight_bucket_mib: int = 1024  # separate_process: the shared block's size (a larger weight gets its own)
+    # separate_process: engines on the device, each in a process of its own, each generating a share of every
+    # rollout's prompts. vLLM spends most of a decoding step in Python, per sequence (on the H200 the GPU ran
+    # kernels 28% of a rollout); N processes spread that over N CPU cores. Each engine holds a copy of the
+    # weights and its own KV cache (kv_cache_memory_gib, or gpu_memory_utilization, each).
+    engine_processes: int = 1
 
 
 @dataclass

@@ -10,7 +10,9 @@ on the same device, through one block of memory both processes map.
 
 On a GPU the block is a CUDA tensor shared by a CUDA IPC handle; on a CPU, a file in shared memory. The
 block is mapped once, at the first push; each push sends only the bucket's layout (names, dtypes, shapes,
-offsets). The block holds at most `bucket_bytes` (or the largest single weight), in vLLM's dtype.
+offsets). The block holds at most `bucket_bytes` (or the largest single weight), in vLLM's dtype. With
+several engine processes (`vllm.engine_processes`) every one maps the same block: each bucket is copied once,
+then loaded by all of them at the same time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 
 import torch
@@ -64,11 +67,11 @@ def slot_view(block: torch.Tensor, slot: Slot) -> torch.Tensor:
 
 
 class SharedWeightBuffer:
-    """The trainer's side: a block of `bucket_bytes` on its device, mapped by vLLM's worker at the first
+    """The trainer's side: a block of `bucket_bytes` on its device, mapped by every engine's worker at the first
     push, through which every push sends the model's weights one bucket at a time."""
 
-    def __init__(self, llm, device: torch.device, dtype: torch.dtype, bucket_bytes: int):
-        self.llm, self.device, self.dtype = llm, device, dtype
+    def __init__(self, llms: list, device: torch.device, dtype: torch.dtype, bucket_bytes: int):
+        self.llms, self.device, self.dtype = llms, device, dtype
         # On a CPU every weight goes in one bucket: vLLM's reload there repacks the whole model after loading.
         self.bucket_bytes = bucket_bytes if device.type == "cuda" else float("inf")
         self.buckets: list[list[Slot]] | None = None
@@ -90,7 +93,7 @@ class SharedWeightBuffer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the worker reads the block from another process
             # as plain tuples: vLLM's RPC between processes carries only built-in types
-            self.llm.collective_rpc("load_shared_weights", args=([astuple(slot) for slot in bucket],))
+            self.call_workers("load_shared_weights", [astuple(slot) for slot in bucket])
 
     def attach(self, model: torch.nn.Module) -> None:
         self.buckets, size = plan_buckets(inference_weight_specs(model), self.dtype, self.bucket_bytes)
@@ -104,7 +107,16 @@ class SharedWeightBuffer:
             os.close(descriptor)
             self.block = torch.from_file(self.path, shared=True, size=size, dtype=torch.uint8)
             handle = ("file", self.path, size)
-        self.llm.collective_rpc("attach_shared_weights", args=(pickle.dumps(handle),))
+        self.call_workers("attach_shared_weights", pickle.dumps(handle))
+
+    def call_workers(self, method: str, argument) -> None:
+        """method(argument) in every engine's worker; with several engines, in all of them at once (each call
+        waits on another process)."""
+        if len(self.llms) == 1:
+            self.llms[0].collective_rpc(method, args=(argument,))
+            return
+        with ThreadPoolExecutor(len(self.llms)) as pool:
+            list(pool.map(lambda llm: llm.collective_rpc(method, args=(argument,)), self.llms))
 
     def close(self) -> None:
         self.block = None

@@ -13,6 +13,8 @@ until `sync_weights` has filled them.
 With `vllm.separate_process=true` the engine runs in a process of its own on the same device (vLLM's
 multiprocessing mode), and `sync_weights` copies the weights into memory that both processes map
 (`shared_weights`). Its scheduling and input preparation then never wait for the trainer's interpreter.
+With `vllm.engine_processes=N` as well, N such engines share the device, each generating a contiguous share
+of every rollout's prompts; every call goes to all of them at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import gc
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -90,6 +93,11 @@ class VLLMColocateEngine:
             raise ValueError(
                 f"vllm.weight_bucket_mib={cfg.weight_bucket_mib}: the shared block needs at least 1 MiB"
             )
+        if cfg.engine_processes < 1 or (cfg.engine_processes > 1 and not cfg.separate_process):
+            raise ValueError(
+                f"vllm.engine_processes={cfg.engine_processes}: set it to 1, or to more with "
+                "vllm.separate_process=true (each engine runs in a process of its own)"
+            )
         # In this process, the engine core takes the trainer's tensors by reference; in a process of its own,
         # it maps a block of memory they are copied into (shared_weights).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.separate_process else "0"
@@ -111,10 +119,9 @@ class VLLMColocateEngine:
             )
             if value is not None
         }
-        self.llm = LLM(
+        settings = dict(
             model=model_path,
             dtype=cfg.dtype,
-            seed=cfg.seed if cfg.seed is not None else seed,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.max_model_len or max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching,
@@ -129,12 +136,17 @@ class VLLMColocateEngine:
             **external_launcher(),
             **({"worker_extension_cls": WORKER_EXTENSION} if cfg.separate_process else {}),
         )
+        first_seed = cfg.seed if cfg.seed is not None else seed
+        # a seed each: with one, every engine's k-th sequence would draw the same random numbers
+        self.llms = [LLM(seed=first_seed + index, **settings) for index in range(cfg.engine_processes)]
+        # several engines: one thread each per call, every one waiting on its engine's process
+        self.pool = ThreadPoolExecutor(len(self.llms), "vllm-engine") if len(self.llms) > 1 else None
         self.device = device
         self.weights_asleep = self.kv_cache_asleep = False
         self.weights_loaded = True  # the checkpoint on disk is the trainer's starting point
         self.stats: dict[str, float] = {}
         self.shared_weights = (
-            SharedWeightBuffer(self.llm, device, torch_dtype(cfg.dtype), cfg.weight_bucket_mib * 2**20)
+            SharedWeightBuffer(self.llms, device, torch_dtype(cfg.dtype), cfg.weight_bucket_mib * 2**20)
             if cfg.separate_process
             else None
         )
@@ -148,7 +160,7 @@ class VLLMColocateEngine:
             return
         started = time.perf_counter()
         with without_vllm_cleanup():
-            self.llm.sleep(level=self.sleep_level)
+            self.each(lambda llm: llm.sleep(level=self.sleep_level))
         self.stats["time/sleep_s"] = time.perf_counter() - started
         self.weights_asleep = self.kv_cache_asleep = True
         # Level 1 keeps a CPU copy of the weights; level 2 drops them, so they must be pushed again.
@@ -180,9 +192,15 @@ class VLLMColocateEngine:
         return task.value
 
     def engine_process_exited(self) -> bool:
-        """vLLM's own flag, set by its thread that watches the engine process."""
-        resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
-        return bool(getattr(resources, "engine_dead", False))
+        """vLLM's own flag, set by its thread that watches the engine process (any engine's)."""
+        resources = [getattr(llm.llm_engine.engine_core, "resources", None) for llm in self.llms]
+        return any(getattr(each, "engine_dead", False) for each in resources)
+
+    def each(self, call: Callable[..., Any], *per_engine: list) -> list:
+        """[call(engine, *its share of per_engine)] for every engine, all at once when there are several."""
+        if self.pool is None:
+            return [call(self.llms[0], *(shares[0] for shares in per_engine))]
+        return list(self.pool.map(call, self.llms, *per_engine))
 
     def push_weights(self, model: torch.nn.Module) -> None:
         started = time.perf_counter()
@@ -191,7 +209,7 @@ class VLLMColocateEngine:
                 # torch keeps the blocks it freed after training; hand them back only when vLLM's pool needs the
                 # room (returning 30 GiB of blocks takes 0.1 s, a step's whole sleep-and-wake budget)
                 torch.cuda.empty_cache()
-            self.llm.wake_up(tags=["weights"])
+            self.each(lambda llm: llm.wake_up(tags=["weights"]))
             self.weights_asleep = False
         woken = time.perf_counter()
         if self.shared_weights is not None:
@@ -199,12 +217,12 @@ class VLLMColocateEngine:
         elif self.engine_model is not None:
             self.engine_model.load_weights(inference_weights(model))
         else:
-            self.llm.collective_rpc(
+            self.llms[0].collective_rpc(
                 "reload_weights",
                 kwargs={"weights_iterator": inference_weights(model), "is_checkpoint_format": True},
             )
         self.weights_loaded = True
-        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self.each(lambda llm: llm.reset_prefix_cache())  # cached prefixes were computed with the old weights
         self.stats["time/wake_weights_s"] = woken - started
         self.stats["time/load_weights_s"] = time.perf_counter() - woken
 
@@ -221,7 +239,7 @@ class VLLMColocateEngine:
         `reload_weights` redoes; with tensor parallelism the model lives in worker processes."""
         if self.device.type != "cuda" or self.shared_weights is not None:
             return None
-        worker = getattr(self.llm.llm_engine.model_executor, "driver_worker", None)
+        worker = getattr(self.llms[0].llm_engine.model_executor, "driver_worker", None)
         return worker.model_runner.model if worker is not None else None
 
     def sample(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
@@ -234,7 +252,7 @@ class VLLMColocateEngine:
             )
         if self.kv_cache_asleep:
             started = time.perf_counter()
-            self.llm.wake_up(tags=["kv_cache"])
+            self.each(lambda llm: llm.wake_up(tags=["kv_cache"]))
             self.stats["time/wake_kv_cache_s"] = time.perf_counter() - started
             self.kv_cache_asleep = False
         params = SamplingParams(
@@ -248,9 +266,13 @@ class VLLMColocateEngine:
             detokenize=False,  # the loop decodes once, with the trainer's tokenizer
             structured_outputs=StructuredOutputsParams(regex=self.cfg.regex) if self.cfg.regex else None,
         )
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
-        )
+
+        def generate(llm, share: list[list[int]]) -> list:
+            prompts = [TokensPrompt(prompt_token_ids=ids) for ids in share]
+            return llm.generate(prompts, params, use_tqdm=False) if share else []
+
+        shares = contiguous_shares(prompt_ids, len(self.llms))
+        outputs = [request for part in self.each(generate, shares) for request in part]
         completion_ids, finished, logprobs = [], [], []
         for request in outputs:  # in prompt order
             for sample in request.outputs:
@@ -272,10 +294,22 @@ class VLLMColocateEngine:
         )
 
     def close(self) -> None:
-        if self.llm is None:
+        if not self.llms:
             return
         if self.shared_weights is not None:
             self.shared_weights.close()
-        self.llm = None  # drops the engine and its memory pool (and its process)
+        if self.pool is not None:
+            self.pool.shutdown()
+        self.llms = []  # drops the engines and their memory pools (and their processes)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def contiguous_shares(items: list, count: int) -> list[list]:
+    """items cut into `count` contiguous shares, in order, whose sizes differ by at most one (the first ones
+    larger); a share is empty when there are fewer items than shares."""
+    size, larger = divmod(len(items), count)
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + size + (index < larger))
+    return [items[start:end] for start, end in zip(bounds, bounds[1:])]
