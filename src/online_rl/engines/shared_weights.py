@@ -20,8 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 
 import torch
@@ -70,8 +69,9 @@ class SharedWeightBuffer:
     """The trainer's side: a block of `bucket_bytes` on its device, mapped by every engine's worker at the first
     push, through which every push sends the model's weights one bucket at a time."""
 
-    def __init__(self, llms: list, device: torch.device, dtype: torch.dtype, bucket_bytes: int):
-        self.llms, self.device, self.dtype = llms, device, dtype
+    def __init__(self, each_engine: Callable, device: torch.device, dtype: torch.dtype, bucket_bytes: int):
+        # each_engine(call): call(llm) for every engine (VLLMColocateEngine.each), all at once when several
+        self.each_engine, self.device, self.dtype = each_engine, device, dtype
         # On a CPU every weight goes in one bucket: vLLM's reload there repacks the whole model after loading.
         self.bucket_bytes = bucket_bytes if device.type == "cuda" else float("inf")
         self.buckets: list[list[Slot]] | None = None
@@ -110,13 +110,8 @@ class SharedWeightBuffer:
         self.call_workers("attach_shared_weights", pickle.dumps(handle))
 
     def call_workers(self, method: str, argument) -> None:
-        """method(argument) in every engine's worker; with several engines, in all of them at once (each call
-        waits on another process)."""
-        if len(self.llms) == 1:
-            self.llms[0].collective_rpc(method, args=(argument,))
-            return
-        with ThreadPoolExecutor(len(self.llms)) as pool:
-            list(pool.map(lambda llm: llm.collective_rpc(method, args=(argument,)), self.llms))
+        """method(argument) in every engine's worker."""
+        self.each_engine(lambda llm: llm.collective_rpc(method, args=(argument,)))
 
     def close(self) -> None:
         self.block = None

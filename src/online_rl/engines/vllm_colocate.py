@@ -146,7 +146,7 @@ class VLLMColocateEngine:
         self.weights_loaded = True  # the checkpoint on disk is the trainer's starting point
         self.stats: dict[str, float] = {}
         self.shared_weights = (
-            SharedWeightBuffer(self.llms, device, torch_dtype(cfg.dtype), cfg.weight_bucket_mib * 2**20)
+            SharedWeightBuffer(self.each, device, torch_dtype(cfg.dtype), cfg.weight_bucket_mib * 2**20)
             if cfg.separate_process
             else None
         )
