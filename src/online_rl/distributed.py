@@ -237,6 +237,7 @@ TOKEN_MEANS = (  # per-token means: weighted by the rank's completion tokens
     "train/clip_high_frac",
     "train/clip_region_frac",
     "sync/is_weight_mean",
+    "sync/is_weight_deviation_mean",
 )
 MAXIMA = ("rollout/len_max", "adv/abs_max", "sync/logp_gap_max")
 MAXIMUM_PREFIXES = ("time/", "memory/")  # the slowest rank sets the pace; the fullest GPU the limit

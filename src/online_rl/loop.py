@@ -588,6 +588,9 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     metrics["sync/logp_gap_max"] = totals["gap_max"]
                     if not is_preference and cfg.vllm.importance_sampling_correction:
                         metrics["sync/is_weight_mean"] = totals["is_weight"] / token_count
+                        # how much the correction reweights: the mean weight stays near 1 whatever the gap
+                        # (its expectation under the sampler is 1), this does not
+                        metrics["sync/is_weight_deviation_mean"] = totals["is_weight_deviation"] / token_count
                 metrics.update(nonfinite.metrics())
                 metrics.update(reward_error_metrics(reward_functions))
                 metrics = distributed.reduce_metrics(  # several ranks: one set of metrics for the run
@@ -675,6 +678,7 @@ def policy_gradient_pass(
         "gap_max",
         "engine_tokens",
         "is_weight",
+        "is_weight_deviation",
     )
     device = micro_batches[0][0].input_ids.device
     per_micro_batch = on_device([advantages[index] for _, index, _ in micro_batches], device)
@@ -697,6 +701,7 @@ def policy_gradient_pass(
                 )
                 token_loss = token_loss * weights
                 totals.add("is_weight", (weights * mask).sum())
+                totals.add("is_weight_deviation", ((weights - 1).abs() * mask).sum())
         if ref_logps is not None:
             kl = grpo.k3_kl(logp, ref_logps[i])
             token_loss = token_loss + algo.beta * kl
