@@ -318,8 +318,6 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     over them (forward, backward, clipping, AdamW). Neither waits for the other or for anything else."""
     import torch
 
-    from online_rl.data import load_prompts, tokenize_prompts
-    from online_rl.engines import make_engine, resolve_mode
     from online_rl.logprobs import pack
     from online_rl.models import load_tokenizer, torch_dtype
 
@@ -328,20 +326,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     model, trained, trainable, optimizer = trainer(cfg, model_dir, settings.lr)
-    engine = make_engine(
-        resolve_mode(cfg.vllm.mode.value, device),
-        cfg.vllm,
-        model,
-        str(model_dir),
-        tokenizer,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        seed=settings.seed,
-        max_model_len=settings.prompt_tokens + settings.completion_tokens,
-        trust_remote_code=False,
-    )
-    rows = load_prompts(cfg.data).select(range(settings.prompts_per_step))
-    prompt_ids = tokenize_prompts(tokenizer, rows["prompt"], None, settings.prompt_tokens)
+    engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
     generate_s, train_s = [], []
     for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
         engine.sync_weights(model)
@@ -379,6 +364,32 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     engine.close()
     measured = slice(settings.warmup_steps, settings.steps)
     return {"generate_s": generate_s[measured], "train_s": train_s[measured]}
+
+
+def engine_and_prompts(cfg, settings: Settings, model, model_dir: Path, tokenizer) -> tuple:
+    """cfg's engine on the bench's model, holding `model`'s weights at the first sync; and the token ids of one
+    step's prompts."""
+    import torch
+
+    from online_rl.data import load_prompts, tokenize_prompts
+    from online_rl.engines import make_engine, resolve_mode
+    from online_rl.models import torch_dtype
+
+    device = torch.device(cfg.hardware.device)
+    engine = make_engine(
+        resolve_mode(cfg.vllm.mode.value, device),
+        cfg.vllm,
+        model,
+        str(model_dir),
+        tokenizer,
+        device=device,
+        autocast_dtype=torch_dtype(cfg.hardware.autocast_dtype),
+        seed=settings.seed,
+        max_model_len=settings.prompt_tokens + settings.completion_tokens,
+        trust_remote_code=False,
+    )
+    rows = load_prompts(cfg.data).select(range(settings.prompts_per_step))
+    return engine, tokenize_prompts(tokenizer, rows["prompt"], None, settings.prompt_tokens)
 
 
 def train_step(model, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer) -> None:

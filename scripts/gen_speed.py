@@ -16,23 +16,22 @@ one under cProfile (<...>-<variant>-python.txt: the Python functions by their ow
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import datetime as dt
 import io
 import json
-import os
 import pstats
-import shutil
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed_variants  # noqa: E402
+
 import bench  # noqa: E402  (scripts/bench.py: the same rollout, settings and model)
+
+PREFIX = "gen-speed"
 
 # variant -> (config overrides on top of the bench's floor, bench settings changed)
 VARIANTS = {
@@ -49,11 +48,9 @@ VARIANTS = {
 }
 
 
-def measure(variant: str, settings: bench.Settings, workdir: Path, profile_stem: Path | None) -> dict:
+def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool) -> dict:
     import torch
 
-    from online_rl.data import load_prompts, tokenize_prompts
-    from online_rl.engines import make_engine, resolve_mode
     from online_rl.models import load_policy, load_tokenizer, torch_dtype
 
     overrides, changes = VARIANTS[variant]
@@ -66,21 +63,8 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_stem:
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     model = load_policy(str(model_dir), cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
     started = time.perf_counter()
-    engine = make_engine(
-        resolve_mode(cfg.vllm.mode.value, device),
-        cfg.vllm,
-        model,
-        str(model_dir),
-        tokenizer,
-        device=device,
-        autocast_dtype=torch_dtype(cfg.hardware.autocast_dtype),
-        seed=settings.seed,
-        max_model_len=settings.prompt_tokens + settings.completion_tokens,
-        trust_remote_code=False,
-    )
-    engine_start_s = time.perf_counter() - started
-    rows = load_prompts(cfg.data).select(range(settings.prompts_per_step))
-    prompt_ids = tokenize_prompts(tokenizer, rows["prompt"], None, settings.prompt_tokens)
+    engine, prompt_ids = bench.engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
+    engine_start_s = time.perf_counter() - started  # (the prompts: a few ms)
 
     def rollout() -> tuple[float, int]:
         """One rollout after a weight push: (its seconds without waking the KV cache and sleeping, tokens)."""
@@ -107,13 +91,16 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_stem:
         # per decoding step of the longest completion: what the engine spends on each token position
         "ms_per_decoding_step": 1000 * generate_s / settings.completion_tokens,
     }
-    if profile_stem is not None:
-        result.update(profile_rollout(rollout, device, profile_stem))
+    if profile:
+        tables = {
+            kind: speed_variants.written(workdir, PREFIX, variant, kind) for kind in ("kernels", "python")
+        }
+        result.update(profile_rollout(rollout, device, tables))
     engine.close()
     return result
 
 
-def profile_rollout(rollout, device, stem: Path) -> dict:
+def profile_rollout(rollout, device, tables: dict[str, Path]) -> dict:
     """One rollout under torch.profiler and one under cProfile: the kernels' table and the Python functions'."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -123,7 +110,7 @@ def profile_rollout(rollout, device, stem: Path) -> dict:
         wall_s, _ = rollout()
     averages = profiler.key_averages()
     sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    stem.with_name(stem.name + "-kernels.txt").write_text(averages.table(sort_by=sort, row_limit=40))
+    tables["kernels"].write_text(averages.table(sort_by=sort, row_limit=40))
     # kernels only (device time of the CPU-side ops would count them twice)
     kernel_s = (
         sum(event.self_device_time_total for event in averages if event.device_type.name == "CUDA") / 1e6
@@ -134,63 +121,23 @@ def profile_rollout(rollout, device, stem: Path) -> dict:
     python.disable()
     text = io.StringIO()
     pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(45)
-    stem.with_name(stem.name + "-python.txt").write_text(text.getvalue())
+    tables["python"].write_text(text.getvalue())
     return {"profiled_wall_s": wall_s, "profiled_kernel_s": kernel_s if on_gpu else None}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"from {','.join(VARIANTS)}")
-    parser.add_argument("--profile", help="a variant to profile over two more rollouts")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, no vLLM")
-    parser.add_argument("--out", type=Path, default=bench.REPO / "bench" / "results")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
-    parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: one variant in this process
+    parser = speed_variants.parser(__doc__, VARIANTS, "a variant to profile over two more rollouts")
     options = parser.parse_args()
     settings = bench.SMOKE if options.smoke else bench.Settings()
 
     if options.run_variant:
-        stem = options.workdir / f"gen-speed-{options.run_variant}" if options.profile else None
-        result = measure(options.run_variant, settings, options.workdir, stem)
-        (options.workdir / f"gen-speed-{options.run_variant}.json").write_text(json.dumps(result))
+        result = measure(options.run_variant, settings, options.workdir, bool(options.profile))
+        speed_variants.written(options.workdir, PREFIX, options.run_variant).write_text(json.dumps(result))
         return
 
-    variants = [v for v in options.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}: choose from {','.join(VARIANTS)}")
-    if options.profile and options.profile not in variants:
-        parser.error(f"--profile {options.profile}: not one of --variants {','.join(variants)}")
-    commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
-    stem = f"gen-speed-{dt.date.today()}-{commit}" + ("-smoke" if options.smoke else "")
-    options.out.mkdir(parents=True, exist_ok=True)
-    options.workdir.mkdir(parents=True, exist_ok=True)
-    if not (options.workdir / "prompts.jsonl").exists():
-        bench.prepare(settings, options.workdir)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(bench.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    results, failures = [], {}
-    for variant in variants:
-        command = [sys.executable, __file__, "--run-variant", variant, "--workdir", str(options.workdir)]
-        command += (["--smoke"] if options.smoke else []) + (
-            ["--profile", variant] if variant == options.profile else []
-        )
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode == 0:
-            results.append(json.loads((options.workdir / f"gen-speed-{variant}.json").read_text()))
-            print(json.dumps(results[-1]), flush=True)
-            for kind in ("kernels", "python"):
-                written = options.workdir / f"gen-speed-{variant}-{kind}.txt"
-                if variant == options.profile and written.exists():
-                    shutil.copy(written, options.out / f"{stem}-{variant}-{kind}.txt")
-        else:
-            failures[variant] = done.stderr[-1500:]
-            print(f"{variant} FAILED:\n{failures[variant]}", flush=True)
-        # after every variant, so that a command cut short still leaves what it measured
-        summary = {"commit": commit, "settings": asdict(settings), "variants": results, "failures": failures}
-        (options.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    results, failures = speed_variants.run(
+        __file__, PREFIX, parser, options, settings, VARIANTS, ("kernels", "python")
+    )
     print("\n| variant | completions | generate s (median) | ms per decoding step | engine start s |")
     print("|---|---|---|---|---|")
     for r in results:

@@ -14,20 +14,19 @@ that made the CPU wait for the GPU in one more step (...-<variant>-syncs.txt).
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed_variants  # noqa: E402
+
 import bench  # noqa: E402  (scripts/bench.py: the same step, settings and model)
+
+PREFIX = "train-speed"
 
 # variant -> (config overrides on top of the bench's floor, bench settings changed)
 VARIANTS = {
@@ -147,60 +146,22 @@ def synchronizing_calls(step) -> list[tuple[str, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"from {','.join(VARIANTS)}")
-    parser.add_argument("--profile", help="a variant to profile over one more step (torch.profiler)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
-    parser.add_argument("--out", type=Path, default=bench.REPO / "bench" / "results")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
-    parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: one variant in this process
+    parser = speed_variants.parser(
+        __doc__, VARIANTS, "a variant to profile over one more step (torch.profiler)"
+    )
     options = parser.parse_args()
     # each variant says itself whether it compiles
     settings = replace(bench.SMOKE if options.smoke else bench.Settings(), compile_model=False)
 
     if options.run_variant:
-        profile = options.workdir / f"{options.run_variant}-profile.txt" if options.profile else None
-        result = measure(options.run_variant, settings, options.workdir, profile)
-        (options.workdir / f"train-speed-{options.run_variant}.json").write_text(json.dumps(result))
+        profile = speed_variants.written(options.workdir, PREFIX, options.run_variant, "profile")
+        result = measure(options.run_variant, settings, options.workdir, profile if options.profile else None)
+        speed_variants.written(options.workdir, PREFIX, options.run_variant).write_text(json.dumps(result))
         return
 
-    variants = [v for v in options.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}: choose from {','.join(VARIANTS)}")
-    if options.profile and options.profile not in variants:
-        parser.error(f"--profile {options.profile}: not one of --variants {','.join(variants)}")
-    commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
-    stem = f"train-speed-{dt.date.today()}-{commit}" + ("-smoke" if options.smoke else "")
-    options.out.mkdir(parents=True, exist_ok=True)
-    options.workdir.mkdir(parents=True, exist_ok=True)
-    if not (options.workdir / "prompts.jsonl").exists():
-        bench.prepare(settings, options.workdir)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(bench.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    results, failures = [], {}
-    for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
-        command = [sys.executable, __file__, "--run-variant", variant, "--workdir", str(options.workdir)]
-        command += (["--smoke"] if options.smoke else []) + (
-            ["--profile", variant] if variant == options.profile else []
-        )
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode == 0:
-            results.append(json.loads((options.workdir / f"train-speed-{variant}.json").read_text()))
-            print(json.dumps(results[-1]), flush=True)
-            if variant == options.profile:
-                for kind in ("profile", "syncs"):  # (syncs: on a GPU only)
-                    written = options.workdir / f"{variant}-{kind}.txt"
-                    if written.exists():
-                        shutil.copy(written, options.out / f"{stem}-{variant}-{kind}.txt")
-        else:
-            failures[variant] = done.stderr[-1500:]
-            print(f"{variant} FAILED:\n{failures[variant]}", flush=True)
-        # after every variant, so that a command cut short still leaves what it measured
-        summary = {"commit": commit, "settings": asdict(settings), "variants": results, "failures": failures}
-        (options.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    results, failures = speed_variants.run(
+        __file__, PREFIX, parser, options, settings, VARIANTS, ("profile", "syncs")
+    )
     print(
         "\n| variant | micro-batch | train s (median) | warm-up s | MFU | peak allocated GiB |\n|---|---|---|---|---|---|"
     )

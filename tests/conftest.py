@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +52,26 @@ def tiny_model_dir(tmp_path_factory):
     rows = synthetic_arithmetic(500)
     texts = [cfg.data.system_prompt, *rows["prompt"], *rows["solution"]]
     return build_random_model(cfg.model.random_init, texts, tmp_path_factory.mktemp("tiny"))
+
+
+def run_train(run_dir: Path, *overrides: str, timeout: float = 600) -> str:
+    """`python train.py overrides` in a process of its own, as a user runs it, its outputs in run_dir: what it
+    printed (stdout and stderr), once it has succeeded."""
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    return output
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl: one record per training step, and one per evaluation (its keys eval/...)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def free_port() -> int:

@@ -84,31 +84,26 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     assert results_file.read_bytes() == written
 
 
-def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
-    """scripts/train_speed.py: the bench's optimizer step alone, one process per variant, warm-up apart from
-    the measured steps, and the profiled variant's kernel table."""
+def smoke_variants(tmp_path, script: str, variants: str, profile: str) -> tuple[dict, str]:
+    """scripts/<script> --smoke over variants, one of them profiled: (its results file, its printed output)."""
     out = tmp_path / "results"
     result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "train_speed.py"),
-            "--smoke",
-            "--variants",
-            "eager,lora_eager",
-            "--profile",
-            "lora_eager",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(REPO / "scripts" / script), "--smoke", "--variants", variants]
+        + ["--profile", profile, "--workdir", str(tmp_path / "work"), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    (results_file,) = out.glob("train-speed-*-smoke.json")
-    results = json.loads(results_file.read_text())
+    (results_file,) = out.glob(f"{Path(script).stem.replace('_', '-')}-*-smoke.json")
+    return json.loads(results_file.read_text()), result.stdout
+
+
+def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
+    """scripts/train_speed.py: the bench's optimizer step alone, one process per variant, warm-up apart from
+    the measured steps, and the profiled variant's kernel table."""
+    results, stdout = smoke_variants(tmp_path, "train_speed.py", "eager,lora_eager", "lora_eager")
+    out = tmp_path / "results"
     settings = results["settings"]
     assert [v["variant"] for v in results["variants"]] == ["eager", "lora_eager"] and not results["failures"]
     for variant in results["variants"]:
@@ -118,29 +113,14 @@ def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
     assert results["variants"][1]["overrides"] == ["model.lora.enabled=true"]
     (profile,) = out.glob("train-speed-*-smoke-lora_eager-profile.txt")
     assert "aten::" in profile.read_text()
-    assert "| eager | 2 |" in result.stdout  # the table: variant, micro-batch size, seconds
+    assert "| eager | 2 |" in stdout  # the table: variant, micro-batch size, seconds
 
 
 def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
     """scripts/gen_speed.py: the bench's rollout alone, one process per variant (here the CPU's engine:
     transformers generate), warm-up apart, and the profiled variant's kernel and Python tables."""
+    results, _ = smoke_variants(tmp_path, "gen_speed.py", "default,half_batch", "half_batch")
     out = tmp_path / "results"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "gen_speed.py"),
-            "--smoke",
-            "--variants",
-            "default,half_batch",
-        ]
-        + ["--profile", "half_batch", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    (results_file,) = out.glob("gen-speed-*-smoke.json")
-    results = json.loads(results_file.read_text())
     settings = results["settings"]
     default, half = results["variants"]
     assert (default["variant"], half["variant"]) == ("default", "half_batch") and not results["failures"]

@@ -1,14 +1,13 @@
 """vLLM colocate with sleep mode on a CUDA GPU (`make test-gpu`). vLLM allows one sleep-mode engine per
 process, so every case runs `train.py` (or a snippet) in its own process and reads what it recorded."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from .conftest import ROOT
+from .conftest import ROOT, run_metrics, run_train
 
 pytestmark = pytest.mark.gpu
 
@@ -26,26 +25,14 @@ GPU_RUN = [
 
 
 def train(tmp_path, *overrides):
-    result = subprocess.run(
-        [sys.executable, "train.py", *GPU_RUN, *overrides, f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    return [record for record in records(tmp_path) if "eval/prompts" not in record]  # the training steps
-
-
-def records(tmp_path) -> list[dict]:
-    """The run's metrics.jsonl: one line per training step, and one per evaluation (its keys eval/...)."""
-    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    run_train(tmp_path, *GPU_RUN, *overrides, timeout=900)
+    return [record for record in run_metrics(tmp_path) if "eval/prompts" not in record]  # the training steps
 
 
 def final_evaluation(tmp_path) -> dict:
     """The evaluation at the end of the run (eval_every: 40 > max_steps). At sleep level 2 it makes several
     engine calls (greedy, then sampled), each after the engine dropped its weights."""
-    (evaluation,) = [record for record in records(tmp_path) if "eval/prompts" in record]
+    (evaluation,) = [record for record in run_metrics(tmp_path) if "eval/prompts" in record]
     assert evaluation["step"] == 3 and "eval/pass@1_greedy" in evaluation and "eval/pass@1" in evaluation
     return evaluation
 

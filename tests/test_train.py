@@ -4,8 +4,6 @@ import errno
 import math
 import re
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 from online_rl.checkpoint import save_checkpoint
 from online_rl.loop import run
 
-from .conftest import ROOT
+from .conftest import run_train
 
 SMALL = ["data.synthetic_rows=64", "prompts_per_step=4", "algo.num_generations=4", "micro_batch_size=8"]
 
@@ -150,15 +148,7 @@ def test_checkpoint_is_atomic_when_the_disk_fills(tiny_model_dir, tmp_path, monk
 
 def test_command_line_quickstart_logs_to_trackio(tmp_path):
     """`python train.py` as a user runs it (3 steps): progress bar, log lines, trackio data, dashboard hint."""
-    result = subprocess.run(
-        [sys.executable, "train.py", "max_steps=3", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    output = run_train(tmp_path, "max_steps=3")
     assert "step 3/3 | reward" in output and "grpo: 100%" in output
     dashboard = f"Dashboard: TRACKIO_DIR={tmp_path}/trackio trackio show"
     assert output.count(dashboard) == 2 and output.index(dashboard) < output.index(

@@ -365,11 +365,7 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
     the weights the trainer just pushed through shared memory (its log-probs equal the trainer's), on-policy
     and one step off-policy; with vllm.engine_processes=2, two engines, each sampling its share of the prompts
     with those weights. Its own `train.py` process: vLLM reads its multiprocessing setting once."""
-    import json
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
+    from .conftest import run_metrics, run_train
 
     common = [
         "model=tiny",
@@ -386,26 +382,13 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
     ]
     for off_policy, engines in ((0, 1), (1, 1), (0, 2)):
         out = tmp_path / f"off_policy_{off_policy}_engines_{engines}"
-        result = subprocess.run(
-            [
-                sys.executable,
-                "train.py",
-                *common,
-                "max_steps=3",
-                f"off_policy_steps={off_policy}",
-                f"vllm.engine_processes={engines}",
-                f"hydra.run.dir={out}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        output = run_train(
+            out, *common, "max_steps=3", f"off_policy_steps={off_policy}", f"vllm.engine_processes={engines}"
         )
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         # each engine process logs as "(EngineCore pid=N)"
-        engine_pids = set(re.findall(r"EngineCore pid=(\d+)", result.stdout + result.stderr))
+        engine_pids = set(re.findall(r"EngineCore pid=(\d+)", output))
         assert len(engine_pids) == engines, engine_pids
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        history = run_metrics(out)
         assert len(history) == 3
         on_policy_steps = history if not off_policy else history[:1]  # later ones sample one update behind
         for metrics in on_policy_steps:

@@ -1,0 +1,86 @@
+"""What scripts/train_speed.py and scripts/gen_speed.py share: each variant of one half of the bench's step runs in a
+process of its own (this script again, with --run-variant), which writes <workdir>/<prefix>-<variant>.json and,
+for the profiled variant, <workdir>/<prefix>-<variant>-<kind>.txt; the driver gathers them into
+<out>/<prefix>-<date>-<commit>.json after every variant, so that a command cut short still leaves what it
+measured, and copies the profile tables beside it."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (scripts/bench.py: the same step, settings and model)
+
+
+def parser(description: str, variants: dict, profile_help: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(variants), help=f"from {','.join(variants)}")
+    parser.add_argument("--profile", help=profile_help)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model on the CPU: checks, measures nothing"
+    )
+    parser.add_argument("--out", type=Path, default=bench.REPO / "bench" / "results")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: one variant in this process
+    return parser
+
+
+def written(workdir: Path, prefix: str, variant: str, kind: str | None = None) -> Path:
+    """What a variant's process writes: its results (.json), or one of its profile tables (kind)."""
+    return workdir / (f"{prefix}-{variant}-{kind}.txt" if kind else f"{prefix}-{variant}.json")
+
+
+def run(
+    script: str,
+    prefix: str,
+    parser: argparse.ArgumentParser,
+    options: argparse.Namespace,
+    settings: bench.Settings,
+    known: dict,
+    kinds: tuple[str, ...],
+) -> tuple[list[dict], dict[str, str]]:
+    """Every variant of --variants in a process of its own: (their results, why each failed one failed)."""
+    variants = [v for v in options.variants.split(",") if v]
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {','.join(known)}")
+    if options.profile and options.profile not in variants:
+        parser.error(f"--profile {options.profile}: not one of --variants {','.join(variants)}")
+    commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
+    stem = f"{prefix}-{dt.date.today()}-{commit}" + ("-smoke" if options.smoke else "")
+    options.out.mkdir(parents=True, exist_ok=True)
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    if not (options.workdir / "prompts.jsonl").exists():
+        bench.prepare(settings, options.workdir)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(bench.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    results, failures = [], {}
+    for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
+        command = [sys.executable, script, "--run-variant", variant, "--workdir", str(options.workdir)]
+        command += (["--smoke"] if options.smoke else []) + (
+            ["--profile", variant] if variant == options.profile else []
+        )
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode == 0:
+            results.append(json.loads(written(options.workdir, prefix, variant).read_text()))
+            print(json.dumps(results[-1]), flush=True)
+            for kind in kinds if variant == options.profile else ():
+                table = written(options.workdir, prefix, variant, kind)
+                if table.exists():  # (some only on a GPU)
+                    shutil.copy(table, options.out / f"{stem}-{variant}-{kind}.txt")
+        else:
+            failures[variant] = done.stderr[-1500:]
+            print(f"{variant} FAILED:\n{failures[variant]}", flush=True)
+        summary = {"commit": commit, "settings": asdict(settings), "variants": results, "failures": failures}
+        (options.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    return results, failures
