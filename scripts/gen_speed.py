@@ -39,6 +39,7 @@ VARIANTS = {
     "separate_process": (["vllm.separate_process=true"], lambda settings: {}),
     # two engine processes on the GPU, half the prompts each: vLLM's Python per sequence on two CPU cores
     "two_engines": (["vllm.separate_process=true", "vllm.engine_processes=2"], lambda settings: {}),
+    "four_engines": (["vllm.separate_process=true", "vllm.engine_processes=4"], lambda settings: {}),
     "sync_scheduling": (["vllm.async_scheduling=false"], lambda settings: {}),
     "no_sleep": (["vllm.sleep_level=0"], lambda settings: {}),
     # the prompt's blocks hashed and cached for every sequence at every step, against 8x the prefill
