@@ -63,7 +63,7 @@ class Settings:
     our_micro_batch_size: int = 16
     lr: float = 1e-5
     warmup_steps: int = 2  # not measured: compilation, CUDA graphs, allocator growth
-    measured_steps: int = 3
+    measured_steps: int = 5  # a median of 5: one step's hiccup (generation varies by up to 50%) does not move it
     gpu_memory_utilization: float = 0.3  # TRL's vLLM (the anchor's), and ours when kv_cache_gib is 0
     # ours: vLLM's KV cache in GiB, sized to the step (128 x 640 tokens need 1 GiB on this shape) instead of
     # the 40 GiB that 0.3 of an H200 leaves: sleep and wake then take 45 ms instead of 0.3 s
@@ -286,6 +286,7 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         # per step, to tell a slow step's phase (generation has varied by 50% from one arm to the next)
         "generate_s": [m["time/generate_s"] for m in steps],
         "train_s": [m["time/train_s"] for m in steps],
+        "gc_s": [m["time/gc_s"] for m in steps],  # Python's garbage collector, inside the phases
         "reward_mean": [m["reward/total_mean"] for m in summary.history],
         "logp_gap_mean": [m.get("sync/logp_gap_mean") for m in steps],
     }
@@ -309,6 +310,7 @@ def phase_breakdown(steps: list[dict]) -> dict[str, float]:
         "sleep": median("time/sleep_s"),
         "wake_weights": median("time/wake_weights_s"),
         "wake_kv_cache": median("time/wake_kv_cache_s"),
+        "gc": median("time/gc_s"),  # (inside the phases above)
     }
 
 
@@ -318,6 +320,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     over them (forward, backward, clipping, AdamW). Neither waits for the other or for anything else."""
     import torch
 
+    from online_rl.gc_clock import CollectorClock
     from online_rl.logprobs import pack
     from online_rl.models import load_tokenizer, torch_dtype
 
@@ -327,43 +330,50 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     model, trained, trainable, optimizer = trainer(cfg, model_dir, settings.lr)
     engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
-    generate_s, train_s = [], []
-    for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
-        engine.sync_weights(model)
-        started = time.perf_counter()
-        rollout = engine.generate(prompt_ids, settings.num_generations, cfg.sampling)
-        asleep_and_awake = rollout.stats.get("time/wake_kv_cache_s", 0.0) + rollout.stats.get(
-            "time/sleep_s", 0.0
-        )
-        generate_s.append(time.perf_counter() - started - asleep_and_awake)
-
-        prompts_per_row = [p for p in prompt_ids for _ in range(settings.num_generations)]
-        micro_batches = []
-        for start in range(0, len(prompts_per_row), settings.our_micro_batch_size):
-            index = list(range(start, start + settings.our_micro_batch_size))
-            batch = pack(
-                [prompts_per_row[i] for i in index],
-                [rollout.completion_ids[i] for i in index],
-                tokenizer.pad_token_id,
-                [rollout.sampler_logprobs[i] for i in index] if rollout.sampler_logprobs else None,
+    generate_s, train_s, generate_gc_s = [], [], []
+    with CollectorClock() as collector:  # Python's garbage collector during each generation
+        for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
+            engine.sync_weights(model)
+            started = time.perf_counter()
+            collector.lap()
+            rollout = engine.generate(prompt_ids, settings.num_generations, cfg.sampling)
+            generate_gc_s.append(collector.lap())
+            asleep_and_awake = rollout.stats.get("time/wake_kv_cache_s", 0.0) + rollout.stats.get(
+                "time/sleep_s", 0.0
             )
-            micro_batches.append((batch.to(device), index, None))
-        advantages = torch.randn(len(prompts_per_row))
-        tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
-        synchronize(device)
+            generate_s.append(time.perf_counter() - started - asleep_and_awake)
 
-        step_once = functools.partial(
-            train_step, trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
-        )
-        if step == settings.steps:
-            profile_step(step_once, device, workdir / f"{arm}-train-profile.txt")
-            break
-        started = time.perf_counter()
-        step_once()
-        train_s.append(time.perf_counter() - started)
+            prompts_per_row = [p for p in prompt_ids for _ in range(settings.num_generations)]
+            micro_batches = []
+            for start in range(0, len(prompts_per_row), settings.our_micro_batch_size):
+                index = list(range(start, start + settings.our_micro_batch_size))
+                batch = pack(
+                    [prompts_per_row[i] for i in index],
+                    [rollout.completion_ids[i] for i in index],
+                    tokenizer.pad_token_id,
+                    [rollout.sampler_logprobs[i] for i in index] if rollout.sampler_logprobs else None,
+                )
+                micro_batches.append((batch.to(device), index, None))
+            advantages = torch.randn(len(prompts_per_row))
+            tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
+            synchronize(device)
+
+            step_once = functools.partial(
+                train_step, trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+            )
+            if step == settings.steps:
+                profile_step(step_once, device, workdir / f"{arm}-train-profile.txt")
+                break
+            started = time.perf_counter()
+            step_once()
+            train_s.append(time.perf_counter() - started)
     engine.close()
     measured = slice(settings.warmup_steps, settings.steps)
-    return {"generate_s": generate_s[measured], "train_s": train_s[measured]}
+    return {
+        "generate_s": generate_s[measured],
+        "train_s": train_s[measured],
+        "generate_gc_s": generate_gc_s[measured],
+    }
 
 
 def engine_and_prompts(cfg, settings: Settings, model, model_dir: Path, tokenizer) -> tuple:
@@ -564,6 +574,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
             "train_mfu": train_mfu(train, settings, flops_per_token),
             "generate_alone_steps_s": raw["generate_s"],
             "train_alone_steps_s": raw["train_s"],
+            "generate_alone_gc_s": raw["generate_gc_s"],  # of it, in Python's garbage collector
         }
     seconds = raw["step_s"]
     row = {
@@ -584,6 +595,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
                 "phases_s": phases,
                 "generate_steps_s": raw["generate_s"],
                 "train_steps_s": raw["train_s"],
+                "gc_steps_s": raw["gc_s"],
                 "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / row["s_per_step_median"],
                 "train_mfu": train_mfu(phases["train"], settings, flops_per_token),
             }
@@ -729,11 +741,15 @@ def report(
     phased = [row for row in stepped if "phases_s" in row]
     if phased:
         lines += ["", "Our phases inside a step, median seconds:", ""]
-        lines += ["| arm | generate | reward | train | sync | sleep/wake |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| arm | generate | reward | train | sync | sleep/wake | of it in Python's gc |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in phased:
             p = row["phases_s"]
+            gc_s = f"{p['gc']:.3f}" if "gc" in p else ""  # (results from before it was measured: none)
             lines.append(
-                f"| {row['arm']} | {p['generate']:.2f} | {p['reward']:.3f} | {p['train']:.2f} | {p['sync']:.3f} | {p['sleep_wake']:.3f} |"
+                f"| {row['arm']} | {p['generate']:.2f} | {p['reward']:.3f} | {p['train']:.2f} | {p['sync']:.3f} | {p['sleep_wake']:.3f} | {gc_s} |"
             )
     bounds = floor_bounds(rows)
     for row in rows:

@@ -54,6 +54,9 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     assert floor["floor_s"] == floor["generate_alone_s"] + floor["train_alone_s"] > 0
     # our phases inside a step: generation and training are there, and the rest is what the step adds
     assert 0 < ours["phases_s"]["generate"] + ours["phases_s"]["train"] < ours["s_per_step_median"]
+    # of them, the seconds in Python's garbage collector, per step and per generation alone
+    assert len(ours["gc_steps_s"]) == settings["measured_steps"] and 0 <= ours["phases_s"]["gc"]
+    assert len(floor["generate_alone_gc_s"]) == settings["measured_steps"]
     measured = {target["target"]: target["measured"] for target in results["targets"]}
     assert measured["full fine-tune: step / floor (generation alone + training alone)"] == pytest.approx(
         ours["s_per_step_median"] / floor["floor_s"]

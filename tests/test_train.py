@@ -49,6 +49,24 @@ def test_two_step_smoke_run_writes_config_and_checkpoint(make_config, tmp_path):
         "perf/completion_tokens_per_s",
     ):
         assert key in metrics, key
+    assert 0 <= metrics["time/gc_s"] < metrics["time/step_s"]
+
+
+def test_collector_clock_counts_the_seconds_spent_collecting():
+    """time/gc_s: the seconds of Python's garbage collections between two laps, and none outside the block."""
+    import gc
+
+    from online_rl.gc_clock import CollectorClock
+
+    with CollectorClock() as clock:
+        for _ in range(100_000):  # reference cycles: only a collection frees them
+            cycle = []
+            cycle.append(cycle)
+        gc.collect()
+        assert clock.lap() > 0
+        assert clock.lap() == 0.0  # nothing collected since the last lap
+    gc.collect()
+    assert clock.lap() == 0.0
 
 
 def test_quickstart_reward_rises(make_config):

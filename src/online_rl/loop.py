@@ -40,6 +40,7 @@ from online_rl.engines.mixture import sample_geometric_mixture
 from online_rl.engines.transformers_engine import eos_token_ids
 from online_rl.evaluation import Evaluator, check_eval_config, run_eval_only
 from online_rl.export import check_export_config, export_final_model
+from online_rl.gc_clock import CollectorClock
 from online_rl.guards import NonFiniteGuard
 from online_rl.interrupts import StopOnSignal
 from online_rl.logprobs import completion_logprobs, micro_batch_rows, pack
@@ -183,6 +184,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     # SIGINT/SIGTERM: finish the step, checkpoint, exit; a phase past its limit fails with every stack
     stop = closing.enter_context(StopOnSignal(output_dir))
     watchdog = closing.enter_context(Watchdog(cfg.watchdog_seconds))
+    collector = closing.enter_context(CollectorClock())  # time/gc_s: each step's seconds in Python's gc
     nonfinite = NonFiniteGuard(cfg.max_consecutive_nonfinite)
     checkpoint = find_checkpoint(cfg.resume, output_dir)  # resume=auto|<path>|null
     set_seed(cfg.seed)  # python, numpy, torch and CUDA
@@ -545,6 +547,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     "time/reward_s": reward_s,
                     "time/train_s": train_s,
                     "time/sync_s": sync_s,
+                    "time/gc_s": collector.lap(),  # (inside the phases above)
                     **memory,
                     **rollout.stats,
                     "time/step_s": step_s,

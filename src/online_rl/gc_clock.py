@@ -1,0 +1,39 @@
+"""The seconds this process spends in Python's garbage collector, logged per step as `time/gc_s`.
+
+Generation with vLLM is bound by the CPU: its scheduler's Python runs for every sequence at every decoding
+step, and one full collection over a heap of a million objects (torch, vLLM, the compiled model's graphs)
+takes a few tenths of a second. A step that is slower than the one before for no reason of its own shows it
+here. Collections in every thread count (an off-policy rollout's thread, too).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+
+class CollectorClock:
+    """`with CollectorClock() as clock:` ... `clock.lap()`: seconds spent collecting since the last lap."""
+
+    def __init__(self):
+        self.total_s = 0.0
+        self.lapped_s = 0.0
+        self._started: float | None = None
+
+    def __enter__(self) -> CollectorClock:
+        gc.callbacks.append(self._on_collection)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        gc.callbacks.remove(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.total_s += time.perf_counter() - self._started
+            self._started = None
+
+    def lap(self) -> float:
+        seconds, self.lapped_s = self.total_s - self.lapped_s, self.total_s
+        return seconds
