@@ -63,7 +63,9 @@ class Settings:
     our_micro_batch_size: int = 16
     lr: float = 1e-5
     warmup_steps: int = 2  # not measured: compilation, CUDA graphs, allocator growth
-    measured_steps: int = 5  # a median of 5: one step's hiccup (generation varies by up to 50%) does not move it
+    measured_steps: int = (
+        5  # a median of 5: one step's hiccup (generation varies by up to 50%) does not move it
+    )
     gpu_memory_utilization: float = 0.3  # TRL's vLLM (the anchor's), and ours when kv_cache_gib is 0
     # ours: vLLM's KV cache in GiB, sized to the step (128 x 640 tokens need 1 GiB on this shape) instead of
     # the 40 GiB that 0.3 of an H200 leaves: sleep and wake then take 45 ms instead of 0.3 s
@@ -359,7 +361,15 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
             synchronize(device)
 
             step_once = functools.partial(
-                train_step, trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+                train_step,
+                trained,
+                micro_batches,
+                advantages,
+                tokens,
+                cfg,
+                autocast_dtype,
+                trainable,
+                optimizer,
             )
             if step == settings.steps:
                 profile_step(step_once, device, workdir / f"{arm}-train-profile.txt")
