@@ -62,7 +62,9 @@ class Settings:
     # token mean over the rollout); 16 runs fewer, larger kernels than 8 (1.55 vs 1.86 s on an H200, eager)
     our_micro_batch_size: int = 16
     lr: float = 1e-5
-    warmup_steps: int = 2  # not measured: compilation, CUDA graphs, allocator growth
+    # not measured: compilation, CUDA graphs, allocator growth. With 2, our first measured step was the slowest
+    # of its arm in 4 of 5 on-policy arms on the H200 (e.g. 4.47 s, then 3.97 and 3.01 s); TRL's was not.
+    warmup_steps: int = 3
     measured_steps: int = (
         5  # a median of 5: one step's hiccup (generation varies by up to 50%) does not move it
     )
