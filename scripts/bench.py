@@ -65,9 +65,8 @@ class Settings:
     # not measured: compilation, CUDA graphs, allocator growth. With 2, our first measured step was the slowest
     # of its arm in 4 of 5 on-policy arms on the H200 (e.g. 4.47 s, then 3.97 and 3.01 s); TRL's was not.
     warmup_steps: int = 3
-    measured_steps: int = (
-        5  # a median of 5: one step's hiccup (generation varies by up to 50%) does not move it
-    )
+    # a median of 5: one step's hiccup (generation varies by up to 50% from step to step) does not move it
+    measured_steps: int = 5
     gpu_memory_utilization: float = 0.3  # TRL's vLLM (the anchor's), and ours when kv_cache_gib is 0
     # ours: vLLM's KV cache in GiB, sized to the step (128 x 640 tokens need 1 GiB on this shape) instead of
     # the 40 GiB that 0.3 of an H200 leaves: sleep and wake then take 45 ms instead of 0.3 s
