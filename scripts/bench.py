@@ -26,6 +26,8 @@ What is measured, per arm, over the steps after the warm-up:
   alone, each timed by itself with our code and settings. The floor is what an on-policy step cannot go
   below without overlapping generation and training; our distance to it is everything else (sync,
   sleep/wake, rewards, packing, Python), and TRL's step over it is the most an on-policy step can gain.
+Each command also records its machine: the CPU (generation is bound by it) and its load at the start, and
+the GPU with its driver. Machines of one kind have differed by 20-40% from one lease to the next.
 """
 
 from __future__ import annotations
@@ -692,6 +694,21 @@ def flops_per_token(model_dir: Path, lora: bool) -> float:
     return (4 if lora else 6) * params
 
 
+def machines(commands: list[dict]) -> list[str]:
+    """The report's line on the machine of each command (results from before it was recorded: none)."""
+    described = [
+        f"{(command['machine']['gpus'] or ['no GPU'])[0]}; {command['machine']['cpu']}, "
+        f"{command['machine']['cpus']} CPUs, load {command['machine']['load_1min']:.1f} at the start"
+        for command in commands
+        if command.get("machine")
+    ]
+    if not described:
+        return []
+    if len(set(described)) == 1:
+        return [f"Machine: {described[0]}.", ""]
+    return ["Machines, command by command: " + " / ".join(described) + ".", ""]
+
+
 def report(
     rows: list[dict], settings: Settings, commit: str, commands: list[dict], failures: dict[str, str]
 ) -> str:
@@ -738,6 +755,7 @@ def report(
             else ""
         ),
         "",
+        *machines(commands),
         "| arm | s/step (median, min-max) | completion tok/s | ours/TRL tok/s | peak GPU GiB | sync+sleep share | train MFU |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -811,6 +829,34 @@ def chart(rows: list[dict], path: Path) -> None:
         axis.tick_params(axis="x", rotation=30)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def machine() -> dict:
+    """What this command ran on. Generation is bound by the CPU, and the same GPU kind has given steps 20-40%
+    apart from one lease to the next (TRL: 6.97 against 9.04 s), so each command records its CPU, the load on
+    it when the command started (other work on the machine), and the GPU with its driver."""
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu_models = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
+    try:  # nvidia-smi, not torch: this process must not open a CUDA context (it would count in peak memory)
+        answer = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        gpus = answer.stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        gpus = []
+    return {
+        "cpu": cpu_models[0] if cpu_models else None,
+        "cpus": os.cpu_count(),
+        "load_1min": os.getloadavg()[0],
+        "gpus": gpus,  # "name, driver, max SM clock" each
+    }
 
 
 def git_commit() -> str:
@@ -957,7 +1003,9 @@ def main() -> None:
 
     rows = [row for row in earlier["arms"] if row["arm"] not in arms] if earlier else []
     failures = {arm: why for arm, why in earlier["failures"].items() if arm not in arms} if earlier else {}
-    commands = (earlier["commands"] if earlier else []) + [{"started": started, "arms": arms}]
+    commands = (earlier["commands"] if earlier else []) + [
+        {"started": started, "arms": arms, "machine": machine()}
+    ]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),

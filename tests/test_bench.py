@@ -5,6 +5,7 @@ runs our loop and TRL's GRPOTrainer on the same model, prompts and settings and 
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     )
     table = results_file.with_suffix(".md").read_text()
     assert "| trl_full |" in table and "| ours_full |" in table and "Our phases" in table
+    # what the command ran on: machines differ from one lease to the next
+    (the_command,) = results["commands"]
+    assert the_command["machine"]["cpus"] == os.cpu_count() and f"{os.cpu_count()} CPUs" in table
     assert "TRL's step / floor" in table
     assert results_file.with_suffix(".png").stat().st_size > 0
     # the floor's extra, untimed step under torch.profiler: the matrix products of the forward and backward
