@@ -64,7 +64,7 @@ def run(
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(bench.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    results, failures = [], {}
+    results, failures, machine = [], {}, bench.machine()
     for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
         command = [sys.executable, script, "--run-variant", variant, "--workdir", str(options.workdir)]
         command += (["--smoke"] if options.smoke else []) + (
@@ -81,6 +81,12 @@ def run(
         else:
             failures[variant] = done.stderr[-1500:]
             print(f"{variant} FAILED:\n{failures[variant]}", flush=True)
-        summary = {"commit": commit, "settings": asdict(settings), "variants": results, "failures": failures}
+        summary = {
+            "commit": commit,
+            "machine": machine,
+            "settings": asdict(settings),
+            "variants": results,
+            "failures": failures,
+        }
         (options.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     return results, failures

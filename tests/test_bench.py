@@ -129,6 +129,7 @@ def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
     results, _ = smoke_variants(tmp_path, "gen_speed.py", "default,half_batch", "half_batch")
     out = tmp_path / "results"
     settings = results["settings"]
+    assert results["machine"]["cpus"] == os.cpu_count()
     default, half = results["variants"]
     assert (default["variant"], half["variant"]) == ("default", "half_batch") and not results["failures"]
     rows = settings["prompts_per_step"] * settings["num_generations"]
