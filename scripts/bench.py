@@ -981,20 +981,31 @@ def main() -> None:
         parser.error(f"unknown arms {unknown}: choose from {','.join(ARMS)}")
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = os.environ.get("BENCH_COMMIT") or git_commit()  # a copied tree without .git: say which commit
-    stem = f"{started[:10]}-{commit}" + ("-smoke" if options.smoke else "")
+    run_name = commit + ("-smoke" if options.smoke else "")
+    stem = f"{started[:10]}-{run_name}"
     options.out.mkdir(parents=True, exist_ok=True)
     options.workdir.mkdir(parents=True, exist_ok=True)
-    # --append: this command's arms join those of an earlier command's results (same commit and settings)
+    # --append: this command's arms join those of an earlier command's results (same commit and settings),
+    # found by the commit (that command may have started on another date)
     results_path = options.out / f"{stem}.json"
     if results_path.exists() and not options.append:  # a second command must not erase the first's results
         raise SystemExit(
             f"{results_path} exists: add these arms to it with --append, or write elsewhere with --out DIR"
         )
-    earlier = json.loads(results_path.read_text()) if options.append and results_path.exists() else None
-    if earlier and (
-        earlier["settings"] != json.loads(json.dumps(asdict(settings))) or earlier["commit"] != commit
-    ):
-        raise SystemExit(f"--append: {results_path} has other settings or another commit; leave out --append")
+    earlier = None
+    if options.append:
+        found = sorted(options.out.glob(f"????-??-??-{run_name}.json"))  # <date>-<commit>.json
+        if not found:  # else its arms would land in a file of their own, their ratios silently apart
+            raise SystemExit(
+                f"--append: no results of commit {commit} in {options.out}: point --out at the directory of "
+                "the first command's results, or leave out --append"
+            )
+        results_path = found[-1]
+        earlier = json.loads(results_path.read_text())
+        if earlier["settings"] != json.loads(json.dumps(asdict(settings))) or earlier["commit"] != commit:
+            raise SystemExit(
+                f"--append: {results_path} has other settings or another commit; leave out --append"
+            )
     if earlier and (options.workdir / "prompts.jsonl").exists():
         print(f"bench: the earlier command's model and prompts in {options.workdir}", flush=True)
     else:

@@ -90,6 +90,29 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     assert again.returncode != 0 and "exists: add these arms to it with --append" in again.stderr
     assert results_file.read_bytes() == written
 
+    # a second command's arms join the first's results, each arm saying which command measured it
+    more = [*command[:4], "ours_lora", *command[5:], "--append"]
+    appended = subprocess.run(more, capture_output=True, text=True, timeout=600)
+    assert appended.returncode == 0, (appended.stdout + appended.stderr)[-3000:]
+    results = json.loads(results_file.read_text())
+    assert [c["arms"] for c in results["commands"]] == [["trl_full", "ours_full", "floor"], ["ours_lora"]]
+    assert {row["arm"]: row["command"] for row in results["arms"]} == {
+        "trl_full": 1,
+        "ours_full": 1,
+        "floor": 1,
+        "ours_lora": 2,
+    }
+    assert "full" in results["ours_over_trl"] and "lora" not in results["ours_over_trl"]  # no trl_lora
+    # --append where no results of this commit are: an error, not a results file of its own
+    elsewhere = (
+        more[: more.index("--out") + 1] + [str(tmp_path / "elsewhere")] + more[more.index("--out") + 2 :]
+    )
+    lost = subprocess.run(elsewhere, capture_output=True, text=True, timeout=600)
+    assert (
+        lost.returncode != 0 and "point --out at the directory of the first command's results" in lost.stderr
+    )
+    assert not list((tmp_path / "elsewhere").glob("*.json"))
+
 
 def smoke_variants(tmp_path, script: str, variants: str, profile: str) -> tuple[dict, str]:
     """scripts/<script> --smoke over variants, one of them profiled: (its results file, its printed output)."""
