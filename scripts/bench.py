@@ -697,10 +697,10 @@ def flops_per_token(model_dir: Path, lora: bool) -> float:
 def machines(commands: list[dict]) -> list[str]:
     """The report's line on the machine of each command (results from before it was recorded: none)."""
     described = [
-        f"{(command['machine']['gpus'] or ['no GPU'])[0]}; {command['machine']['cpu']}, "
-        f"{command['machine']['cpus']} CPUs, load {command['machine']['load_1min']:.1f} at the start"
-        for command in commands
-        if command.get("machine")
+        f"{(machine['gpus'] or ['no GPU'])[0]}; {machine['cpu']}, {machine['cpus']} CPUs, "
+        f"load {machine['load_1min']:.1f} at the start"
+        for machine in (command.get("machine") for command in commands)
+        if machine
     ]
     if not described:
         return []
