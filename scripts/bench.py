@@ -292,6 +292,9 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         "generate_s": [m["time/generate_s"] for m in steps],
         "train_s": [m["time/train_s"] for m in steps],
         "gc_s": [m["time/gc_s"] for m in steps],  # Python's garbage collector, inside the phases
+        # the main thread's CPU seconds in each rollout, and the CPU seconds the host took meanwhile
+        "generate_cpu_s": [m.get("time/generate_cpu_s") for m in steps],
+        "generate_steal_s": [m.get("time/generate_steal_s") for m in steps],
         "reward_mean": [m["reward/total_mean"] for m in summary.history],
         "logp_gap_mean": [m.get("sync/logp_gap_mean") for m in steps],
     }
@@ -325,6 +328,7 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     over them (forward, backward, clipping, AdamW). Neither waits for the other or for anything else."""
     import torch
 
+    from online_rl.cpu_clock import stolen_cpu_s
     from online_rl.gc_clock import CollectorClock
     from online_rl.logprobs import pack
     from online_rl.models import load_tokenizer, torch_dtype
@@ -335,14 +339,16 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     model, trained, trainable, optimizer = trainer(cfg, model_dir, settings.lr)
     engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
-    generate_s, train_s, generate_gc_s = [], [], []
+    generate_s, train_s, generate_gc_s, generate_cpu_s, generate_steal_s = [], [], [], [], []
     with CollectorClock() as collector:  # Python's garbage collector during each generation
         for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
             engine.sync_weights(model)
-            started = time.perf_counter()
+            started, cpu_started, stolen_before = time.perf_counter(), time.thread_time(), stolen_cpu_s()
             collector.lap()
             rollout = engine.generate(prompt_ids, settings.num_generations, cfg.sampling)
             generate_gc_s.append(collector.lap())
+            generate_cpu_s.append(time.thread_time() - cpu_started)
+            generate_steal_s.append(stolen_cpu_s() - stolen_before if stolen_before is not None else None)
             asleep_and_awake = rollout.stats.get("time/wake_kv_cache_s", 0.0) + rollout.stats.get(
                 "time/sleep_s", 0.0
             )
@@ -386,6 +392,8 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
         "generate_s": generate_s[measured],
         "train_s": train_s[measured],
         "generate_gc_s": generate_gc_s[measured],
+        "generate_cpu_s": generate_cpu_s[measured],
+        "generate_steal_s": generate_steal_s[measured],
     }
 
 
@@ -588,6 +596,8 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
             "generate_alone_steps_s": raw["generate_s"],
             "train_alone_steps_s": raw["train_s"],
             "generate_alone_gc_s": raw["generate_gc_s"],  # of it, in Python's garbage collector
+            "generate_alone_cpu_s": raw["generate_cpu_s"],  # the main thread's CPU seconds in it
+            "generate_alone_steal_s": raw["generate_steal_s"],  # the host's, from all CPUs, meanwhile
         }
     seconds = raw["step_s"]
     row = {
@@ -609,6 +619,8 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
                 "generate_steps_s": raw["generate_s"],
                 "train_steps_s": raw["train_s"],
                 "gc_steps_s": raw["gc_s"],
+                "generate_cpu_steps_s": raw["generate_cpu_s"],
+                "generate_steal_steps_s": raw["generate_steal_s"],
                 "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / row["s_per_step_median"],
                 "train_mfu": train_mfu(phases["train"], settings, flops_per_token),
             }
@@ -780,6 +792,18 @@ def report(
             lines.append(
                 f"| {row['arm']} | {p['generate']:.2f} | {p['reward']:.3f} | {p['train']:.2f} | {p['sync']:.3f} | {p['sleep_wake']:.3f} | {gc_s} |"
             )
+    rollouts = rollout_lines(rows)
+    if rollouts:
+        lines += [
+            "",
+            "Each measured rollout: seconds, then of them the main thread's CPU seconds and Python's gc, then the "
+            "CPU seconds the host gave other tenants meanwhile (steal, all CPUs). Generation is bound by that "
+            "thread: a slow rollout that did the same work waited.",
+            "",
+            "| arm | rollouts: s (CPU s, gc s, steal s) |",
+            "|---|---|",
+            *rollouts,
+        ]
     bounds = floor_bounds(rows)
     for row in rows:
         if row["arm"] in FLOOR_OF:
@@ -805,6 +829,26 @@ def report(
     for arm, error in failures.items():
         lines += ["", f"**{arm} failed**: {error}"]
     return "\n".join(lines) + "\n"
+
+
+def rollout_lines(rows: list[dict]) -> list[str]:
+    """A table row per arm whose rollouts were measured one by one (results from before: none)."""
+    lines = []
+    for row in rows:
+        if "generate_alone_cpu_s" in row:
+            walls, cpus = row["generate_alone_steps_s"], row["generate_alone_cpu_s"]
+            gcs, steals = row["generate_alone_gc_s"], row["generate_alone_steal_s"]
+        elif row.get("generate_cpu_steps_s") and None not in row["generate_cpu_steps_s"]:
+            walls, cpus = row["generate_steps_s"], row["generate_cpu_steps_s"]
+            gcs, steals = row["gc_steps_s"], row["generate_steal_steps_s"]  # (gc: the whole step's)
+        else:
+            continue
+        shown = [
+            f"{wall:.2f} ({cpu:.2f}, {gc:.2f}, {'?' if steal is None else f'{steal:.2f}'})"
+            for wall, cpu, gc, steal in zip(walls, cpus, gcs, steals)
+        ]
+        lines.append(f"| {row['arm']} | {'; '.join(shown)} |")
+    return lines
 
 
 def chart(rows: list[dict], path: Path) -> None:

@@ -58,6 +58,16 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     # of them, the seconds in Python's garbage collector, per step and per generation alone
     assert len(ours["gc_steps_s"]) == settings["measured_steps"] and 0 <= ours["phases_s"]["gc"]
     assert len(floor["generate_alone_gc_s"]) == settings["measured_steps"]
+    # and the main thread's CPU seconds in each rollout: some, and never more than the rollout's own
+    for walls, cpus in (
+        (ours["generate_steps_s"], ours["generate_cpu_steps_s"]),
+        (floor["generate_alone_steps_s"], floor["generate_alone_cpu_s"]),
+    ):
+        assert len(cpus) == settings["measured_steps"]
+        assert all(0 < cpu <= wall for cpu, wall in zip(cpus, walls))
+    assert all(steal >= 0 for steal in ours["generate_steal_steps_s"] + floor["generate_alone_steal_s"])
+    report = results_file.with_suffix(".md").read_text()
+    assert "| ours_full | " in report.split("Each measured rollout")[1]
     measured = {target["target"]: target["measured"] for target in results["targets"]}
     assert measured["full fine-tune: step / floor (generation alone + training alone)"] == pytest.approx(
         ours["s_per_step_median"] / floor["floor_s"]

@@ -1,0 +1,30 @@
+"""What the CPU did while a step ran: the main thread's own CPU seconds, and the seconds the hypervisor gave the
+machine's CPUs to someone else (steal), logged for each on-policy rollout as `time/generate_cpu_s` and
+`time/generate_steal_s`.
+
+Generation with vLLM is bound by one CPU thread (its scheduler's Python), so a rollout that takes 3.2 s instead
+of 2.2 s either did more work on that thread (its CPU seconds rise with the wall time: more Python, or the
+garbage collector, `time/gc_s`) or waited: for the GPU, for other threads, or for a CPU that the host lent
+elsewhere (steal rises; on a cloud VM, other tenants).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROC_STAT = Path("/proc/stat")
+
+
+def stolen_cpu_s() -> float | None:
+    """Seconds of CPU time stolen from this machine's CPUs since boot, summed over them (Linux's steal
+    counter: time a virtual CPU was ready to run while the hypervisor ran something else); None where the
+    kernel does not say (not Linux, or a kernel that does not count it)."""
+    try:
+        fields = PROC_STAT.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal ...: the 8th value, in clock ticks
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
