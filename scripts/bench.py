@@ -17,8 +17,8 @@ bench/results/<date>-<commit>.{json,md,png}.
 What is measured, per arm, over the steps after the warm-up:
 - s/step: wall time between the ends of consecutive optimizer steps (median, min, max);
 - completion tokens/s: completion tokens of the step / its seconds;
-- peak GPU memory: the device's used memory (total - free), polled every 50 ms by a thread, so vLLM's pool
-  counts for both frameworks;
+- peak GPU memory: the device's used memory over the arm's whole process, polled every 50 ms by nvidia-smi
+  from outside it, so vLLM's pool counts for both frameworks;
 - ours_offpolicy: our loop with off_policy_steps=1 (the next rollout generates while this one trains),
   reported as its own row and compared with TRL's on-policy run, never as our on-policy result;
 - ours only: the phases (generate, reward, train, sync, sleep/wake) from the loop's own metrics, the train
@@ -41,7 +41,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -185,34 +184,42 @@ def prepare(settings: Settings, workdir: Path) -> tuple[Path, Path]:
 
 
 class PeakDeviceMemory:
-    """The device's used memory (total - free), polled by a thread: vLLM's pool counts as well as torch's."""
+    """The GPU's used memory (vLLM's pool as well as torch's), polled every `every_ms` by nvidia-smi in a
+    process of its own while an arm runs. Not a thread in the arm's process: one there, calling into CUDA 20
+    times a second, shared the interpreter and the driver with the generation it measured."""
 
-    def __init__(self, device: str, every_s: float = 0.05):
-        self.device, self.every_s, self.peak = device, every_s, 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.poll, daemon=True)
-
-    def poll(self) -> None:
-        import torch
-
-        while not self.done.is_set():
-            free, total = torch.cuda.mem_get_info()
-            self.peak = max(self.peak, total - free)
-            self.done.wait(self.every_s)
+    def __init__(self, device: str, every_ms: int = 50):
+        self.device, self.every_ms, self.peak_mib = device, every_ms, None
+        self.poller: subprocess.Popen | None = None
 
     def __enter__(self) -> PeakDeviceMemory:
         if self.device == "cuda":
-            self.thread.start()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            self.poller = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    f"--id={visible or 0}",
+                    "--query-gpu=memory.used",
+                    "--format=csv,noheader,nounits",
+                    f"--loop-ms={self.every_ms}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         return self
 
     def __exit__(self, *exc) -> None:
-        self.done.set()
-        if self.thread.is_alive():
-            self.thread.join()
+        if self.poller is None:
+            return
+        self.poller.terminate()
+        output, _ = self.poller.communicate()
+        readings = [int(line) for line in output.split() if line.isdigit()]  # MiB
+        self.peak_mib = max(readings) if readings else None
 
     @property
     def gib(self) -> float | None:
-        return self.peak / 2**30 if self.device == "cuda" else None
+        return self.peak_mib / 1024 if self.peak_mib is not None else None
 
 
 def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
@@ -278,15 +285,13 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
     from online_rl.loop import run
 
     cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
-    with PeakDeviceMemory(settings.device) as memory:
-        summary = run(cfg)
+    summary = run(cfg)
     steps = summary.history[settings.warmup_steps :]
     return {
         "step_s": [m["time/step_s"] for m in steps],
         "completion_tokens": [
             m["rollout/len_mean"] * settings.prompts_per_step * settings.num_generations for m in steps
         ],
-        "peak_gpu_gib": memory.gib,
         "phases": phase_breakdown(steps),
         # per step, to tell a slow step's phase (generation has varied by 50% from one arm to the next)
         "generate_s": [m["time/generate_s"] for m in steps],
@@ -542,8 +547,7 @@ def run_trl(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdi
         peft_config=peft_config,
         callbacks=[timer],
     )
-    with PeakDeviceMemory(settings.device) as memory:
-        trainer.train()
+    trainer.train()
     seconds = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
     lengths = [
         entry["completions/mean_length"]
@@ -554,7 +558,6 @@ def run_trl(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdi
     return {
         "step_s": seconds[settings.warmup_steps :],
         "completion_tokens": [length * completions for length in lengths[settings.warmup_steps :]],
-        "peak_gpu_gib": memory.gib,
         "reward_mean": [entry["reward"] for entry in trainer.state.log_history if "reward" in entry],
     }
 
@@ -939,7 +942,7 @@ def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: floa
         "--workdir",
         str(workdir),
     ]
-    with open(log_path, "w") as log_file:
+    with open(log_path, "w") as log_file, PeakDeviceMemory(settings.device) as memory:
         try:
             code = subprocess.run(
                 command, stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
@@ -950,7 +953,8 @@ def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: floa
         tail = log_path.read_text()[-1500:]
         print(f"bench: {arm} FAILED ({code}); log: {log_path}\n{tail}", flush=True)
         return f"exit {code}; log tail:\n```\n{tail}\n```"
-    return json.loads((workdir / f"{arm}.json").read_text())
+    # the whole process's peak, engine start included (both frameworks start theirs the same way)
+    return {**json.loads((workdir / f"{arm}.json").read_text()), "peak_gpu_gib": memory.gib}
 
 
 def settings_from_json(fields: dict) -> Settings:
