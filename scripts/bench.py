@@ -800,8 +800,9 @@ def report(
         lines += [
             "",
             "Each measured rollout: seconds, then of them the main thread's CPU seconds and Python's gc, then the "
-            "CPU seconds the host gave other tenants meanwhile (steal, all CPUs). Generation is bound by that "
-            "thread: a slow rollout that did the same work waited.",
+            "CPU seconds the host gave other tenants meanwhile (steal, all CPUs). CUDA spins while the thread "
+            "waits for the GPU, so only waits for the interpreter (another thread's Python) or for a CPU leave "
+            "its CPU seconds below the rollout's.",
             "",
             "| arm | rollouts: s (CPU s, gc s, steal s) |",
             "|---|---|",

@@ -2,10 +2,13 @@
 machine's CPUs to someone else (steal), logged for each on-policy rollout as `time/generate_cpu_s` and
 `time/generate_steal_s`.
 
-Generation with vLLM is bound by one CPU thread (its scheduler's Python), so a rollout that takes 3.2 s instead
-of 2.2 s either did more work on that thread (its CPU seconds rise with the wall time: more Python, or the
-garbage collector, `time/gc_s`) or waited: for the GPU, for other threads, or for a CPU that the host lent
-elsewhere (steal rises; on a cloud VM, other tenants).
+Generation with vLLM is bound by one CPU thread (its scheduler's Python). A rollout that takes 3.2 s instead
+of 2.2 s either kept that thread busy for longer, or made it wait: for another thread's Python (the
+interpreter's lock) or for a CPU that the host lent elsewhere (steal rises; on a cloud VM, other tenants).
+Only such waits leave the thread's CPU seconds below the rollout's: CUDA spins while it waits for the GPU, so
+a rollout slowed on the device (or by another thread's calls into the driver) shows as busy. On the H200, a
+thread in the trainer's process that read the GPU's free memory 20 times a second made rollouts 40% slower,
+with CPU seconds equal to the wall time throughout (bench/results/2026-11-30-ec0c693.md).
 """
 
 from __future__ import annotations

@@ -359,8 +359,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 cpu_started, stolen_before = time.thread_time(), stolen_cpu_s()
                 rollout = engine.generate(prompt_ids, engine_samples, sampling)
                 generate_s, on_policy = time.perf_counter() - t - sync_s, True
-                # Against generate_s: the work this thread did in it, and what the host's other tenants took
-                # from the machine's CPUs meanwhile (generation is bound by this one thread's CPU).
+                # Against generate_s: this thread's CPU seconds in it (all but waits for the interpreter or for
+                # a CPU), and what the host's other tenants took from the machine's CPUs meanwhile.
                 rollout.stats["time/generate_cpu_s"] = time.thread_time() - cpu_started
                 if stolen_before is not None:
                     rollout.stats["time/generate_steal_s"] = stolen_cpu_s() - stolen_before
