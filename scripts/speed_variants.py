@@ -1,8 +1,9 @@
 """What scripts/train_speed.py and scripts/gen_speed.py share: each variant of one half of the bench's step runs in a
 process of its own (this script again, with --run-variant), which writes <workdir>/<prefix>-<variant>.json and,
 for the profiled variant, <workdir>/<prefix>-<variant>-<kind>.txt; the driver gathers them into
-<out>/<prefix>-<date>-<commit>.json after every variant, so that a command cut short still leaves what it
-measured, and copies the profile tables beside it."""
+<out>/<prefix>-<date>-<commit>.json (then -2, -3, ... for later commands of that commit and UTC day) after
+every variant, so that a command cut short still leaves what it measured, and copies the profile tables
+beside it."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def written(workdir: Path, prefix: str, variant: str, kind: str | None = None) -
     return workdir / (f"{prefix}-{variant}-{kind}.txt" if kind else f"{prefix}-{variant}.json")
 
 
+def unused_stem(out: Path, stem: str) -> str:
+    """stem, or stem-2, stem-3, ...: the first with no results file in out. A second command of one commit on
+    one day gets files of its own (repeating a command is how these scripts show their noise)."""
+    number, candidate = 1, stem
+    while (out / f"{candidate}.json").exists():
+        number += 1
+        candidate = f"{stem}-{number}"
+    return candidate
+
+
 def run(
     script: str,
     prefix: str,
@@ -55,8 +66,9 @@ def run(
     if options.profile and options.profile not in variants:
         parser.error(f"--profile {options.profile}: not one of --variants {','.join(variants)}")
     commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
-    stem = f"{prefix}-{dt.date.today()}-{commit}" + ("-smoke" if options.smoke else "")
     options.out.mkdir(parents=True, exist_ok=True)
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")  # UTC, as the bench's files
+    stem = unused_stem(options.out, f"{prefix}-{today}-{commit}" + ("-smoke" if options.smoke else ""))
     options.workdir.mkdir(parents=True, exist_ok=True)
     if not (options.workdir / "prompts.jsonl").exists():
         bench.prepare(settings, options.workdir)

@@ -187,3 +187,15 @@ def test_train_speed_refuses_a_profile_of_a_variant_it_does_not_run(tmp_path):
         timeout=120,
     )
     assert result.returncode != 0 and "--profile compiled: not one of --variants eager" in result.stderr
+
+
+def test_a_second_speed_command_of_one_commit_and_day_gets_files_of_its_own(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from speed_variants import unused_stem
+
+    stem = "gen-speed-2026-11-30-abc1234"
+    assert unused_stem(tmp_path, stem) == stem
+    (tmp_path / f"{stem}.json").write_text("{}")
+    assert unused_stem(tmp_path, stem) == f"{stem}-2"
+    (tmp_path / f"{stem}-2.json").write_text("{}")
+    assert unused_stem(tmp_path, stem) == f"{stem}-3"

@@ -69,6 +69,54 @@ def test_collector_clock_counts_the_seconds_spent_collecting():
     assert clock.lap() == 0.0
 
 
+def test_frozen_heap_keeps_what_lives_out_of_collections_until_its_end():
+    import gc
+    import weakref
+
+    from online_rl.gc_clock import FrozenHeap
+
+    class Node:
+        pass
+
+    def unreachable_cycle() -> weakref.ref:
+        node = Node()
+        node.itself = node
+        return weakref.ref(node)
+
+    gc.unfreeze()
+    garbage = unreachable_cycle()
+    kept = Node()
+    kept.itself = kept  # alive when the heap freezes, garbage after
+    kept_ref = weakref.ref(kept)
+    with FrozenHeap():
+        assert garbage() is None  # collected before the freeze, not frozen with the rest
+        assert gc.get_freeze_count() > 0
+        del kept
+        gc.collect()
+        assert kept_ref() is not None  # frozen: collections leave it alone
+    gc.collect()
+    assert kept_ref() is None and gc.get_freeze_count() == 0
+
+
+def test_the_run_freezes_its_heap_after_its_first_step_and_thaws_it_at_the_end(make_config, monkeypatch):
+    import gc
+
+    from online_rl import loop
+
+    frozen_at_each_step, score = [], loop.score_completions
+
+    def scoring(*args, **kwargs):  # the rewards of each step, in the middle of it
+        frozen_at_each_step.append(gc.get_freeze_count())
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "score_completions", scoring)
+    gc.unfreeze()  # (whatever an earlier test left)
+    run(make_config("max_steps=3", *SMALL))
+    # torch, the model and the data: tens of thousands of objects, out of the collector's walks
+    assert frozen_at_each_step[0] == 0 and all(count > 10_000 for count in frozen_at_each_step[1:])
+    assert gc.get_freeze_count() == 0
+
+
 def test_quickstart_reward_rises(make_config):
     """The default config (`python train.py`): the tiny random model learns the quickstart's rewards."""
     summary = run(make_config())

@@ -1,4 +1,5 @@
-"""The seconds this process spends in Python's garbage collector, logged per step as `time/gc_s`.
+"""Python's garbage collector in a training run: its seconds, logged per step as `time/gc_s`, and the heap
+frozen after the first step so that later collections leave the run's long-lived objects alone.
 
 Generation with vLLM is bound by the CPU: its scheduler's Python runs for every sequence at every decoding
 step, and one full collection over a heap of a million objects (torch, vLLM, the compiled model's graphs)
@@ -37,3 +38,22 @@ class CollectorClock:
     def lap(self) -> float:
         seconds, self.lapped_s = self.total_s - self.lapped_s, self.total_s
         return seconds
+
+
+class FrozenHeap:
+    """`with FrozenHeap():` collects once, then moves every object still alive into the collector's permanent
+    generation (`gc.freeze`) until the block ends, when they become collectable again.
+
+    After a run's first step its heap holds what lives until the end: torch, the model and its compiled
+    graphs, the engine, the data. A full collection walks all of it (0.65-0.8 s on the H200 in two of five
+    off-policy steps, where nothing else had frozen it); frozen, it walks only what later steps made. An
+    object frozen here that later becomes garbage in a reference cycle waits for the block's end.
+    """
+
+    def __enter__(self) -> FrozenHeap:
+        gc.collect()  # the garbage first: frozen, it would stay
+        gc.freeze()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        gc.unfreeze()

@@ -41,7 +41,7 @@ from online_rl.engines.mixture import sample_geometric_mixture
 from online_rl.engines.transformers_engine import eos_token_ids
 from online_rl.evaluation import Evaluator, check_eval_config, run_eval_only
 from online_rl.export import check_export_config, export_final_model
-from online_rl.gc_clock import CollectorClock
+from online_rl.gc_clock import CollectorClock, FrozenHeap
 from online_rl.guards import NonFiniteGuard
 from online_rl.interrupts import StopOnSignal
 from online_rl.logprobs import completion_logprobs, micro_batch_rows, pack
@@ -326,6 +326,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
         else 0
     )
     distributed.seed_ranks(cfg.seed, step)  # several ranks: each samples with a seed of its own
+    first_step = step  # (a resumed run's)
     progress = tqdm(
         total=cfg.max_steps,
         initial=step,
@@ -525,6 +526,8 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 train_s = time.perf_counter() - t
+                if step == first_step + 1:  # what lives from now on is in memory: keep it out of collections
+                    closing.enter_context(FrozenHeap())  # (one full collection, in this step's time/gc_s)
 
                 # 7. Log, checkpoint. (The next rollout starts by pushing these weights to the engine.)
                 step_s = time.perf_counter() - step_started
