@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,27 @@ def test_a_second_speed_command_of_one_commit_and_day_gets_files_of_its_own(tmp_
     assert unused_stem(tmp_path, stem) == f"{stem}-2"
     (tmp_path / f"{stem}-2.json").write_text("{}")
     assert unused_stem(tmp_path, stem) == f"{stem}-3"
+
+
+def test_peak_gpu_memory_is_the_largest_reading_of_nvidia_smi_beside_the_arm(tmp_path, monkeypatch, capsys):
+    """The poller runs nvidia-smi in a process of its own (here a stand-in printing what nvidia-smi prints:
+    MiB, one reading a line); with no nvidia-smi the arm still runs and its peak is unknown."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench import PeakDeviceMemory
+
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '1000\\n30541\\n2000\\n'\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with PeakDeviceMemory("cuda") as memory:
+        time.sleep(0.5)
+    assert memory.gib == pytest.approx(30541 / 1024)
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with PeakDeviceMemory("cuda") as memory:
+        pass
+    assert memory.gib is None and "no peak GPU memory" in capsys.readouterr().out
+    with PeakDeviceMemory("cpu") as memory:
+        pass
+    assert memory.gib is None

@@ -6,9 +6,10 @@ Generation with vLLM is bound by one CPU thread (its scheduler's Python). A roll
 of 2.2 s either kept that thread busy for longer, or made it wait: for another thread's Python (the
 interpreter's lock) or for a CPU that the host lent elsewhere (steal rises; on a cloud VM, other tenants).
 Only such waits leave the thread's CPU seconds below the rollout's: CUDA spins while it waits for the GPU, so
-a rollout slowed on the device (or by another thread's calls into the driver) shows as busy. On the H200, a
-thread in the trainer's process that read the GPU's free memory 20 times a second made rollouts 40% slower,
-with CPU seconds equal to the wall time throughout (bench/results/2026-11-30-ec0c693.md).
+a rollout slowed on the device (or by another thread's calls into the driver) shows as busy. On the H200,
+while a thread in the trainer's process read the GPU's free memory 20 times a second, the loop's rollouts
+took 1.33x as long as the same rollouts without it, with CPU seconds equal to their wall time throughout
+(bench/results/2026-11-30-ec0c693.md).
 """
 
 from __future__ import annotations
