@@ -88,6 +88,9 @@ class Settings:
     # ours: vllm.engine_processes, engines on the GPU each generating a share of the prompts (in processes of
     # their own); generation is bound by vLLM's Python per sequence, the GPU running kernels 28% of the time
     engine_processes: int = 1
+    # every arm of the command with CUDA's Multi-Process Service running (MultiProcessService): the kernels of
+    # the off-policy arm's two processes (trainer, vLLM engine) then run side by side instead of in turns
+    mps: bool = False
     model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
     device: str = "cuda"
     use_vllm: bool = True
@@ -223,6 +226,64 @@ class PeakDeviceMemory:
     @property
     def gib(self) -> float | None:
         return self.peak_mib / 1024 if self.peak_mib is not None else None
+
+
+class MultiProcessService:
+    """CUDA's Multi-Process Service for the arms of one command (`--set mps=true`), its daemon started before
+    the first arm and stopped after the last, its pipes and logs under `directory`; `env` points the arms'
+    processes at it.
+
+    Without it the GPU gives the work of each process time slices in turn. Our off-policy arm runs two, the
+    trainer and vLLM's engine, and on the H200 a rollout beside training took 3.07 s against 2.2-2.5 s alone
+    (bench/results/2026-11-30-4167c1a.md): each decoding step's small kernels waited for the trainer's turn
+    to end. With the daemon, both processes' kernels go to the GPU through one context and can run at once.
+    One process (TRL, our on-policy arms) runs as before."""
+
+    CONTROL = "nvidia-cuda-mps-control"
+
+    def __init__(self, enabled: bool, directory: Path):
+        self.enabled = enabled
+        self.env = (
+            {
+                "CUDA_MPS_PIPE_DIRECTORY": str(directory / "pipe"),
+                "CUDA_MPS_LOG_DIRECTORY": str(directory / "log"),
+            }
+            if enabled
+            else {}
+        )
+
+    def control(self, *args: str, text: str | None = None) -> None:
+        try:
+            subprocess.run(
+                [self.CONTROL, *args],
+                input=text,
+                env={**os.environ, **self.env},
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except FileNotFoundError:
+            raise SystemExit(
+                f"--set mps=true: {self.CONTROL} is not on this machine's PATH (it comes with NVIDIA's driver "
+                "utilities); leave out mps"
+            ) from None
+        except subprocess.CalledProcessError as error:
+            raise SystemExit(
+                f"--set mps=true: `{self.CONTROL} {' '.join(args)}` failed ({error.returncode}): "
+                f"{(error.stderr or error.stdout).strip()[-500:]}; its log: {self.env['CUDA_MPS_LOG_DIRECTORY']}"
+            ) from None
+
+    def __enter__(self) -> MultiProcessService:
+        if self.enabled:
+            for directory in self.env.values():
+                Path(directory).mkdir(parents=True, exist_ok=True)
+            self.control("-d")  # returns once the daemon runs; it starts its server at the first client
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.control(text="quit\n")
 
 
 def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
@@ -764,6 +825,7 @@ def report(
             if any(row["arm"] == "ours_offpolicy" for row in rows) and not settings.separate_process
             else ""
         )
+        + ("every arm with CUDA's Multi-Process Service running (mps); " if settings.mps else "")
         + f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps."
         + (
             " Measured in "
@@ -1071,43 +1133,47 @@ def main() -> None:
     commands = (earlier["commands"] if earlier else []) + [
         {"started": started, "arms": arms, "machine": machine()}
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    for arm in arms:
-        print(f"bench: {arm}", flush=True)
-        t = time.perf_counter()
-        outcome = run_arm_process(arm, settings, options.workdir, options.arm_timeout_s, env)
-        if isinstance(outcome, str):
-            failures[arm] = outcome
-        else:
-            row = summarize(arm, outcome, settings, flops_per_token(options.workdir / "model", ARMS[arm][1]))
-            row["process_s"] = time.perf_counter() - t
-            row["command"] = len(commands)  # which command of `commands` measured it
-            rows.append(row)
-            print(f"bench: {arm}: {json.dumps(row)}", flush=True)
-            profile = options.workdir / f"{arm}-train-profile.txt"
-            if arm in FLOOR_OF and settings.profile and profile.exists():
-                shutil.copy(profile, options.out / f"{stem}-{arm}-train-profile.txt")
-        # after every arm, so that a run cut short still leaves what it measured
-        rows.sort(key=lambda row: list(ARMS).index(row["arm"]))
-        table = report(rows, settings, commit, commands, failures)
-        results = {
-            "started": commands[0]["started"],
-            "commit": commit,
-            "settings": asdict(settings),
-            "commands": commands,
-            "ours_over_trl": ratios(rows),
-            "targets": targets(rows),
-            "floor_bounds": floor_bounds(rows),
-            "arms": rows,
-            "failures": failures,
+    with MultiProcessService(settings.mps, options.workdir / "mps") as mps:  # (--set mps=true only)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+            **mps.env,
         }
-        results_path.write_text(json.dumps(results, indent=1))
-        results_path.with_suffix(".md").write_text(table)
-        if rows:
-            chart(rows, results_path.with_suffix(".png"))
+        for arm in arms:
+            print(f"bench: {arm}", flush=True)
+            t = time.perf_counter()
+            outcome = run_arm_process(arm, settings, options.workdir, options.arm_timeout_s, env)
+            if isinstance(outcome, str):
+                failures[arm] = outcome
+            else:
+                row = summarize(
+                    arm, outcome, settings, flops_per_token(options.workdir / "model", ARMS[arm][1])
+                )
+                row["process_s"] = time.perf_counter() - t
+                row["command"] = len(commands)  # which command of `commands` measured it
+                rows.append(row)
+                print(f"bench: {arm}: {json.dumps(row)}", flush=True)
+                profile = options.workdir / f"{arm}-train-profile.txt"
+                if arm in FLOOR_OF and settings.profile and profile.exists():
+                    shutil.copy(profile, options.out / f"{stem}-{arm}-train-profile.txt")
+            # after every arm, so that a run cut short still leaves what it measured
+            rows.sort(key=lambda row: list(ARMS).index(row["arm"]))
+            table = report(rows, settings, commit, commands, failures)
+            results = {
+                "started": commands[0]["started"],
+                "commit": commit,
+                "settings": asdict(settings),
+                "commands": commands,
+                "ours_over_trl": ratios(rows),
+                "targets": targets(rows),
+                "floor_bounds": floor_bounds(rows),
+                "arms": rows,
+                "failures": failures,
+            }
+            results_path.write_text(json.dumps(results, indent=1))
+            results_path.with_suffix(".md").write_text(table)
+            if rows:
+                chart(rows, results_path.with_suffix(".png"))
     print(table)
     if failures:
         sys.exit(1)

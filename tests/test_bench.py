@@ -224,3 +224,36 @@ def test_peak_gpu_memory_is_the_largest_reading_of_nvidia_smi_beside_the_arm(tmp
     with PeakDeviceMemory("cpu") as memory:
         pass
     assert memory.gib is None
+
+
+def test_mps_daemon_runs_for_the_arms_of_a_command_and_names_its_fix_when_missing(tmp_path, monkeypatch):
+    """--set mps=true: CUDA's MPS daemon is started before the arms and told to quit after them, with its
+    pipes where the arms' environment points (here a stand-in for nvidia-cuda-mps-control logs its calls)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench import MultiProcessService
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    fake.parent.mkdir()
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = "-d" ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> '
+        f'{calls}; else read command; echo "$command $CUDA_MPS_PIPE_DIRECTORY" >> {calls}; fi\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with MultiProcessService(True, tmp_path / "mps") as mps:
+        assert calls.read_text() == f"start {tmp_path / 'mps' / 'pipe'}\n"
+        assert mps.env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "mps" / "pipe")
+        assert (tmp_path / "mps" / "log").is_dir()
+    assert calls.read_text().splitlines()[1] == f"quit {tmp_path / 'mps' / 'pipe'}"
+
+    with MultiProcessService(False, tmp_path / "unused") as mps:  # the default: nothing started
+        assert mps.env == {}
+    assert not (tmp_path / "unused").exists()
+
+    fake.write_text("#!/bin/sh\necho 'An instance of this daemon is already running' >&2\nexit 1\n")
+    with pytest.raises(SystemExit, match="already running"):
+        MultiProcessService(True, tmp_path / "mps").__enter__()
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="not on this machine's PATH.*leave out mps"):
+        MultiProcessService(True, tmp_path / "mps").__enter__()
