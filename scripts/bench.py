@@ -242,7 +242,6 @@ class MultiProcessService:
     CONTROL = "nvidia-cuda-mps-control"
 
     def __init__(self, enabled: bool, directory: Path):
-        self.enabled = enabled
         self.env = (
             {
                 "CUDA_MPS_PIPE_DIRECTORY": str(directory / "pipe"),
@@ -275,14 +274,14 @@ class MultiProcessService:
             ) from None
 
     def __enter__(self) -> MultiProcessService:
-        if self.enabled:
+        if self.env:
             for directory in self.env.values():
                 Path(directory).mkdir(parents=True, exist_ok=True)
             self.control("-d")  # returns once the daemon runs; it starts its server at the first client
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
+        if self.env:
             self.control(text="quit\n")
 
 
@@ -397,9 +396,6 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     over them (forward, backward, clipping, AdamW). Neither waits for the other or for anything else."""
     import torch
 
-    from online_rl.cpu_clock import stolen_cpu_s
-    from online_rl.gc_clock import CollectorClock
-    from online_rl.logprobs import pack
     from online_rl.models import load_tokenizer, torch_dtype
 
     cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
@@ -408,62 +404,79 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     model, trained, trainable, optimizer = trainer(cfg, model_dir, settings.lr)
     engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
-    generate_s, train_s, generate_gc_s, generate_cpu_s, generate_steal_s = [], [], [], [], []
-    with CollectorClock() as collector:  # Python's garbage collector during each generation
-        for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
-            engine.sync_weights(model)
-            started, cpu_started, stolen_before = time.perf_counter(), time.thread_time(), stolen_cpu_s()
-            collector.lap()
-            rollout = engine.generate(prompt_ids, settings.num_generations, cfg.sampling)
-            generate_gc_s.append(collector.lap())
-            generate_cpu_s.append(time.thread_time() - cpu_started)
-            generate_steal_s.append(stolen_cpu_s() - stolen_before if stolen_before is not None else None)
-            asleep_and_awake = rollout.stats.get("time/wake_kv_cache_s", 0.0) + rollout.stats.get(
-                "time/sleep_s", 0.0
-            )
-            generate_s.append(time.perf_counter() - started - asleep_and_awake)
+    rollouts, train_s = [], []
+    for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
+        rollout, timings = timed_rollout(engine, model, prompt_ids, settings.num_generations, cfg.sampling)
+        rollouts.append(timings)
+        prompts_per_row = [p for p in prompt_ids for _ in range(settings.num_generations)]
+        micro_batches = consecutive_micro_batches(
+            prompts_per_row,
+            rollout.completion_ids,
+            settings.our_micro_batch_size,
+            tokenizer.pad_token_id,
+            device,
+            rollout.sampler_logprobs,
+        )
+        advantages = torch.randn(len(prompts_per_row))
+        tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
+        synchronize(device)
 
-            prompts_per_row = [p for p in prompt_ids for _ in range(settings.num_generations)]
-            micro_batches = []
-            for start in range(0, len(prompts_per_row), settings.our_micro_batch_size):
-                index = list(range(start, start + settings.our_micro_batch_size))
-                batch = pack(
-                    [prompts_per_row[i] for i in index],
-                    [rollout.completion_ids[i] for i in index],
-                    tokenizer.pad_token_id,
-                    [rollout.sampler_logprobs[i] for i in index] if rollout.sampler_logprobs else None,
-                )
-                micro_batches.append((batch.to(device), index, None))
-            advantages = torch.randn(len(prompts_per_row))
-            tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
-            synchronize(device)
-
-            step_once = functools.partial(
-                train_step,
-                trained,
-                micro_batches,
-                advantages,
-                tokens,
-                cfg,
-                autocast_dtype,
-                trainable,
-                optimizer,
-            )
-            if step == settings.steps:
-                profile_step(step_once, device, workdir / f"{arm}-train-profile.txt")
-                break
-            started = time.perf_counter()
-            step_once()
-            train_s.append(time.perf_counter() - started)
+        step_once = functools.partial(
+            train_step, trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+        )
+        if step == settings.steps:
+            profile_step(step_once, device, workdir / f"{arm}-train-profile.txt")
+            break
+        started = time.perf_counter()
+        step_once()
+        train_s.append(time.perf_counter() - started)
     engine.close()
-    measured = slice(settings.warmup_steps, settings.steps)
+    measured = rollouts[settings.warmup_steps : settings.steps]
     return {
-        "generate_s": generate_s[measured],
-        "train_s": train_s[measured],
-        "generate_gc_s": generate_gc_s[measured],
-        "generate_cpu_s": generate_cpu_s[measured],
-        "generate_steal_s": generate_steal_s[measured],
+        "train_s": train_s[settings.warmup_steps :],
+        **{key: [timings[key] for timings in measured] for key in measured[0]},
     }
+
+
+def timed_rollout(engine, model, prompt_ids, num_generations: int, sampling) -> tuple:
+    """A weight push, then one rollout, timed alone: (the rollout, {generate_s: its seconds without waking the KV
+    cache and going back to sleep, and of them generate_gc_s in Python's garbage collector, generate_cpu_s of
+    the main thread's CPU; generate_steal_s: the host's steal from all CPUs meanwhile})."""
+    from online_rl.cpu_clock import CpuUse
+    from online_rl.gc_clock import CollectorClock
+
+    engine.sync_weights(model)
+    started = time.perf_counter()  # (the wall time holds the CPU's and the collector's windows)
+    with CollectorClock() as collector, CpuUse() as cpu:
+        rollout = engine.generate(prompt_ids, num_generations, sampling)
+    seconds = time.perf_counter() - started
+    asleep_and_awake = rollout.stats.get("time/wake_kv_cache_s", 0.0) + rollout.stats.get("time/sleep_s", 0.0)
+    return rollout, {
+        "generate_s": seconds - asleep_and_awake,
+        "generate_gc_s": collector.lap(),
+        "generate_cpu_s": cpu.thread_s,
+        "generate_steal_s": cpu.steal_s,
+    }
+
+
+def consecutive_micro_batches(
+    prompts, completions, size: int, pad_id: int, device, sampler_logprobs=None
+) -> list:
+    """Rows i, i + 1, ... as packed micro-batches of `size` rows on `device`, each with its row indices, as
+    the loop's training passes take them."""
+    from online_rl.logprobs import pack
+
+    micro_batches = []
+    for start in range(0, len(prompts), size):
+        index = list(range(start, min(start + size, len(prompts))))
+        batch = pack(
+            [prompts[i] for i in index],
+            [completions[i] for i in index],
+            pad_id,
+            [sampler_logprobs[i] for i in index] if sampler_logprobs else None,
+        )
+        micro_batches.append((batch.to(device), index, None))
+    return micro_batches
 
 
 def engine_and_prompts(cfg, settings: Settings, model, model_dir: Path, tokenizer) -> tuple:

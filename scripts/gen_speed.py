@@ -69,12 +69,10 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
 
     def rollout() -> tuple[float, int]:
         """One rollout after a weight push: (its seconds without waking the KV cache and sleeping, tokens)."""
-        engine.sync_weights(model)
-        started = time.perf_counter()
-        result = engine.generate(prompt_ids, settings.num_generations, cfg.sampling)
-        seconds = time.perf_counter() - started
-        seconds -= result.stats.get("time/wake_kv_cache_s", 0.0) + result.stats.get("time/sleep_s", 0.0)
-        return seconds, sum(len(ids) for ids in result.completion_ids)
+        result, timings = bench.timed_rollout(
+            engine, model, prompt_ids, settings.num_generations, cfg.sampling
+        )
+        return timings["generate_s"], sum(len(ids) for ids in result.completion_ids)
 
     timed = [rollout() for _ in range(settings.steps)]
     measured = timed[settings.warmup_steps :]

@@ -48,7 +48,6 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
     """Seconds of each training step of one variant (the first ones: warm-up), and its peak memory."""
     import torch
 
-    from online_rl.logprobs import pack
     from online_rl.models import torch_dtype
 
     overrides, changes = VARIANTS[variant]
@@ -72,10 +71,7 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
     prompts = random_rows(rows, settings.prompt_tokens)
     completions = random_rows(rows, settings.completion_tokens)
     size = settings.our_micro_batch_size
-    micro_batches = [
-        (pack(prompts[i : i + size], completions[i : i + size], 0).to(device), list(range(i, i + size)), None)
-        for i in range(0, rows, size)
-    ]
+    micro_batches = bench.consecutive_micro_batches(prompts, completions, size, 0, device)
     tokens = rows * settings.completion_tokens
 
     def step_once():  # with the advantages of the step

@@ -15,6 +15,7 @@ took 1.33x as long as the same rollouts without it, with CPU seconds equal to th
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 PROC_STAT = Path("/proc/stat")
@@ -32,3 +33,17 @@ def stolen_cpu_s() -> float | None:
     if len(fields) < 9 or fields[0] != "cpu":
         return None
     return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuUse:
+    """`with CpuUse() as use:` ... then `use.thread_s`, this thread's CPU seconds in the block, and
+    `use.steal_s`, the host's steal from all CPUs over it (None where the kernel does not count it)."""
+
+    def __enter__(self) -> CpuUse:
+        self._thread_started, self._stolen_before = time.thread_time(), stolen_cpu_s()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.thread_s = time.thread_time() - self._thread_started
+        stolen = stolen_cpu_s()
+        self.steal_s = stolen - self._stolen_before if None not in (stolen, self._stolen_before) else None

@@ -34,7 +34,7 @@ from transformers import get_scheduler, set_seed
 
 from online_rl import distributed, grpo, preference, rloo
 from online_rl.checkpoint import prepare_output_dir, save_checkpoint
-from online_rl.cpu_clock import stolen_cpu_s
+from online_rl.cpu_clock import CpuUse
 from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenize_prompts
 from online_rl.engines import Rollout, SaveWhenUnavailable, make_engine, resolve_mode
 from online_rl.engines.mixture import sample_geometric_mixture
@@ -357,14 +357,14 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                 engine.sync_weights(model)
                 sync_s = time.perf_counter() - t
                 watchdog.start("generate")
-                cpu_started, stolen_before = time.thread_time(), stolen_cpu_s()
-                rollout = engine.generate(prompt_ids, engine_samples, sampling)
+                with CpuUse() as cpu:
+                    rollout = engine.generate(prompt_ids, engine_samples, sampling)
                 generate_s, on_policy = time.perf_counter() - t - sync_s, True
                 # Against generate_s: this thread's CPU seconds in it (all but waits for the interpreter or for
                 # a CPU), and what the host's other tenants took from the machine's CPUs meanwhile.
-                rollout.stats["time/generate_cpu_s"] = time.thread_time() - cpu_started
-                if stolen_before is not None:
-                    rollout.stats["time/generate_steal_s"] = stolen_cpu_s() - stolen_before
+                rollout.stats["time/generate_cpu_s"] = cpu.thread_s
+                if cpu.steal_s is not None:
+                    rollout.stats["time/generate_steal_s"] = cpu.steal_s
             questions = [row["prompt"] for row in rows]
             memory = gpu_memory_metrics(device)  # after generate: a sleeping engine is asleep again
             if ahead is not None and step + 1 < cfg.max_steps:  # the next rollout, with the current weights
