@@ -68,12 +68,16 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
     engine_start_s = time.perf_counter() - started  # (the prompts: a few ms)
 
     def rollout() -> tuple[float, int]:
-        """One rollout after a weight push: (its seconds without waking the KV cache and sleeping, tokens)."""
+        """One rollout after a weight push: (its seconds without waking the KV cache and sleeping, tokens);
+        its seconds in Python's collector, of the main thread's CPU, and the host's steal go to `spent`."""
         result, timings = bench.timed_rollout(
             engine, model, prompt_ids, settings.num_generations, cfg.sampling
         )
+        for key in ("generate_gc_s", "generate_cpu_s", "generate_steal_s"):
+            spent.setdefault(key, []).append(timings[key])
         return timings["generate_s"], sum(len(ids) for ids in result.completion_ids)
 
+    spent: dict[str, list[float]] = {}
     timed = [rollout() for _ in range(settings.steps)]
     measured = timed[settings.warmup_steps :]
     generate_s = statistics.median(seconds for seconds, _ in measured)
@@ -89,6 +93,8 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
         "completion_tokens_per_s": statistics.median(tokens / seconds for seconds, tokens in measured),
         # per decoding step of the longest completion: what the engine spends on each token position
         "ms_per_decoding_step": 1000 * generate_s / settings.completion_tokens,
+        # per measured rollout: a slow one with CPU seconds equal to its wall time did not wait for a CPU
+        **{f"{key}_steps": values[settings.warmup_steps :] for key, values in spent.items()},
     }
     if profile:
         tables = {
@@ -137,12 +143,17 @@ def main() -> None:
     results, failures = speed_variants.run(
         __file__, PREFIX, parser, options, settings, VARIANTS, ("kernels", "python")
     )
-    print("\n| variant | completions | generate s (median) | ms per decoding step | engine start s |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| variant | completions | generate s (median) | ms per decoding step | rollouts s (main thread's CPU s)"
+        " | engine start s |\n|---|---|---|---|---|---|"
+    )
     for r in results:
+        rollouts = ", ".join(
+            f"{wall:.2f} ({cpu:.2f})" for wall, cpu in zip(r["generate_steps_s"], r["generate_cpu_s_steps"])
+        )
         print(
             f"| {r['variant']} | {r['completions']} | {r['generate_s']:.3f} | {r['ms_per_decoding_step']:.2f}"
-            f" | {r['engine_start_s']:.1f} |"
+            f" | {rollouts} | {r['engine_start_s']:.1f} |"
         )
     if failures:
         sys.exit(1)

@@ -30,6 +30,12 @@ def parser(description: str, variants: dict, profile_help: str) -> argparse.Argu
     )
     parser.add_argument("--out", type=Path, default=bench.REPO / "bench" / "results")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument(
+        "--mps",
+        action="store_true",
+        help="run every variant with CUDA's Multi-Process Service (as the bench's --set mps=true): engines in "
+        "processes of their own then run kernels at once instead of in turns",
+    )
     parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # internal: one variant in this process
     return parser
 
@@ -72,33 +78,52 @@ def run(
     options.workdir.mkdir(parents=True, exist_ok=True)
     if not (options.workdir / "prompts.jsonl").exists():
         bench.prepare(settings, options.workdir)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(bench.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
     results, failures, machine = [], {}, bench.machine()
-    for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
-        command = [sys.executable, script, "--run-variant", variant, "--workdir", str(options.workdir)]
-        command += (["--smoke"] if options.smoke else []) + (
-            ["--profile", variant] if variant == options.profile else []
-        )
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode == 0:
-            results.append(json.loads(written(options.workdir, prefix, variant).read_text()))
-            print(json.dumps(results[-1]), flush=True)
-            for kind in kinds if variant == options.profile else ():
-                table = written(options.workdir, prefix, variant, kind)
-                if table.exists():  # (some only on a GPU)
-                    shutil.copy(table, options.out / f"{stem}-{variant}-{kind}.txt")
-        else:
-            failures[variant] = done.stderr[-1500:]
-            print(f"{variant} FAILED:\n{failures[variant]}", flush=True)
-        summary = {
-            "commit": commit,
-            "machine": machine,
-            "settings": asdict(settings),
-            "variants": results,
-            "failures": failures,
+    with bench.MultiProcessService(options.mps, options.workdir / "mps") as mps:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(bench.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+            **mps.env,
         }
-        (options.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+        for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
+            run_variant(script, prefix, options, variant, env, kinds, stem, results, failures)
+            summary = {
+                "commit": commit,
+                "machine": machine,
+                "settings": asdict(settings),
+                "mps": options.mps,
+                "variants": results,
+                "failures": failures,
+            }
+            (options.out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     return results, failures
+
+
+def run_variant(
+    script: str,
+    prefix: str,
+    options,
+    variant: str,
+    env: dict,
+    kinds,
+    stem: str,
+    results: list,
+    failures: dict,
+) -> None:
+    """One variant in a process of its own: its results appended to `results` (and its profile tables copied
+    beside the command's results), or why it failed put in `failures`."""
+    command = [sys.executable, script, "--run-variant", variant, "--workdir", str(options.workdir)]
+    command += (["--smoke"] if options.smoke else []) + (
+        ["--profile", variant] if variant == options.profile else []
+    )
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        failures[variant] = done.stderr[-1500:]
+        print(f"{variant} FAILED:\n{failures[variant]}", flush=True)
+        return
+    results.append(json.loads(written(options.workdir, prefix, variant).read_text()))
+    print(json.dumps(results[-1]), flush=True)
+    for kind in kinds if variant == options.profile else ():
+        table = written(options.workdir, prefix, variant, kind)
+        if table.exists():  # (some only on a GPU)
+            shutil.copy(table, options.out / f"{stem}-{variant}-{kind}.txt")

@@ -125,15 +125,18 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     assert not list((tmp_path / "elsewhere").glob("*.json"))
 
 
-def smoke_variants(tmp_path, script: str, variants: str, profile: str) -> tuple[dict, str]:
+def smoke_variants(
+    tmp_path, script: str, variants: str, profile: str, *options: str, env: dict | None = None
+) -> tuple[dict, str]:
     """scripts/<script> --smoke over variants, one of them profiled: (its results file, its printed output)."""
     out = tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), "--smoke", "--variants", variants]
+        [sys.executable, str(REPO / "scripts" / script), "--smoke", "--variants", variants, *options]
         + ["--profile", profile, "--workdir", str(tmp_path / "work"), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     (results_file,) = out.glob(f"{Path(script).stem.replace('_', '-')}-*-smoke.json")
@@ -159,8 +162,16 @@ def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
 
 def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
     """scripts/gen_speed.py: the bench's rollout alone, one process per variant (here the CPU's engine:
-    transformers generate), warm-up apart, and the profiled variant's kernel and Python tables."""
-    results, _ = smoke_variants(tmp_path, "gen_speed.py", "default,half_batch", "half_batch")
+    transformers generate), warm-up apart, each measured rollout's CPU seconds, and the profiled variant's
+    kernel and Python tables; with --mps, CUDA's MPS daemon (a stand-in here) runs around the variants."""
+    calls = tmp_path / "mps-calls"
+    fake = stand_in_mps_control(tmp_path / "bin", calls)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    results, stdout = smoke_variants(
+        tmp_path, "gen_speed.py", "default,half_batch", "half_batch", "--mps", env=env
+    )
+    pipe = tmp_path / "work" / "mps" / "pipe"
+    assert calls.read_text().splitlines() == [f"start {pipe}", f"quit {pipe}"] and results["mps"]
     out = tmp_path / "results"
     settings = results["settings"]
     assert results["machine"]["cpus"] == os.cpu_count()
@@ -172,6 +183,15 @@ def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
         assert len(variant["warmup_s"]) == settings["warmup_steps"]
         assert len(variant["generate_steps_s"]) == settings["measured_steps"]
         assert variant["generate_s"] > 0 and variant["completion_tokens_per_s"] > 0
+        assert len(variant["generate_cpu_s_steps"]) == settings["measured_steps"]
+        assert all(cpu > 0 for cpu in variant["generate_cpu_s_steps"])
+        assert (
+            len(variant["generate_gc_s_steps"])
+            == len(variant["generate_steal_s_steps"])
+            == settings["measured_steps"]
+        )
+    first_rollout, first_cpu = default["generate_steps_s"][0], default["generate_cpu_s_steps"][0]
+    assert f"| default | {rows} |" in stdout and f"{first_rollout:.2f} ({first_cpu:.2f})" in stdout
     assert half["profiled_wall_s"] > 0 and "profiled_wall_s" not in default
     (python,) = out.glob("gen-speed-*-smoke-half_batch-python.txt")
     assert "function calls" in python.read_text()  # cProfile's table
@@ -226,6 +246,19 @@ def test_peak_gpu_memory_is_the_largest_reading_of_nvidia_smi_beside_the_arm(tmp
     assert memory.gib is None
 
 
+def stand_in_mps_control(directory: Path, calls: Path) -> Path:
+    """An nvidia-cuda-mps-control in `directory` that writes each call to `calls`: "start <pipe directory>"
+    for -d, "<command read from stdin> <pipe directory>" otherwise."""
+    fake = directory / "nvidia-cuda-mps-control"
+    directory.mkdir(parents=True, exist_ok=True)
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = "-d" ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> '
+        f'{calls}; else read command; echo "$command $CUDA_MPS_PIPE_DIRECTORY" >> {calls}; fi\n'
+    )
+    fake.chmod(0o755)
+    return fake
+
+
 def test_mps_daemon_runs_for_the_arms_of_a_command_and_names_its_fix_when_missing(tmp_path, monkeypatch):
     """--set mps=true: CUDA's MPS daemon is started before the arms and told to quit after them, with its
     pipes where the arms' environment points (here a stand-in for nvidia-cuda-mps-control logs its calls)."""
@@ -233,13 +266,7 @@ def test_mps_daemon_runs_for_the_arms_of_a_command_and_names_its_fix_when_missin
     from bench import MultiProcessService
 
     calls = tmp_path / "calls.txt"
-    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
-    fake.parent.mkdir()
-    fake.write_text(
-        '#!/bin/sh\nif [ "$1" = "-d" ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> '
-        f'{calls}; else read command; echo "$command $CUDA_MPS_PIPE_DIRECTORY" >> {calls}; fi\n'
-    )
-    fake.chmod(0o755)
+    fake = stand_in_mps_control(tmp_path / "bin", calls)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     with MultiProcessService(True, tmp_path / "mps") as mps:
         assert calls.read_text() == f"start {tmp_path / 'mps' / 'pipe'}\n"
