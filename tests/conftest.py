@@ -22,6 +22,11 @@ from online_rl.config import register_configs
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DATA = Path(__file__).resolve().parent / "data"
+# Runs the tests start (train.py, the bench's arms) import this checkout's code too, not that of another
+# checkout installed in the environment (an editable install of a CI rehearsal's clone, say).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT / "src"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
 
 register_configs()
 
