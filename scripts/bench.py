@@ -91,6 +91,9 @@ class Settings:
     # every arm of the command with CUDA's Multi-Process Service running (MultiProcessService): the kernels of
     # the off-policy arm's two processes (trainer, vLLM engine) then run side by side instead of in turns
     mps: bool = False
+    # ours, with mps: vllm.trainer_sm_percent where the engine runs in a process of its own (the off-policy
+    # arm): the trainer's kernels take at most this share of the GPU's multiprocessors, the engine's all; 0: no cap
+    trainer_sm_percent: int = 0
     model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
     device: str = "cuda"
     use_vllm: bool = True
@@ -316,6 +319,9 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
         f"off_policy_steps={int(off_policy)}",
         f"output_dir={workdir / arm}",
     ]
+    separate_process = settings.separate_process or off_policy or settings.engine_processes > 1
+    if settings.use_vllm and separate_process and settings.trainer_sm_percent:
+        overrides.append(f"vllm.trainer_sm_percent={settings.trainer_sm_percent}")
     if settings.use_vllm:
         overrides += [
             f"vllm.gpu_memory_utilization={settings.gpu_memory_utilization}",
@@ -325,7 +331,7 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
             "vllm.async_scheduling=true",
             # off-policy: generation runs beside training, so the engine gets a process (and interpreter) of its
             # own; in the trainer's it waits for training's Python (4.3-4.6 s against 2.1 s alone, e80fade)
-            f"vllm.separate_process={settings.separate_process or off_policy or settings.engine_processes > 1}",
+            f"vllm.separate_process={separate_process}",
             f"vllm.engine_processes={settings.engine_processes}",
             # the step's sequences decode at once; vLLM captures CUDA graphs only up to this batch size
             f"vllm.max_num_seqs={settings.prompts_per_step * settings.num_generations}",
@@ -839,6 +845,12 @@ def report(
             else ""
         )
         + ("every arm with CUDA's Multi-Process Service running (mps); " if settings.mps else "")
+        + (
+            f"our trainer beside an engine process capped at {settings.trainer_sm_percent}% of the GPU's "
+            "multiprocessors (vllm.trainer_sm_percent); "
+            if settings.trainer_sm_percent
+            else ""
+        )
         + f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps."
         + (
             " Measured in "
@@ -1058,7 +1070,13 @@ def parse_settings(base: Settings, assignments: list[str]) -> Settings:
             changes[key] = tuple(value.split(","))
         else:
             changes[key] = type(current)(value)
-    return replace(base, **changes)
+    settings = replace(base, **changes)
+    if settings.trainer_sm_percent and not settings.mps:
+        raise SystemExit(
+            f"--set trainer_sm_percent={settings.trainer_sm_percent} caps the trainer under CUDA's MPS daemon: "
+            "add --set mps=true"
+        )
+    return settings
 
 
 def main() -> None:

@@ -5,7 +5,12 @@ here, so its log-probs must equal the trainer's to float precision.
 """
 
 import copy
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -432,3 +437,81 @@ for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6,
     assert len(raised) == 2, (result.stdout + result.stderr)[-3000:]
     for _, kind, seconds in raised:
         assert kind == "EngineUnavailable" and int(seconds) < 10, raised
+
+
+# A trainer capped by vllm.trainer_sm_percent starts a separate-process engine: what each process's
+# environment holds. Its own process, as vLLM reads its multiprocessing setting once per process.
+SM_CAP_PROBE = """
+import json, os, sys
+import psutil, torch
+from online_rl.engines.mps import ACTIVE_THREAD_PERCENTAGE, limit_trainer_sms
+from online_rl.engines.vllm_colocate import VLLMColocateEngine
+from tests.conftest import compose_config
+
+cfg = compose_config(json.loads(sys.argv[2]))
+limit_trainer_sms(cfg.vllm)
+trainer_cap = os.environ.get(ACTIVE_THREAD_PERCENTAGE)
+engine = VLLMColocateEngine(sys.argv[1], cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
+engines = [
+    {"cmdline": " ".join(p.cmdline())[:80], "cap": p.environ().get(ACTIVE_THREAD_PERCENTAGE)}
+    for p in psutil.Process().children(recursive=True)
+]
+engine.close()
+print("PROBE " + json.dumps({"trainer": trainer_cap, "after": os.environ.get(ACTIVE_THREAD_PERCENTAGE), "engines": engines}))
+"""
+
+
+def test_the_trainers_sm_cap_stays_its_own_and_the_engine_process_gets_none(tiny_model_dir, tmp_path):
+    """vllm.trainer_sm_percent: the trainer's environment carries MPS's cap (which CUDA reads when the process
+    makes its context) and the vLLM engine process it starts carries none. MPS's pipes are a stand-in
+    directory here; on a CPU the cap changes nothing else."""
+    pipes = tmp_path / "mps-pipes"
+    pipes.mkdir()
+    (pipes / "control").touch()
+    overrides = [*CPU_COLOCATE, "vllm.separate_process=true", "vllm.trainer_sm_percent=60"]
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipes)}
+    env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
+    result = subprocess.run(
+        [sys.executable, "-c", SM_CAP_PROBE, str(tiny_model_dir), json.dumps(overrides)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    probe = json.loads(result.stdout.split("PROBE ", 1)[1])
+    assert probe["trainer"] == probe["after"] == "60"
+    assert probe["engines"], "no engine process started"
+    assert all(process["cap"] is None for process in probe["engines"]), probe["engines"]
+
+
+@pytest.mark.parametrize(
+    "overrides, pipes, fix",
+    [
+        (["vllm.separate_process=true", "vllm.trainer_sm_percent=0"], "running", "from 1 to 100"),
+        (["vllm.trainer_sm_percent=50"], "running", "vllm.separate_process=true"),
+        (["vllm.separate_process=true", "vllm.trainer_sm_percent=50"], "empty", "nvidia-cuda-mps-control -d"),
+        (
+            ["vllm.separate_process=true", "vllm.trainer_sm_percent=50"],
+            "missing",
+            "nvidia-cuda-mps-control -d",
+        ),
+    ],
+)
+def test_a_trainer_sm_cap_it_cannot_apply_stops_the_run_with_the_fix(
+    make_config, tmp_path, monkeypatch, overrides, pipes, fix
+):
+    """Out of range, without an engine process of its own, or without MPS's daemon: the run stops before it
+    loads anything, and the message names the fix; no cap is left in the environment."""
+    directory = tmp_path / "mps-pipes"
+    if pipes != "missing":
+        directory.mkdir()
+    if pipes == "running":
+        (directory / "control").touch()
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(directory))
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    cfg = make_config(*CPU_COLOCATE, *overrides)
+    with pytest.raises((ValueError, RuntimeError), match=fix):
+        run(cfg)
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ

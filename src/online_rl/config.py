@@ -178,6 +178,11 @@ class VLLMColocateConfig(VLLMCheckConfig):
     # H200 it did not pay: 2.25 s a rollout with two engines and 3.06 s with four, against 2.10 s with one
     # (without MPS, the GPU time-slices between processes: their kernels never run side by side).
     engine_processes: int = 1
+    # separate_process under CUDA's MPS daemon (`nvidia-cuda-mps-control -d`): the most of the GPU's
+    # multiprocessors the trainer's kernels take, in percent; the engines keep all of them. Beside training
+    # (off_policy_steps=1) a decoding step's small kernels then find room instead of waiting for the trainer's
+    # (engines/mps.py). null: no cap.
+    trainer_sm_percent: int | None = None
 
 
 @dataclass
