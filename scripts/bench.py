@@ -366,6 +366,9 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         "generate_s": [m["time/generate_s"] for m in steps],
         "train_s": [m["time/train_s"] for m in steps],
         "gc_s": [m["time/gc_s"] for m in steps],  # Python's garbage collector, inside the phases
+        # of it, full collections (walking every object not frozen): their seconds and count
+        "gc_full_s": [m.get("time/gc_full_s") for m in steps],
+        "gc_full_collections": [m.get("gc/full_collections") for m in steps],
         # the main thread's CPU seconds in each rollout, and the CPU seconds the host took meanwhile
         "generate_cpu_s": [m.get("time/generate_cpu_s") for m in steps],
         "generate_steal_s": [m.get("time/generate_steal_s") for m in steps],
@@ -459,7 +462,7 @@ def timed_rollout(engine, model, prompt_ids, num_generations: int, sampling) -> 
     asleep_and_awake = rollout.stats.get("time/wake_kv_cache_s", 0.0) + rollout.stats.get("time/sleep_s", 0.0)
     return rollout, {
         "generate_s": seconds - asleep_and_awake,
-        "generate_gc_s": collector.lap(),
+        "generate_gc_s": collector.lap().seconds,
         "generate_cpu_s": cpu.thread_s,
         "generate_steal_s": cpu.steal_s,
     }
@@ -705,6 +708,8 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
                 "generate_steps_s": raw["generate_s"],
                 "train_steps_s": raw["train_s"],
                 "gc_steps_s": raw["gc_s"],
+                "gc_full_steps_s": raw.get("gc_full_s"),
+                "gc_full_collections_steps": raw.get("gc_full_collections"),
                 "generate_cpu_steps_s": raw["generate_cpu_s"],
                 "generate_steal_steps_s": raw["generate_steal_s"],
                 "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / row["s_per_step_median"],

@@ -50,10 +50,12 @@ def test_two_step_smoke_run_writes_config_and_checkpoint(make_config, tmp_path):
     ):
         assert key in metrics, key
     assert 0 <= metrics["time/gc_s"] < metrics["time/step_s"]
+    assert 0 <= metrics["time/gc_full_s"] <= metrics["time/gc_s"] and metrics["gc/full_collections"] >= 0
 
 
 def test_collector_clock_counts_the_seconds_spent_collecting():
-    """time/gc_s: the seconds of Python's garbage collections between two laps, and none outside the block."""
+    """time/gc_s: the seconds of Python's garbage collections between two laps, and none outside the block;
+    time/gc_full_s and gc/full_collections: those of full collections alone."""
     import gc
 
     from online_rl.gc_clock import CollectorClock
@@ -63,10 +65,14 @@ def test_collector_clock_counts_the_seconds_spent_collecting():
             cycle = []
             cycle.append(cycle)
         gc.collect()
-        assert clock.lap() > 0
-        assert clock.lap() == 0.0  # nothing collected since the last lap
+        full = clock.lap()
+        assert full.seconds >= full.full_seconds > 0 and full.full_collections >= 1
+        gc.collect(0)  # the youngest generation only
+        young = clock.lap()
+        assert young.seconds > 0 and young.full_seconds == 0.0 and young.full_collections == 0
+        assert clock.lap().seconds == 0.0  # nothing collected since the last lap
     gc.collect()
-    assert clock.lap() == 0.0
+    assert clock.lap().seconds == 0.0
 
 
 def test_frozen_heap_keeps_what_lives_out_of_collections_until_its_end():
@@ -111,10 +117,12 @@ def test_the_run_freezes_its_heap_after_its_first_step_and_thaws_it_at_the_end(m
 
     monkeypatch.setattr(loop, "score_completions", scoring)
     gc.unfreeze()  # (whatever an earlier test left)
-    run(make_config("max_steps=3", *SMALL))
+    summary = run(make_config("max_steps=3", *SMALL))
     # torch, the model and the data: tens of thousands of objects, out of the collector's walks
     assert frozen_at_each_step[0] == 0 and all(count > 10_000 for count in frozen_at_each_step[1:])
     assert gc.get_freeze_count() == 0
+    first = summary.history[0]  # the full collection before the freeze is counted in the first step
+    assert first["gc/full_collections"] >= 1 and 0 < first["time/gc_full_s"] <= first["time/gc_s"]
 
 
 def test_quickstart_reward_rises(make_config):

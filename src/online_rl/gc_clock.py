@@ -1,5 +1,6 @@
-"""Python's garbage collector in a training run: its seconds, logged per step as `time/gc_s`, and the heap
-frozen after the first step so that later collections leave the run's long-lived objects alone.
+"""Python's garbage collector in a training run: its seconds, logged per step as `time/gc_s` (of them the full
+collections', `time/gc_full_s`, and their count, `gc/full_collections`), and the heap frozen after the first
+step so that later collections leave the run's long-lived objects alone.
 
 Generation with vLLM is bound by the CPU: its scheduler's Python runs for every sequence at every decoding
 step, and one full collection over a heap of a million objects (torch, vLLM, the compiled model's graphs)
@@ -11,14 +12,24 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass
+
+OLDEST_GENERATION = 2  # CPython's: a collection of it walks every object not frozen
+
+
+@dataclass
+class CollectorLap:
+    seconds: float  # in every collection
+    full_seconds: float  # of them in full collections (the oldest generation, walking the whole heap)
+    full_collections: int
 
 
 class CollectorClock:
-    """`with CollectorClock() as clock:` ... `clock.lap()`: seconds spent collecting since the last lap."""
+    """`with CollectorClock() as clock:` ... `clock.lap()`: what the collector spent since the last lap."""
 
     def __init__(self):
-        self.total_s = 0.0
-        self.lapped_s = 0.0
+        self.total = CollectorLap(0.0, 0.0, 0)
+        self.lapped = CollectorLap(0.0, 0.0, 0)
         self._started: float | None = None
 
     def __enter__(self) -> CollectorClock:
@@ -32,12 +43,23 @@ class CollectorClock:
         if phase == "start":
             self._started = time.perf_counter()
         elif self._started is not None:
-            self.total_s += time.perf_counter() - self._started
+            seconds = time.perf_counter() - self._started
+            full = info["generation"] == OLDEST_GENERATION
+            self.total = CollectorLap(
+                self.total.seconds + seconds,
+                self.total.full_seconds + (seconds if full else 0.0),
+                self.total.full_collections + full,
+            )
             self._started = None
 
-    def lap(self) -> float:
-        seconds, self.lapped_s = self.total_s - self.lapped_s, self.total_s
-        return seconds
+    def lap(self) -> CollectorLap:
+        now, before = self.total, self.lapped
+        self.lapped = now
+        return CollectorLap(
+            now.seconds - before.seconds,
+            now.full_seconds - before.full_seconds,
+            now.full_collections - before.full_collections,
+        )
 
 
 class FrozenHeap:

@@ -533,6 +533,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
 
                 # 7. Log, checkpoint. (The next rollout starts by pushing these weights to the engine.)
                 step_s = time.perf_counter() - step_started
+                collected = collector.lap()  # what Python's garbage collector took during the step
                 lengths = torch.tensor(columns["completion_lengths"], dtype=torch.float)
                 # Reward curves follow the policy's own samples, not the mixture / reference ones.
                 policy_rewards = rewards[torch.tensor(from_engine)]
@@ -559,7 +560,10 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     "time/reward_s": reward_s,
                     "time/train_s": train_s,
                     "time/sync_s": sync_s,
-                    "time/gc_s": collector.lap(),  # (inside the phases above)
+                    # (inside the phases above) every collection's seconds, and of them the full collections'
+                    "time/gc_s": collected.seconds,
+                    "time/gc_full_s": collected.full_seconds,
+                    "gc/full_collections": collected.full_collections,
                     **memory,
                     **rollout.stats,
                     "time/step_s": step_s,
