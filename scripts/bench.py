@@ -288,6 +288,16 @@ class MultiProcessService:
             self.control(text="quit\n")
 
 
+def child_env(mps: MultiProcessService) -> dict[str, str]:
+    """The environment of the processes a command starts (arms, variants): this checkout's code on the path,
+    and the MPS daemon's pipes when it runs."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **mps.env,
+    }
+
+
 def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
     """Our config for the bench's run: GRPO with TRL's defaults on the shared model and prompts."""
     _, lora, off_policy = ARMS[arm]
@@ -473,11 +483,11 @@ def consecutive_micro_batches(
 ) -> list:
     """Rows i, i + 1, ... as packed micro-batches of `size` rows on `device`, each with its row indices, as
     the loop's training passes take them."""
-    from online_rl.logprobs import pack
+    from online_rl.logprobs import micro_batch_rows, pack
 
     micro_batches = []
-    for start in range(0, len(prompts), size):
-        index = list(range(start, min(start + size, len(prompts))))
+    rows = list(range(len(prompts)))
+    for index in micro_batch_rows(rows, [0] * len(rows), size, by_length=False):  # (lengths: unused)
         batch = pack(
             [prompts[i] for i in index],
             [completions[i] for i in index],
@@ -1170,11 +1180,7 @@ def main() -> None:
         {"started": started, "arms": arms, "machine": machine()}
     ]
     with MultiProcessService(settings.mps, options.workdir / "mps") as mps:  # (--set mps=true only)
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
-            **mps.env,
-        }
+        env = child_env(mps)
         for arm in arms:
             print(f"bench: {arm}", flush=True)
             t = time.perf_counter()

@@ -67,34 +67,34 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
     engine, prompt_ids = bench.engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
     engine_start_s = time.perf_counter() - started  # (the prompts: a few ms)
 
-    def rollout() -> tuple[float, int]:
-        """One rollout after a weight push: (its seconds without waking the KV cache and sleeping, tokens);
-        its seconds in Python's collector, of the main thread's CPU, and the host's steal go to `spent`."""
+    def rollout() -> dict:
+        """One rollout after a weight push: bench.timed_rollout's seconds (generate_s without waking the KV
+        cache and sleeping; its gc, main-thread CPU and steal seconds), and its completion tokens."""
         result, timings = bench.timed_rollout(
             engine, model, prompt_ids, settings.num_generations, cfg.sampling
         )
-        for key in ("generate_gc_s", "generate_cpu_s", "generate_steal_s"):
-            spent.setdefault(key, []).append(timings[key])
-        return timings["generate_s"], sum(len(ids) for ids in result.completion_ids)
+        return {**timings, "tokens": sum(len(ids) for ids in result.completion_ids)}
 
-    spent: dict[str, list[float]] = {}
     timed = [rollout() for _ in range(settings.steps)]
     measured = timed[settings.warmup_steps :]
-    generate_s = statistics.median(seconds for seconds, _ in measured)
+    generate_s = statistics.median(t["generate_s"] for t in measured)
     result = {
         "variant": variant,
         "overrides": overrides,
         "prompts": settings.prompts_per_step,
         "completions": settings.prompts_per_step * settings.num_generations,
         "engine_start_s": engine_start_s,
-        "warmup_s": [seconds for seconds, _ in timed[: settings.warmup_steps]],
-        "generate_steps_s": [seconds for seconds, _ in measured],
+        "warmup_s": [t["generate_s"] for t in timed[: settings.warmup_steps]],
+        "generate_steps_s": [t["generate_s"] for t in measured],
         "generate_s": generate_s,
-        "completion_tokens_per_s": statistics.median(tokens / seconds for seconds, tokens in measured),
+        "completion_tokens_per_s": statistics.median(t["tokens"] / t["generate_s"] for t in measured),
         # per decoding step of the longest completion: what the engine spends on each token position
         "ms_per_decoding_step": 1000 * generate_s / settings.completion_tokens,
         # per measured rollout: a slow one with CPU seconds equal to its wall time did not wait for a CPU
-        **{f"{key}_steps": values[settings.warmup_steps :] for key, values in spent.items()},
+        **{
+            f"{key}_steps": [t[key] for t in measured]
+            for key in ("generate_gc_s", "generate_cpu_s", "generate_steal_s")
+        },
     }
     if profile:
         tables = {
@@ -112,7 +112,7 @@ def profile_rollout(rollout, device, tables: dict[str, Path]) -> dict:
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as profiler:
-        wall_s, _ = rollout()
+        wall_s = rollout()["generate_s"]
     averages = profiler.key_averages()
     sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     tables["kernels"].write_text(averages.table(sort_by=sort, row_limit=40))

@@ -80,11 +80,7 @@ def run(
         bench.prepare(settings, options.workdir)
     results, failures, machine = [], {}, bench.machine()
     with bench.MultiProcessService(options.mps, options.workdir / "mps") as mps:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(bench.REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-            **mps.env,
-        }
+        env = bench.child_env(mps)
         for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
             run_variant(script, prefix, options, variant, env, kinds, stem, results, failures)
             summary = {

@@ -28,8 +28,7 @@ class CollectorClock:
     """`with CollectorClock() as clock:` ... `clock.lap()`: what the collector spent since the last lap."""
 
     def __init__(self):
-        self.total = CollectorLap(0.0, 0.0, 0)
-        self.lapped = CollectorLap(0.0, 0.0, 0)
+        self.running = CollectorLap(0.0, 0.0, 0)  # since the last lap
         self._started: float | None = None
 
     def __enter__(self) -> CollectorClock:
@@ -44,22 +43,15 @@ class CollectorClock:
             self._started = time.perf_counter()
         elif self._started is not None:
             seconds = time.perf_counter() - self._started
-            full = info["generation"] == OLDEST_GENERATION
-            self.total = CollectorLap(
-                self.total.seconds + seconds,
-                self.total.full_seconds + (seconds if full else 0.0),
-                self.total.full_collections + full,
-            )
+            self.running.seconds += seconds
+            if info["generation"] == OLDEST_GENERATION:
+                self.running.full_seconds += seconds
+                self.running.full_collections += 1
             self._started = None
 
     def lap(self) -> CollectorLap:
-        now, before = self.total, self.lapped
-        self.lapped = now
-        return CollectorLap(
-            now.seconds - before.seconds,
-            now.full_seconds - before.full_seconds,
-            now.full_collections - before.full_collections,
-        )
+        lapped, self.running = self.running, CollectorLap(0.0, 0.0, 0)
+        return lapped
 
 
 class FrozenHeap:
