@@ -91,8 +91,8 @@ class Settings:
     # every arm of the command with CUDA's Multi-Process Service running (MultiProcessService): the kernels of
     # the off-policy arm's two processes (trainer, vLLM engine) then run side by side instead of in turns
     mps: bool = False
-    # ours, with mps: vllm.trainer_sm_percent where the engine runs in a process of its own (the off-policy
-    # arm): the trainer's kernels take at most this share of the GPU's multiprocessors, the engine's all; 0: no cap
+    # ours_offpolicy, with mps: vllm.trainer_sm_percent, the trainer's kernels take at most this share of the
+    # GPU's multiprocessors while the engine process generates beside them with all of them; 0: no cap
     trainer_sm_percent: int = 0
     model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
     device: str = "cuda"
@@ -330,7 +330,8 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
         f"output_dir={workdir / arm}",
     ]
     separate_process = settings.separate_process or off_policy or settings.engine_processes > 1
-    if settings.use_vllm and separate_process and settings.trainer_sm_percent:
+    # the cap only pays where training runs beside generation; on-policy, it would only slow the training pass
+    if settings.use_vllm and off_policy and settings.trainer_sm_percent:
         overrides.append(f"vllm.trainer_sm_percent={settings.trainer_sm_percent}")
     if settings.use_vllm:
         overrides += [

@@ -286,17 +286,19 @@ def test_mps_daemon_runs_for_the_arms_of_a_command_and_names_its_fix_when_missin
         MultiProcessService(True, tmp_path / "mps").__enter__()
 
 
-def test_trainer_sm_cap_goes_to_the_arms_whose_engine_has_a_process_of_its_own(tmp_path):
-    """--set trainer_sm_percent=N (with mps): the off-policy arm's config caps its trainer, the on-policy
-    arms' (engine in the trainer's process) do not; without mps the command stops with the fix."""
+def test_trainer_sm_cap_goes_to_the_off_policy_arm_alone(tmp_path):
+    """--set trainer_sm_percent=N (with mps): the off-policy arm's config caps its trainer, which trains beside
+    generation; the on-policy arms' do not, even with engines in processes of their own (they would only
+    train slower); without mps the command stops with the fix."""
     sys.path.insert(0, str(REPO / "scripts"))
     from bench import Settings, compose_config, our_overrides, parse_settings
 
-    settings = parse_settings(Settings(), ["mps=true", "trainer_sm_percent=60"])
+    settings = parse_settings(Settings(), ["mps=true", "trainer_sm_percent=60", "engine_processes=2"])
     paths = (tmp_path / "model", tmp_path / "prompts.jsonl", tmp_path)
     off_policy = compose_config(our_overrides(settings, "ours_offpolicy", *paths))
-    on_policy = compose_config(our_overrides(settings, "ours_full", *paths))
     assert off_policy.vllm.trainer_sm_percent == 60 and off_policy.vllm.separate_process
-    assert on_policy.vllm.trainer_sm_percent is None
+    for arm in ("ours_full", "floor", "ours_lora"):
+        on_policy = compose_config(our_overrides(settings, arm, *paths))
+        assert on_policy.vllm.separate_process and on_policy.vllm.trainer_sm_percent is None
     with pytest.raises(SystemExit, match="add --set mps=true"):
         parse_settings(Settings(), ["trainer_sm_percent=60"])
