@@ -19,9 +19,12 @@ from __future__ import annotations
 import cProfile
 import io
 import json
+import os
 import pstats
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +49,14 @@ VARIANTS = {
     "no_prefix_cache": (["vllm.enable_prefix_caching=false"], lambda settings: {}),
     # half the requests over the same number of decoding steps: what each sequence costs against each step
     "half_batch": ([], lambda settings: {"prompts_per_step": max(1, settings.prompts_per_step // 2)}),
+    # the off-policy arm's engine (a process of its own, awake), alone and then beside a training process
+    "beside_training": (["vllm.separate_process=true", "vllm.sleep_level=0"], lambda settings: {}),
 }
+# variant -> the train_speed variant whose steps run beside its second set of rollouts, in a process of its own
+TRAINING_BESIDE = {"beside_training": "compiled"}
+# with MPS, the trainer's share of the multiprocessors in each round beside training (None: no cap)
+TRAINER_SM_PERCENTS = (None, 50)
+READY_TIMEOUT_S = 600  # the training process's model load and compilation
 
 
 def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool) -> dict:
@@ -56,6 +66,8 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
 
     overrides, changes = VARIANTS[variant]
     settings = replace(settings, **changes(settings))
+    # --smoke generates with transformers, which takes none of vLLM's options
+    overrides = [each for each in overrides if settings.use_vllm or not each.startswith("vllm.")]
     model_dir = workdir / "model"
     cfg = bench.compose_config(
         bench.our_overrides(settings, "floor", model_dir, workdir / "prompts.jsonl", workdir) + overrides
@@ -96,6 +108,12 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
             for key in ("generate_gc_s", "generate_cpu_s", "generate_steal_s")
         },
     }
+    if variant in TRAINING_BESIDE:
+        # under MPS, also with the trainer capped (vllm.trainer_sm_percent); without it a cap does nothing
+        caps = TRAINER_SM_PERCENTS if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else (None,)
+        result["beside_training"] = [
+            beside_training(TRAINING_BESIDE[variant], cap, rollout, settings, workdir) for cap in caps
+        ]
     if profile:
         tables = {
             kind: speed_variants.written(workdir, PREFIX, variant, kind) for kind in ("kernels", "python")
@@ -103,6 +121,57 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
         result.update(profile_rollout(rollout, device, tables))
     engine.close()
     return result
+
+
+def beside_training(train_variant: str, trainer_sm_percent, rollout, settings, workdir: Path) -> dict:
+    """The measured rollouts again, each beside a training process (train_speed.py's `train_variant`, steps
+    back to back): what the trainer's kernels cost generation when neither shares the other's interpreter,
+    as in the off-policy arm's two processes. Returns the rollouts' seconds and the training steps'."""
+    directory = Path(tempfile.mkdtemp(prefix="beside-", dir=workdir))
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("train_speed.py")),
+        "--run-variant",
+        train_variant,
+    ]
+    command += ["--workdir", str(workdir), "--train-beside", str(directory)]
+    command += ["--smoke"] if settings == bench.SMOKE else []
+    env = dict(os.environ)
+    if trainer_sm_percent is not None:
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(trainer_sm_percent)
+    log = (directory / "trainer.log").open("w")
+    trainer = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not (directory / "ready").exists():
+            if trainer.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the training process beside generation did not start training: {trainer_sm_percent=}, "
+                    f"exit code {trainer.poll()}; its log: {(directory / 'trainer.log').read_text()[-1500:]}"
+                )
+            time.sleep(0.1)
+        timed = []
+        for _ in range(settings.measured_steps):
+            timed.append(rollout())
+            # (progress, for a run cut short: the driver shows a variant's output only when it fails)
+            print(
+                f"beside training, cap {trainer_sm_percent}: rollout {timed[-1]['generate_s']:.2f} s",
+                flush=True,
+            )
+    finally:
+        (directory / "stop").touch()
+        trainer.wait(timeout=300)
+        log.close()
+    if trainer.returncode != 0:
+        raise RuntimeError(f"the training process failed: {(directory / 'trainer.log').read_text()[-1500:]}")
+    training = json.loads((directory / "result.json").read_text())
+    return {
+        "trainer_sm_percent": trainer_sm_percent,
+        "train_variant": train_variant,
+        "generate_steps_s": [t["generate_s"] for t in timed],
+        "generate_s": statistics.median(t["generate_s"] for t in timed),
+        "train_steps_s": training["step_s"],
+    }
 
 
 def profile_rollout(rollout, device, tables: dict[str, Path]) -> dict:
@@ -155,6 +224,14 @@ def main() -> None:
             f"| {r['variant']} | {r['completions']} | {r['generate_s']:.3f} | {r['ms_per_decoding_step']:.2f}"
             f" | {rollouts} | {r['engine_start_s']:.1f} |"
         )
+        for round_ in r.get("beside_training", []):
+            cap = round_["trainer_sm_percent"]
+            steps = ", ".join(f"{seconds:.2f}" for seconds in round_["train_steps_s"])
+            print(
+                f"| {r['variant']}, beside {round_['train_variant']} training"
+                f"{f' capped at {cap}%' if cap else ''} | {r['completions']} | {round_['generate_s']:.3f} | | "
+                f"{', '.join(f'{s:.2f}' for s in round_['generate_steps_s'])} (training steps: {steps}) | |"
+            )
     if failures:
         sys.exit(1)
 

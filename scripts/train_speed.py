@@ -14,6 +14,7 @@ that made the CPU wait for the GPU in one more step (...-<variant>-syncs.txt).
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -46,8 +47,15 @@ VARIANTS = {
 }
 
 
-def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path: Path | None) -> dict:
-    """Seconds of each training step of one variant (the first ones: warm-up), and its peak memory."""
+def measure(
+    variant: str,
+    settings: bench.Settings,
+    workdir: Path,
+    profile_path: Path | None,
+    beside: Path | None = None,
+) -> dict:
+    """Seconds of each training step of one variant (the first ones: warm-up), and its peak memory. With
+    `beside` (a directory), it trains beside another process instead: see train_beside."""
     import torch
 
     from online_rl.models import torch_dtype
@@ -81,14 +89,19 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
             trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
         )
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for _ in range(settings.steps):
+    def timed_step() -> float:  # (new advantages each step)
+        nonlocal advantages
         advantages = torch.randn(rows, generator=generator)
         started = time.perf_counter()
         step_once()
-        seconds.append(time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    advantages = None
+    if beside is not None:
+        return {"variant": variant, **train_beside(timed_step, settings.warmup_steps, beside)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = [timed_step() for _ in range(settings.steps)]
     if profile_path is not None:
         syncs_path = profile_path.with_name(profile_path.name.replace("-profile", "-syncs"))
         syncs_path.unlink(missing_ok=True)  # an earlier command's
@@ -114,6 +127,18 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile_path:
         if device.type == "cuda"
         else None,
     }
+
+
+def train_beside(timed_step, warmup_steps: int, directory: Path) -> dict:
+    """Training steps back to back while another process measures itself beside them (gen_speed's
+    beside_training variants): the warm-up steps, then <directory>/ready, then steps until <directory>/stop
+    appears. Returns the seconds of the steps after `ready`."""
+    warmup_s = [timed_step() for _ in range(warmup_steps)]
+    (directory / "ready").touch()
+    seconds = []
+    while not (directory / "stop").exists():
+        seconds.append(timed_step())
+    return {"warmup_s": warmup_s, "step_s": seconds}
 
 
 def synchronizing_calls(step) -> list[tuple[str, int]]:
@@ -147,13 +172,23 @@ def main() -> None:
     parser = speed_variants.parser(
         __doc__, VARIANTS, "a variant to profile over one more step (torch.profiler)"
     )
+    parser.add_argument("--train-beside", type=Path, help=argparse.SUPPRESS)  # internal: see train_beside
     options = parser.parse_args()
     # each variant says itself whether it compiles
     settings = replace(bench.SMOKE if options.smoke else bench.Settings(), compile_model=False)
 
     if options.run_variant:
         profile = speed_variants.written(options.workdir, PREFIX, options.run_variant, "profile")
-        result = measure(options.run_variant, settings, options.workdir, profile if options.profile else None)
+        result = measure(
+            options.run_variant,
+            settings,
+            options.workdir,
+            profile if options.profile else None,
+            options.train_beside,
+        )
+        if options.train_beside:
+            (options.train_beside / "result.json").write_text(json.dumps(result))
+            return
         speed_variants.written(options.workdir, PREFIX, options.run_variant).write_text(json.dumps(result))
         return
 
