@@ -54,8 +54,16 @@ VARIANTS = {
 }
 # variant -> the train_speed variant whose steps run beside its second set of rollouts, in a process of its own
 TRAINING_BESIDE = {"beside_training": "compiled"}
-# with MPS, the trainer's share of the multiprocessors in each round beside training (None: no cap)
-TRAINER_SM_PERCENTS = (None, 50)
+# Under MPS, the training process's MPS settings in each round beside training: none; its kernels capped at a
+# share of the multiprocessors (vllm.trainer_sm_percent); its work scheduled after the engine's (MPS's client
+# priority, 1: below normal). Without MPS, only the first round (these settings would do nothing).
+MPS_ROUNDS = (
+    {},
+    {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
+    {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25"},
+    {"CUDA_MPS_CLIENT_PRIORITY": "1"},
+    {"CUDA_MPS_CLIENT_PRIORITY": "1", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
+)
 READY_TIMEOUT_S = 600  # the training process's model load and compilation
 
 
@@ -87,7 +95,10 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
         )
         return {**timings, "tokens": sum(len(ids) for ids in result.completion_ids)}
 
-    timed = [rollout() for _ in range(settings.steps)]
+    timed = []
+    for _ in range(settings.steps):
+        timed.append(rollout())
+        print(f"{variant}: rollout {timed[-1]['generate_s']:.2f} s", flush=True)  # (see beside_training)
     measured = timed[settings.warmup_steps :]
     generate_s = statistics.median(t["generate_s"] for t in measured)
     result = {
@@ -109,10 +120,10 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
         },
     }
     if variant in TRAINING_BESIDE:
-        # under MPS, also with the trainer capped (vllm.trainer_sm_percent); without it a cap does nothing
-        caps = TRAINER_SM_PERCENTS if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else (None,)
+        rounds = MPS_ROUNDS if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else MPS_ROUNDS[:1]
         result["beside_training"] = [
-            beside_training(TRAINING_BESIDE[variant], cap, rollout, settings, workdir) for cap in caps
+            beside_training(TRAINING_BESIDE[variant], mps_env, rollout, settings, workdir)
+            for mps_env in rounds
         ]
     if profile:
         tables = {
@@ -123,7 +134,7 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
     return result
 
 
-def beside_training(train_variant: str, trainer_sm_percent, rollout, settings, workdir: Path) -> dict:
+def beside_training(train_variant: str, mps_env: dict, rollout, settings, workdir: Path) -> dict:
     """The measured rollouts again, each beside a training process (train_speed.py's `train_variant`, steps
     back to back): what the trainer's kernels cost generation when neither shares the other's interpreter,
     as in the off-policy arm's two processes. Returns the rollouts' seconds and the training steps'."""
@@ -136,9 +147,7 @@ def beside_training(train_variant: str, trainer_sm_percent, rollout, settings, w
     ]
     command += ["--workdir", str(workdir), "--train-beside", str(directory)]
     command += ["--smoke"] if settings == bench.SMOKE else []
-    env = dict(os.environ)
-    if trainer_sm_percent is not None:
-        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(trainer_sm_percent)
+    env = {**os.environ, **mps_env}
     log = (directory / "trainer.log").open("w")
     trainer = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -146,7 +155,7 @@ def beside_training(train_variant: str, trainer_sm_percent, rollout, settings, w
         while not (directory / "ready").exists():
             if trainer.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"the training process beside generation did not start training: {trainer_sm_percent=}, "
+                    f"the training process beside generation did not start training ({mps_env}), "
                     f"exit code {trainer.poll()}; its log: {(directory / 'trainer.log').read_text()[-1500:]}"
                 )
             time.sleep(0.1)
@@ -155,7 +164,7 @@ def beside_training(train_variant: str, trainer_sm_percent, rollout, settings, w
             timed.append(rollout())
             # (progress, for a run cut short: the driver shows a variant's output only when it fails)
             print(
-                f"beside training, cap {trainer_sm_percent}: rollout {timed[-1]['generate_s']:.2f} s",
+                f"beside training {mps_env}: rollout {timed[-1]['generate_s']:.2f} s",
                 flush=True,
             )
     finally:
@@ -166,11 +175,12 @@ def beside_training(train_variant: str, trainer_sm_percent, rollout, settings, w
         raise RuntimeError(f"the training process failed: {(directory / 'trainer.log').read_text()[-1500:]}")
     training = json.loads((directory / "result.json").read_text())
     return {
-        "trainer_sm_percent": trainer_sm_percent,
+        "trainer_mps_env": mps_env,
         "train_variant": train_variant,
         "generate_steps_s": [t["generate_s"] for t in timed],
         "generate_s": statistics.median(t["generate_s"] for t in timed),
         "train_steps_s": training["step_s"],
+        "trainer_process_mps_env": training["mps_env"],
     }
 
 
@@ -225,11 +235,11 @@ def main() -> None:
             f" | {rollouts} | {r['engine_start_s']:.1f} |"
         )
         for round_ in r.get("beside_training", []):
-            cap = round_["trainer_sm_percent"]
+            mps_env = " ".join(f"{key}={value}" for key, value in round_["trainer_mps_env"].items())
             steps = ", ".join(f"{seconds:.2f}" for seconds in round_["train_steps_s"])
             print(
-                f"| {r['variant']}, beside {round_['train_variant']} training"
-                f"{f' capped at {cap}%' if cap else ''} | {r['completions']} | {round_['generate_s']:.3f} | | "
+                f"| {r['variant']}, beside {round_['train_variant']} training {mps_env}"
+                f" | {r['completions']} | {round_['generate_s']:.3f} | | "
                 f"{', '.join(f'{s:.2f}' for s in round_['generate_steps_s'])} (training steps: {steps}) | |"
             )
     if failures:

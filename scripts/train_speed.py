@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -138,7 +139,9 @@ def train_beside(timed_step, warmup_steps: int, directory: Path) -> dict:
     seconds = []
     while not (directory / "stop").exists():
         seconds.append(timed_step())
-    return {"warmup_s": warmup_s, "step_s": seconds}
+    # (the MPS settings this process started with, which its CUDA context took)
+    mps_env = {key: value for key, value in os.environ.items() if key.startswith("CUDA_MPS_")}
+    return {"warmup_s": warmup_s, "step_s": seconds, "mps_env": mps_env}
 
 
 def synchronizing_calls(step) -> list[tuple[str, int]]:

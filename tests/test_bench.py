@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # the bench's scripts, imported by some tests (they are no package)
 
 
 def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
@@ -199,6 +200,33 @@ def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
     assert "aten::" in kernels.read_text()
 
 
+def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
+    """gen_speed's beside_training: the rollouts alone, then again beside a training process (train_speed's
+    steps, back to back) in every MPS round, each training process started with that round's MPS settings."""
+    from gen_speed import MPS_ROUNDS
+
+    MPS_SETTINGS = ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_CLIENT_PRIORITY")
+    fake = stand_in_mps_control(tmp_path / "bin", tmp_path / "mps-calls")
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    results, stdout = smoke_variants(
+        tmp_path, "gen_speed.py", "beside_training", "beside_training", "--mps", env=env
+    )
+    (variant,) = results["variants"]
+    measured = results["settings"]["measured_steps"]
+    assert len(variant["generate_steps_s"]) == measured
+    rounds = variant["beside_training"]
+    assert [each["trainer_mps_env"] for each in rounds] == list(MPS_ROUNDS)
+    pipe = str(tmp_path / "work" / "mps" / "pipe")
+    for each, mps_env in zip(rounds, MPS_ROUNDS):
+        # the training process saw the round's settings and the daemon's pipes, and trained meanwhile
+        seen = each["trainer_process_mps_env"]
+        assert seen["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+        assert {key: value for key, value in seen.items() if key in MPS_SETTINGS} == mps_env
+        assert len(each["generate_steps_s"]) == measured and each["generate_s"] > 0
+        assert each["train_steps_s"] and all(seconds > 0 for seconds in each["train_steps_s"])
+    assert "beside compiled training CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 |" in stdout
+
+
 def test_train_speed_refuses_a_profile_of_a_variant_it_does_not_run(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train_speed.py"), "--smoke", "--variants", "eager"]
@@ -211,7 +239,6 @@ def test_train_speed_refuses_a_profile_of_a_variant_it_does_not_run(tmp_path):
 
 
 def test_a_second_speed_command_of_one_commit_and_day_gets_files_of_its_own(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
     from speed_variants import unused_stem
 
     stem = "gen-speed-2026-11-30-abc1234"
@@ -225,7 +252,6 @@ def test_a_second_speed_command_of_one_commit_and_day_gets_files_of_its_own(tmp_
 def test_peak_gpu_memory_is_the_largest_reading_of_nvidia_smi_beside_the_arm(tmp_path, monkeypatch, capsys):
     """The poller runs nvidia-smi in a process of its own (here a stand-in printing what nvidia-smi prints:
     MiB, one reading a line); with no nvidia-smi the arm still runs and its peak is unknown."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from bench import PeakDeviceMemory
 
     fake = tmp_path / "bin" / "nvidia-smi"
@@ -262,7 +288,6 @@ def stand_in_mps_control(directory: Path, calls: Path) -> Path:
 def test_mps_daemon_runs_for_the_arms_of_a_command_and_names_its_fix_when_missing(tmp_path, monkeypatch):
     """--set mps=true: CUDA's MPS daemon is started before the arms and told to quit after them, with its
     pipes where the arms' environment points (here a stand-in for nvidia-cuda-mps-control logs its calls)."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from bench import MultiProcessService
 
     calls = tmp_path / "calls.txt"
@@ -290,7 +315,6 @@ def test_trainer_sm_cap_goes_to_the_off_policy_arm_alone(tmp_path):
     """--set trainer_sm_percent=N (with mps): the off-policy arm's config caps its trainer, which trains beside
     generation; the on-policy arms' do not, even with engines in processes of their own (they would only
     train slower); without mps the command stops with the fix."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from bench import Settings, compose_config, our_overrides, parse_settings
 
     settings = parse_settings(Settings(), ["mps=true", "trainer_sm_percent=60", "engine_processes=2"])
