@@ -94,6 +94,8 @@ class Settings:
     # ours_offpolicy, with mps: vllm.trainer_sm_percent, the trainer's kernels take at most this share of the
     # GPU's multiprocessors while the engine process generates beside them with all of them; 0: no cap
     trainer_sm_percent: int = 0
+    # ours_offpolicy, with mps: vllm.trainer_below_normal_priority, the GPU runs the engine's waiting work first
+    trainer_below_normal_priority: bool = False
     model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
     device: str = "cuda"
     use_vllm: bool = True
@@ -333,6 +335,8 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
     # the cap only pays where training runs beside generation; on-policy, it would only slow the training pass
     if settings.use_vllm and off_policy and settings.trainer_sm_percent:
         overrides.append(f"vllm.trainer_sm_percent={settings.trainer_sm_percent}")
+    if settings.use_vllm and off_policy and settings.trainer_below_normal_priority:
+        overrides.append("vllm.trainer_below_normal_priority=true")
     if settings.use_vllm:
         overrides += [
             f"vllm.gpu_memory_utilization={settings.gpu_memory_utilization}",
@@ -867,6 +871,11 @@ def report(
             if settings.trainer_sm_percent
             else ""
         )
+        + (
+            "our off-policy trainer at MPS's below-normal client priority (vllm.trainer_below_normal_priority); "
+            if settings.trainer_below_normal_priority
+            else ""
+        )
         + f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps."
         + (
             " Measured in "
@@ -1091,6 +1100,10 @@ def parse_settings(base: Settings, assignments: list[str]) -> Settings:
         raise SystemExit(
             f"--set trainer_sm_percent={settings.trainer_sm_percent} caps the trainer under CUDA's MPS daemon: "
             "add --set mps=true"
+        )
+    if settings.trainer_below_normal_priority and not settings.mps:
+        raise SystemExit(
+            "--set trainer_below_normal_priority=true is a priority among CUDA's MPS clients: add --set mps=true"
         )
     return settings
 

@@ -311,18 +311,25 @@ def test_mps_daemon_runs_for_the_arms_of_a_command_and_names_its_fix_when_missin
         MultiProcessService(True, tmp_path / "mps").__enter__()
 
 
-def test_trainer_sm_cap_goes_to_the_off_policy_arm_alone(tmp_path):
-    """--set trainer_sm_percent=N (with mps): the off-policy arm's config caps its trainer, which trains beside
-    generation; the on-policy arms' do not, even with engines in processes of their own (they would only
-    train slower); without mps the command stops with the fix."""
+def test_trainer_mps_settings_go_to_the_off_policy_arm_alone(tmp_path):
+    """--set trainer_sm_percent=N and trainer_below_normal_priority=true (with mps): the off-policy arm's config
+    caps its trainer and lowers its priority, as it trains beside generation; the on-policy arms' do neither,
+    even with engines in processes of their own (they would only train slower); without mps the command stops
+    with the fix."""
     from bench import Settings, compose_config, our_overrides, parse_settings
 
-    settings = parse_settings(Settings(), ["mps=true", "trainer_sm_percent=60", "engine_processes=2"])
+    settings = parse_settings(
+        Settings(),
+        ["mps=true", "trainer_sm_percent=60", "trainer_below_normal_priority=true", "engine_processes=2"],
+    )
     paths = (tmp_path / "model", tmp_path / "prompts.jsonl", tmp_path)
     off_policy = compose_config(our_overrides(settings, "ours_offpolicy", *paths))
     assert off_policy.vllm.trainer_sm_percent == 60 and off_policy.vllm.separate_process
+    assert off_policy.vllm.trainer_below_normal_priority
     for arm in ("ours_full", "floor", "ours_lora"):
         on_policy = compose_config(our_overrides(settings, arm, *paths))
         assert on_policy.vllm.separate_process and on_policy.vllm.trainer_sm_percent is None
-    with pytest.raises(SystemExit, match="add --set mps=true"):
-        parse_settings(Settings(), ["trainer_sm_percent=60"])
+        assert not on_policy.vllm.trainer_below_normal_priority
+    for setting in ("trainer_sm_percent=60", "trainer_below_normal_priority=true"):
+        with pytest.raises(SystemExit, match="add --set mps=true"):
+            parse_settings(Settings(), [setting])

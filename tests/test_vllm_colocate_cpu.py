@@ -439,38 +439,46 @@ for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6,
         assert kind == "EngineUnavailable" and int(seconds) < 10, raised
 
 
-# A trainer capped by vllm.trainer_sm_percent starts a separate-process engine: what each process's
-# environment holds. Its own process, as vLLM reads its multiprocessing setting once per process.
+# A trainer capped by vllm.trainer_sm_percent, at below-normal priority, starts a separate-process engine: what
+# each process's environment holds. Its own process, as vLLM reads its multiprocessing setting once per process.
 SM_CAP_PROBE = """
 import json, os, sys
 import psutil, torch
-from online_rl.engines.mps import ACTIVE_THREAD_PERCENTAGE, limit_trainer_sms
+from online_rl.engines.mps import TRAINER_ONLY, share_gpu_with_engines
 from online_rl.engines.vllm_colocate import VLLMColocateEngine
 from tests.conftest import compose_config
 
 cfg = compose_config(json.loads(sys.argv[2]))
-limit_trainer_sms(cfg.vllm)
-trainer_cap = os.environ.get(ACTIVE_THREAD_PERCENTAGE)
+share_gpu_with_engines(cfg.vllm)
+def mps(environment):
+    return {name: environment.get(name) for name in TRAINER_ONLY}
+trainer = mps(os.environ)
 engine = VLLMColocateEngine(sys.argv[1], cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
 engines = [
-    {"cmdline": " ".join(p.cmdline())[:80], "cap": p.environ().get(ACTIVE_THREAD_PERCENTAGE)}
+    {"cmdline": " ".join(p.cmdline())[:80], "mps": mps(p.environ())}
     for p in psutil.Process().children(recursive=True)
 ]
 engine.close()
-print("PROBE " + json.dumps({"trainer": trainer_cap, "after": os.environ.get(ACTIVE_THREAD_PERCENTAGE), "engines": engines}))
+print("PROBE " + json.dumps({"trainer": trainer, "after": mps(os.environ), "engines": engines}))
 """
 
 
-def test_the_trainers_sm_cap_stays_its_own_and_the_engine_process_gets_none(tiny_model_dir, tmp_path):
-    """vllm.trainer_sm_percent: the trainer's environment carries MPS's cap (which CUDA reads when the process
-    makes its context) and the vLLM engine process it starts carries none. MPS's pipes are a stand-in
-    directory here; on a CPU the cap changes nothing else."""
+def test_the_trainers_mps_settings_stay_its_own_and_the_engine_process_gets_none(tiny_model_dir, tmp_path):
+    """vllm.trainer_sm_percent and vllm.trainer_below_normal_priority: the trainer's environment carries MPS's
+    cap and client priority (which CUDA reads when the process makes its context) and the vLLM engine process
+    it starts carries neither. MPS's pipes are a stand-in directory here; on a CPU they change nothing else."""
     pipes = tmp_path / "mps-pipes"
     pipes.mkdir()
     (pipes / "control").touch()
-    overrides = [*CPU_COLOCATE, "vllm.separate_process=true", "vllm.trainer_sm_percent=60"]
+    overrides = [
+        *CPU_COLOCATE,
+        "vllm.separate_process=true",
+        "vllm.trainer_sm_percent=60",
+        "vllm.trainer_below_normal_priority=true",
+    ]
     env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipes)}
-    env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
+    for name in ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_CLIENT_PRIORITY"):
+        env.pop(name, None)
     result = subprocess.run(
         [sys.executable, "-c", SM_CAP_PROBE, str(tiny_model_dir), json.dumps(overrides)],
         cwd=Path(__file__).resolve().parents[1],
@@ -481,9 +489,11 @@ def test_the_trainers_sm_cap_stays_its_own_and_the_engine_process_gets_none(tiny
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     probe = json.loads(result.stdout.split("PROBE ", 1)[1])
-    assert probe["trainer"] == probe["after"] == "60"
+    trainer = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60", "CUDA_MPS_CLIENT_PRIORITY": "1"}
+    assert probe["trainer"] == probe["after"] == trainer
     assert probe["engines"], "no engine process started"
-    assert all(process["cap"] is None for process in probe["engines"]), probe["engines"]
+    none = dict.fromkeys(trainer)
+    assert all(process["mps"] == none for process in probe["engines"]), probe["engines"]
 
 
 @pytest.mark.parametrize(
@@ -491,6 +501,12 @@ def test_the_trainers_sm_cap_stays_its_own_and_the_engine_process_gets_none(tiny
     [
         (["vllm.separate_process=true", "vllm.trainer_sm_percent=0"], "running", "from 1 to 100"),
         (["vllm.trainer_sm_percent=50"], "running", "vllm.separate_process=true"),
+        (["vllm.trainer_below_normal_priority=true"], "running", "vllm.separate_process=true"),
+        (
+            ["vllm.separate_process=true", "vllm.trainer_below_normal_priority=true"],
+            "empty",
+            "nvidia-cuda-mps-control -d",
+        ),
         (["vllm.separate_process=true", "vllm.trainer_sm_percent=50"], "empty", "nvidia-cuda-mps-control -d"),
         (
             ["vllm.separate_process=true", "vllm.trainer_sm_percent=50"],
@@ -499,19 +515,21 @@ def test_the_trainers_sm_cap_stays_its_own_and_the_engine_process_gets_none(tiny
         ),
     ],
 )
-def test_a_trainer_sm_cap_it_cannot_apply_stops_the_run_with_the_fix(
+def test_trainer_mps_settings_it_cannot_apply_stop_the_run_with_the_fix(
     make_config, tmp_path, monkeypatch, overrides, pipes, fix
 ):
     """Out of range, without an engine process of its own, or without MPS's daemon: the run stops before it
-    loads anything, and the message names the fix; no cap is left in the environment."""
+    loads anything, and the message names the fix; no MPS setting is left in the environment."""
     directory = tmp_path / "mps-pipes"
     if pipes != "missing":
         directory.mkdir()
     if pipes == "running":
         (directory / "control").touch()
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(directory))
-    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    for name in ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_CLIENT_PRIORITY"):
+        monkeypatch.delenv(name, raising=False)
     cfg = make_config(*CPU_COLOCATE, *overrides)
     with pytest.raises((ValueError, RuntimeError), match=fix):
         run(cfg)
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
+    assert "CUDA_MPS_CLIENT_PRIORITY" not in os.environ

@@ -38,7 +38,7 @@ from online_rl.cpu_clock import CpuUse
 from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenize_prompts
 from online_rl.engines import Rollout, SaveWhenUnavailable, make_engine, resolve_mode
 from online_rl.engines.mixture import sample_geometric_mixture
-from online_rl.engines.mps import limit_trainer_sms
+from online_rl.engines.mps import share_gpu_with_engines
 from online_rl.engines.transformers_engine import eos_token_ids
 from online_rl.evaluation import Evaluator, check_eval_config, run_eval_only
 from online_rl.export import check_export_config, export_final_model
@@ -174,7 +174,7 @@ def run(cfg: DictConfig) -> RunSummary:
 def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
     started = time.perf_counter()
     validate(cfg)
-    limit_trainer_sms(cfg.vllm)  # (vllm.trainer_sm_percent only) before this process's first CUDA call
+    share_gpu_with_engines(cfg.vllm)  # (vllm.trainer_sm_percent, ..._priority) before the first CUDA call
     ranks = distributed.setup(cfg.hardware)  # one process: rank 0 of 1, and every distributed.* is a no-op
     closing.callback(distributed.teardown)
     output_dir, run_name, tracking_dir = distributed.from_main(run_directory(cfg))  # rank 0's directory

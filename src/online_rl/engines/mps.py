@@ -1,13 +1,18 @@
-"""`vllm.trainer_sm_percent`: under CUDA's Multi-Process Service, a cap on the share of the GPU the trainer's
-kernels take, so that a vLLM engine in a process of its own (`vllm.separate_process=true`) decodes beside
-training without waiting for the trainer's large kernels to leave the GPU's multiprocessors.
+"""The trainer's share of the GPU under CUDA's Multi-Process Service, beside a vLLM engine in a process of its own
+(`vllm.separate_process=true`), so that the engine decodes beside training (`off_policy_steps=1`) without waiting
+for the trainer's large kernels:
+
+- `vllm.trainer_sm_percent=N`: the trainer's kernels take at most N% of the GPU's multiprocessors;
+- `vllm.trainer_below_normal_priority=true`: MPS's client priority 1 (below normal) for the trainer, so that the
+  GPU schedules the engine's waiting work first.
 
 Without MPS the GPU gives each process time slices in turn; with it, both processes' kernels run at once, but a
 training step's matrix products still fill every multiprocessor, and each of a decoding step's small kernels
-waits for some to free. On the H200, beside training, one step off-policy, a rollout took 1.5x its time alone
-under MPS and 1.8x without it (docs/gpu-validation.md, seventh lease). MPS reads a context's cap from
-CUDA_MPS_ACTIVE_THREAD_PERCENTAGE when the process creates it, so the trainer sets it before its first CUDA
-call, and the engine processes it starts are given none: they keep the whole GPU.
+waits for some to free. On the H200, beside a training process that trained without pause, a rollout took about
+1.9x its time alone under MPS, and about 1.4x with the trainer capped at half the multiprocessors
+(docs/gpu-validation.md, eighth lease). MPS reads both settings from the environment
+(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, CUDA_MPS_CLIENT_PRIORITY) when a process makes its CUDA context, so the
+trainer sets them before its first CUDA call, and the engine processes it starts are given neither.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from typing import Any
 import torch
 
 ACTIVE_THREAD_PERCENTAGE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+CLIENT_PRIORITY = "CUDA_MPS_CLIENT_PRIORITY"
+BELOW_NORMAL = "1"  # MPS's client priorities: 0 normal (the default), 1 below normal
+TRAINER_ONLY = (ACTIVE_THREAD_PERCENTAGE, CLIENT_PRIORITY)  # what the engine processes must not inherit
 DEFAULT_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
 
@@ -29,43 +37,60 @@ def mps_pipe_directory() -> Path:
     return Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIRECTORY)
 
 
-def limit_trainer_sms(vllm_cfg: Any) -> None:
-    """Cap this process's CUDA context at vllm.trainer_sm_percent of the GPU's multiprocessors (nothing when
-    it is unset). Runs before this process first uses CUDA; every misuse stops the run with its fix."""
+def trainer_mps_settings(vllm_cfg: Any) -> dict[str, str]:
+    """{environment variable: value} for this process's CUDA context under MPS, from vllm.trainer_sm_percent
+    and vllm.trainer_below_normal_priority (empty when neither is set)."""
+    settings = {}
     percent = vllm_cfg.get("trainer_sm_percent")
-    if percent is None:
+    if percent is not None:
+        if not 1 <= percent <= 100:
+            raise ValueError(
+                f"vllm.trainer_sm_percent={percent}: a percentage of the GPU's multiprocessors, from 1 to 100"
+            )
+        settings[ACTIVE_THREAD_PERCENTAGE] = str(percent)
+    if vllm_cfg.get("trainer_below_normal_priority"):
+        settings[CLIENT_PRIORITY] = BELOW_NORMAL
+    return settings
+
+
+def share_gpu_with_engines(vllm_cfg: Any) -> None:
+    """Set this process's MPS settings (trainer_mps_settings) before it first uses CUDA; nothing when none is
+    asked for. Every misuse stops the run with its fix."""
+    settings = trainer_mps_settings(vllm_cfg)
+    if not settings:
         return
-    option = f"vllm.trainer_sm_percent={percent}"
-    if not 1 <= percent <= 100:
-        raise ValueError(f"{option}: a percentage of the GPU's multiprocessors, from 1 to 100")
+    option = " and ".join(
+        f"vllm.{name}={vllm_cfg.get(name)}"
+        for name in ("trainer_sm_percent", "trainer_below_normal_priority")
+        if vllm_cfg.get(name)
+    )
     if vllm_cfg.mode.value not in ("colocate", "auto") or not vllm_cfg.get("separate_process"):
         raise ValueError(
-            f"{option} caps the trainer beside a vLLM engine in a process of its own: set "
+            f"{option} shares the GPU between the trainer and a vLLM engine in a process of its own: set "
             "vllm=colocate vllm.separate_process=true, or leave it out (an engine in the trainer's process "
-            "shares its context and its cap)"
+            "shares its CUDA context and its settings)"
         )
     pipes = mps_pipe_directory()
     if not pipes.is_dir() or not any(pipes.iterdir()):
         raise RuntimeError(
             f"{option} needs CUDA's MPS daemon, and {pipes} holds none of its pipes: start it with "
             "`nvidia-cuda-mps-control -d` (with CUDA_MPS_PIPE_DIRECTORY set alike for it and for this run, if "
-            "not the default), or leave out vllm.trainer_sm_percent"
+            "not the default), or leave it out"
         )
     if torch.cuda.is_initialized():
         raise RuntimeError(
-            f"{option}: this process already uses CUDA, and MPS reads the cap only when a process starts "
+            f"{option}: this process already uses CUDA, and MPS reads its settings only when a process starts "
             "using it; run training in a fresh process"
         )
-    os.environ[ACTIVE_THREAD_PERCENTAGE] = str(percent)
+    os.environ.update(settings)
 
 
 @contextlib.contextmanager
-def uncapped_children() -> Iterator[None]:
-    """Processes started inside (vLLM's engine processes) get no cap from this one's environment: the cap
-    was this process's own, read when it made its CUDA context."""
-    cap = os.environ.pop(ACTIVE_THREAD_PERCENTAGE, None)
+def engines_without_trainer_settings() -> Iterator[None]:
+    """Processes started inside (vLLM's engine processes) get none of this one's MPS settings from its
+    environment: they were this process's own, read when it made its CUDA context."""
+    saved = {name: os.environ.pop(name) for name in TRAINER_ONLY if name in os.environ}
     try:
         yield
     finally:
-        if cap is not None:
-            os.environ[ACTIVE_THREAD_PERCENTAGE] = cap
+        os.environ.update(saved)

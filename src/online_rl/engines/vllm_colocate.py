@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from online_rl.engines.mps import uncapped_children
+from online_rl.engines.mps import engines_without_trainer_settings
 from online_rl.engines.protocol import Background, EngineUnavailable, Rollout
 from online_rl.engines.shared_weights import SharedWeightBuffer
 from online_rl.engines.weights import inference_weights
@@ -139,7 +139,7 @@ class VLLMColocateEngine:
         )
         first_seed = cfg.seed if cfg.seed is not None else seed
         # a seed each: with one, every engine's k-th sequence would draw the same random numbers
-        with uncapped_children():  # (vllm.trainer_sm_percent caps the trainer alone)
+        with engines_without_trainer_settings():  # (the trainer's MPS cap and priority are its own)
             self.llms = [LLM(seed=first_seed + index, **settings) for index in range(cfg.engine_processes)]
         # several engines: one thread each per call, every one waiting on its engine's process
         self.pool = ThreadPoolExecutor(len(self.llms), "vllm-engine") if len(self.llms) > 1 else None
