@@ -25,7 +25,8 @@ What is measured, per arm, over the steps after the warm-up:
   phase's MFU, and the floor (`floor`, and `floor_lora` for LoRA): vLLM generation alone plus training
   alone, each timed by itself with our code and settings. The floor is what an on-policy step cannot go
   below without overlapping generation and training; our distance to it is everything else (sync,
-  sleep/wake, rewards, packing, Python), and TRL's step over it is the most a step that generates, then trains, can gain.
+  sleep/wake, rewards, packing, Python), and TRL's step over it is the most a step that generates, then
+  trains, can gain.
 Each command also records its machine: the CPU (generation is bound by it) and its load at the start, and
 the GPU with its driver. Machines of one kind have differed by 20-40% from one lease to the next.
 """
@@ -134,7 +135,8 @@ ARMS = {
     "ours_lora": ("ours", True, False),
     "floor_lora": ("floor", True, False),
 }
-# each floor and the on-policy arms it bounds (TRL's twin: the most a step that generates, then trains, can gain on it)
+# each floor and the on-policy arms it bounds (TRL's twin: the most a step that generates, then trains, can
+# gain on it)
 FLOOR_OF = {"floor": ("ours_full", "trl_full"), "floor_lora": ("ours_lora", "trl_lora")}
 
 
@@ -938,7 +940,8 @@ def report(
                 sentences.append(f"Our step / floor: {bound['step_over_floor']:.2f}.")
             if "trl_over_floor" in bound:
                 sentences.append(
-                    f"TRL's step / floor: {bound['trl_over_floor']:.2f}, the most a step that generates, then trains, can gain on TRL."
+                    f"TRL's step / floor: {bound['trl_over_floor']:.2f}, the most a step that generates, "
+                    "then trains, can gain on TRL."
                 )
             lines += ["", " ".join(sentences)]
     lines += ["", "Issue 6's targets:", "", "| target | goal | measured | met |", "|---|---|---|---|"]
