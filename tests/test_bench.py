@@ -74,7 +74,7 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     assert measured["full fine-tune: step / floor (generation alone + training alone)"] == pytest.approx(
         ours["s_per_step_median"] / floor["floor_s"]
     )
-    # how far TRL's step is above the floor: the most an on-policy step could gain on it
+    # how far TRL's step is above the floor: the most a step that generates, then trains, could gain on it
     assert results["floor_bounds"]["floor"]["trl_over_floor"] == pytest.approx(
         arms["trl_full"]["s_per_step_median"] / floor["floor_s"]
     )
