@@ -386,6 +386,9 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         # of it, full collections (walking every object not frozen): their seconds and count
         "gc_full_s": [m.get("time/gc_full_s") for m in steps],
         "gc_full_collections": [m.get("gc/full_collections") for m in steps],
+        "gc_full_collected": [
+            m.get("gc/full_collected") for m in steps
+        ],  # objects freed: cycles made per step
         # the main thread's CPU seconds in each rollout, and the CPU seconds the host took meanwhile
         "generate_cpu_s": [m.get("time/generate_cpu_s") for m in steps],
         "generate_steal_s": [m.get("time/generate_steal_s") for m in steps],
@@ -727,6 +730,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
                 "gc_steps_s": raw["gc_s"],
                 "gc_full_steps_s": raw.get("gc_full_s"),
                 "gc_full_collections_steps": raw.get("gc_full_collections"),
+                "gc_full_collected_steps": raw.get("gc_full_collected"),
                 "generate_cpu_steps_s": raw["generate_cpu_s"],
                 "generate_steal_steps_s": raw["generate_steal_s"],
                 "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / row["s_per_step_median"],

@@ -51,6 +51,7 @@ def test_two_step_smoke_run_writes_config_and_checkpoint(make_config, tmp_path):
         assert key in metrics, key
     assert 0 <= metrics["time/gc_s"] < metrics["time/step_s"]
     assert 0 <= metrics["time/gc_full_s"] <= metrics["time/gc_s"] and metrics["gc/full_collections"] >= 0
+    assert metrics["gc/full_collected"] >= 0
 
 
 def test_collector_clock_counts_the_seconds_spent_collecting():
@@ -73,6 +74,34 @@ def test_collector_clock_counts_the_seconds_spent_collecting():
         assert clock.lap().seconds == 0.0  # nothing collected since the last lap
     gc.collect()
     assert clock.lap().seconds == 0.0
+
+
+def test_collector_clock_counts_what_full_collections_free():
+    """gc/full_collected: the objects full collections freed. Garbage in reference cycles counts; young
+    collections do not."""
+    import gc
+
+    from online_rl.gc_clock import CollectorClock
+
+    gc.collect()
+    gc.disable()  # no automatic collection frees the cycles first
+    try:
+        with CollectorClock() as clock:
+            for _ in range(1000):
+                cycle = []
+                cycle.append(cycle)
+            del cycle
+            gc.collect()
+            assert clock.lap().full_collected >= 1000
+            gc.collect()
+            assert clock.lap().full_collected < 1000  # nothing made since
+            leftover = []
+            leftover.append(leftover)
+            del leftover
+            gc.collect(0)
+            assert clock.lap().full_collected == 0
+    finally:
+        gc.enable()
 
 
 def test_frozen_heap_keeps_what_lives_out_of_collections_until_its_end():

@@ -239,7 +239,7 @@ TOKEN_MEANS = (  # per-token means: weighted by the rank's completion tokens
     "sync/is_weight_mean",
     "sync/is_weight_deviation_mean",
 )
-MAXIMA = ("rollout/len_max", "adv/abs_max", "sync/logp_gap_max", "gc/full_collections")
+MAXIMA = ("rollout/len_max", "adv/abs_max", "sync/logp_gap_max", "gc/full_collections", "gc/full_collected")
 MAXIMUM_PREFIXES = ("time/", "memory/")  # the slowest rank sets the pace; the fullest GPU the limit
 SUMS = ("perf/completion_tokens_per_s", "rollout/server_retries")
 STD_OF = {"reward/total_std": "reward/total_mean", "adv/std": "adv/mean"}  # pooled from the ranks' moments

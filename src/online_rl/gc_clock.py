@@ -1,11 +1,14 @@
 """Python's garbage collector in a training run: its seconds, logged per step as `time/gc_s` (of them the full
-collections', `time/gc_full_s`, and their count, `gc/full_collections`), and the heap frozen after the first
-step so that later collections leave the run's long-lived objects alone.
+collections', `time/gc_full_s`, their count, `gc/full_collections`, and the objects they freed,
+`gc/full_collected`), and the heap frozen after the first step so that later collections leave the run's
+long-lived objects alone.
 
 Generation with vLLM is bound by the CPU: its scheduler's Python runs for every sequence at every decoding
 step, and one full collection over a heap of a million objects (torch, vLLM, the compiled model's graphs)
 takes a few tenths of a second. A step that is slower than the one before for no reason of its own shows it
-here. Collections in every thread count (an off-policy rollout's thread, too).
+here. Collections in every thread count (an off-policy rollout's thread, too). Full collections that free
+next to nothing were set off by the heap's growth alone; ones that free many objects, by garbage in reference
+cycles that something makes every step.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ class CollectorLap:
     seconds: float  # in every collection
     full_seconds: float  # of them in full collections (the oldest generation, walking the whole heap)
     full_collections: int
+    full_collected: int  # the objects they freed (garbage in reference cycles)
 
 
 class CollectorClock:
     """`with CollectorClock() as clock:` ... `clock.lap()`: what the collector spent since the last lap."""
 
     def __init__(self):
-        self.running = CollectorLap(0.0, 0.0, 0)  # since the last lap
+        self.running = CollectorLap(0.0, 0.0, 0, 0)  # since the last lap
         self._started: float | None = None
 
     def __enter__(self) -> CollectorClock:
@@ -47,10 +51,11 @@ class CollectorClock:
             if info["generation"] == OLDEST_GENERATION:
                 self.running.full_seconds += seconds
                 self.running.full_collections += 1
+                self.running.full_collected += info["collected"]
             self._started = None
 
     def lap(self) -> CollectorLap:
-        lapped, self.running = self.running, CollectorLap(0.0, 0.0, 0)
+        lapped, self.running = self.running, CollectorLap(0.0, 0.0, 0, 0)
         return lapped
 
 

@@ -564,6 +564,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     "time/gc_s": collected.seconds,
                     "time/gc_full_s": collected.full_seconds,
                     "gc/full_collections": collected.full_collections,
+                    "gc/full_collected": collected.full_collected,
                     **memory,
                     **rollout.stats,
                     "time/step_s": step_s,
