@@ -33,6 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed_variants  # noqa: E402
 
 import bench  # noqa: E402  (scripts/bench.py: the same rollout, settings and model)
+from online_rl.engines.mps import (  # noqa: E402  (the loop's names for MPS's settings)
+    ACTIVE_THREAD_PERCENTAGE,
+    BELOW_NORMAL,
+    CLIENT_PRIORITY,
+)
 
 PREFIX = "gen-speed"
 
@@ -59,10 +64,10 @@ TRAINING_BESIDE = {"beside_training": "compiled"}
 # priority, 1: below normal). Without MPS, only the first round (these settings would do nothing).
 MPS_ROUNDS = (
     {},
-    {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
-    {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25"},
-    {"CUDA_MPS_CLIENT_PRIORITY": "1"},
-    {"CUDA_MPS_CLIENT_PRIORITY": "1", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"},
+    {ACTIVE_THREAD_PERCENTAGE: "50"},
+    {ACTIVE_THREAD_PERCENTAGE: "25"},
+    {CLIENT_PRIORITY: BELOW_NORMAL},
+    {CLIENT_PRIORITY: BELOW_NORMAL, ACTIVE_THREAD_PERCENTAGE: "50"},
 )
 READY_TIMEOUT_S = 600  # the training process's model load and compilation
 

@@ -205,7 +205,8 @@ def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
     steps, back to back) in every MPS round, each training process started with that round's MPS settings."""
     from gen_speed import MPS_ROUNDS
 
-    MPS_SETTINGS = ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_CLIENT_PRIORITY")
+    from online_rl.engines.mps import TRAINER_ONLY as MPS_SETTINGS
+
     fake = stand_in_mps_control(tmp_path / "bin", tmp_path / "mps-calls")
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
     results, stdout = smoke_variants(
