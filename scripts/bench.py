@@ -334,11 +334,13 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
         f"output_dir={workdir / arm}",
     ]
     separate_process = settings.separate_process or off_policy or settings.engine_processes > 1
-    # the cap only pays where training runs beside generation; on-policy, it would only slow the training pass
-    if settings.use_vllm and off_policy and settings.trainer_sm_percent:
-        overrides.append(f"vllm.trainer_sm_percent={settings.trainer_sm_percent}")
-    if settings.use_vllm and off_policy and settings.trainer_below_normal_priority:
-        overrides.append("vllm.trainer_below_normal_priority=true")
+    # the trainer's MPS cap and priority only pay where training runs beside generation; on-policy, they would
+    # only slow the training pass
+    if settings.use_vllm and off_policy:
+        if settings.trainer_sm_percent:
+            overrides.append(f"vllm.trainer_sm_percent={settings.trainer_sm_percent}")
+        if settings.trainer_below_normal_priority:
+            overrides.append("vllm.trainer_below_normal_priority=true")
     if settings.use_vllm:
         overrides += [
             f"vllm.gpu_memory_utilization={settings.gpu_memory_utilization}",

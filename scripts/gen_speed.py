@@ -33,11 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed_variants  # noqa: E402
 
 import bench  # noqa: E402  (scripts/bench.py: the same rollout, settings and model)
-from online_rl.engines.mps import (  # noqa: E402  (the loop's names for MPS's settings)
-    ACTIVE_THREAD_PERCENTAGE,
-    BELOW_NORMAL,
-    CLIENT_PRIORITY,
-)
+from online_rl.engines.mps import trainer_mps_settings  # noqa: E402  (the loop's options -> MPS's settings)
 
 PREFIX = "gen-speed"
 
@@ -59,15 +55,15 @@ VARIANTS = {
 }
 # variant -> the train_speed variant whose steps run beside its second set of rollouts, in a process of its own
 TRAINING_BESIDE = {"beside_training": "compiled"}
-# Under MPS, the training process's MPS settings in each round beside training: none; its kernels capped at a
-# share of the multiprocessors (vllm.trainer_sm_percent); its work scheduled after the engine's (MPS's client
-# priority, 1: below normal). Without MPS, only the first round (these settings would do nothing).
+# Under MPS, the loop's vllm options for the training process in each round beside training, set as the loop
+# sets them (engines/mps.py): none; its kernels capped at a share of the multiprocessors; its work scheduled
+# after the engine's. Without MPS, only the first round (the others would do nothing).
 MPS_ROUNDS = (
     {},
-    {ACTIVE_THREAD_PERCENTAGE: "50"},
-    {ACTIVE_THREAD_PERCENTAGE: "25"},
-    {CLIENT_PRIORITY: BELOW_NORMAL},
-    {CLIENT_PRIORITY: BELOW_NORMAL, ACTIVE_THREAD_PERCENTAGE: "50"},
+    {"trainer_sm_percent": 50},
+    {"trainer_sm_percent": 25},
+    {"trainer_below_normal_priority": True},
+    {"trainer_below_normal_priority": True, "trainer_sm_percent": 50},
 )
 READY_TIMEOUT_S = 600  # the training process's model load and compilation
 
@@ -127,8 +123,10 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
     if variant in TRAINING_BESIDE:
         rounds = MPS_ROUNDS if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else MPS_ROUNDS[:1]
         result["beside_training"] = [
-            beside_training(TRAINING_BESIDE[variant], mps_env, rollout, settings, workdir)
-            for mps_env in rounds
+            beside_training(
+                TRAINING_BESIDE[variant], trainer_mps_settings(options), rollout, settings, workdir
+            )
+            for options in rounds
         ]
     if profile:
         tables = {
@@ -152,32 +150,34 @@ def beside_training(train_variant: str, mps_env: dict, rollout, settings, workdi
     ]
     command += ["--workdir", str(workdir), "--train-beside", str(directory)]
     command += ["--smoke"] if settings == bench.SMOKE else []
-    env = {**os.environ, **mps_env}
-    log = (directory / "trainer.log").open("w")
-    trainer = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not (directory / "ready").exists():
-            if trainer.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the training process beside generation did not start training ({mps_env}), "
-                    f"exit code {trainer.poll()}; its log: {(directory / 'trainer.log').read_text()[-1500:]}"
-                )
-            time.sleep(0.1)
-        timed = []
-        for _ in range(settings.measured_steps):
-            timed.append(rollout())
-            # (progress, for a run cut short: the driver shows a variant's output only when it fails)
-            print(
-                f"beside training {mps_env}: rollout {timed[-1]['generate_s']:.2f} s",
-                flush=True,
-            )
-    finally:
-        (directory / "stop").touch()
-        trainer.wait(timeout=300)
-        log.close()
+    log_path = directory / "trainer.log"
+
+    def log_tail() -> str:
+        return log_path.read_text()[-1500:]
+
+    with log_path.open("w") as log:
+        trainer = subprocess.Popen(
+            command, env={**os.environ, **mps_env}, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not (directory / "ready").exists():
+                if trainer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the training process beside generation did not start training ({mps_env}), "
+                        f"exit code {trainer.poll()}; its log: {log_tail()}"
+                    )
+                time.sleep(0.1)
+            timed = []
+            for _ in range(settings.measured_steps):
+                timed.append(rollout())
+                # (progress, for a run cut short: the driver shows a variant's output only when it fails)
+                print(f"beside training {mps_env}: rollout {timed[-1]['generate_s']:.2f} s", flush=True)
+        finally:
+            (directory / "stop").touch()
+            trainer.wait(timeout=300)
     if trainer.returncode != 0:
-        raise RuntimeError(f"the training process failed: {(directory / 'trainer.log').read_text()[-1500:]}")
+        raise RuntimeError(f"the training process failed: {log_tail()}")
     training = json.loads((directory / "result.json").read_text())
     return {
         "trainer_mps_env": mps_env,

@@ -206,6 +206,9 @@ def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
     from gen_speed import MPS_ROUNDS
 
     from online_rl.engines.mps import TRAINER_ONLY as MPS_SETTINGS
+    from online_rl.engines.mps import trainer_mps_settings
+
+    round_settings = [trainer_mps_settings(options) for options in MPS_ROUNDS]
 
     fake = stand_in_mps_control(tmp_path / "bin", tmp_path / "mps-calls")
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
@@ -216,9 +219,9 @@ def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
     measured = results["settings"]["measured_steps"]
     assert len(variant["generate_steps_s"]) == measured
     rounds = variant["beside_training"]
-    assert [each["trainer_mps_env"] for each in rounds] == list(MPS_ROUNDS)
+    assert [each["trainer_mps_env"] for each in rounds] == round_settings
     pipe = str(tmp_path / "work" / "mps" / "pipe")
-    for each, mps_env in zip(rounds, MPS_ROUNDS):
+    for each, mps_env in zip(rounds, round_settings):
         # the training process saw the round's settings and the daemon's pipes, and trained meanwhile
         seen = each["trainer_process_mps_env"]
         assert seen["CUDA_MPS_PIPE_DIRECTORY"] == pipe
