@@ -52,6 +52,8 @@ VARIANTS = {
     "half_batch": ([], lambda settings: {"prompts_per_step": max(1, settings.prompts_per_step // 2)}),
     # the off-policy arm's engine (a process of its own, awake), alone and then beside a training process
     "beside_training": (["vllm.separate_process=true", "vllm.sleep_level=0"], lambda settings: {}),
+    # the default engine, its thread pinned before each rollout to the CPU that ran a probe of Python fastest
+    "pinned_fastest_cpu": ([], lambda settings: {}),
 }
 # variant -> the train_speed variant whose steps run beside its second set of rollouts, in a process of its own
 TRAINING_BESIDE = {"beside_training": "compiled"}
@@ -66,6 +68,32 @@ MPS_ROUNDS = (
     {"trainer_below_normal_priority": True, "trainer_sm_percent": 50},
 )
 READY_TIMEOUT_S = 600  # the training process's model load and compilation
+PROBE_ROUNDS = 2
+
+
+def python_probe() -> None:
+    """A few ms of the interpreter's own work (dicts, lists, ints), as vLLM's scheduler does per decoding step."""
+    counts: dict[int, int] = {}
+    for i in range(20_000):
+        counts[i % 512] = counts.get(i % 512, 0) + i
+
+
+def cpu_speeds() -> dict[int, float]:
+    """Seconds of python_probe on each CPU this thread may use (the best of PROBE_ROUNDS), its affinity put
+    back after. On a virtual machine a CPU shares its physical core with other tenants' work, so the same
+    Python can take up to twice as long on one CPU as on another, and which CPUs are slow changes."""
+    allowed = os.sched_getaffinity(0)
+    seconds: dict[int, float] = {}
+    try:
+        for _ in range(PROBE_ROUNDS):
+            for cpu in sorted(allowed):
+                os.sched_setaffinity(0, {cpu})  # (0: this thread only)
+                started = time.perf_counter()
+                python_probe()
+                seconds[cpu] = min(seconds.get(cpu, float("inf")), time.perf_counter() - started)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    return seconds
 
 
 def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool) -> dict:
@@ -88,18 +116,36 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
     engine, prompt_ids = bench.engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
     engine_start_s = time.perf_counter() - started  # (the prompts: a few ms)
 
+    allowed = os.sched_getaffinity(0)
+
     def rollout() -> dict:
         """One rollout after a weight push: bench.timed_rollout's seconds (generate_s without waking the KV
-        cache and sleeping; its gc, main-thread CPU and steal seconds), and its completion tokens."""
-        result, timings = bench.timed_rollout(
-            engine, model, prompt_ids, settings.num_generations, cfg.sampling
-        )
-        return {**timings, "tokens": sum(len(ids) for ids in result.completion_ids)}
+        cache and sleeping; its gc, main-thread CPU and steal seconds), its completion tokens, and each CPU's
+        probe seconds just before (pinned_fastest_cpu: the thread then runs on the fastest CPU alone)."""
+        speeds = cpu_speeds()
+        if variant == "pinned_fastest_cpu":
+            os.sched_setaffinity(0, {min(speeds, key=speeds.get)})
+        try:
+            result, timings = bench.timed_rollout(
+                engine, model, prompt_ids, settings.num_generations, cfg.sampling
+            )
+        finally:
+            os.sched_setaffinity(0, allowed)
+        return {
+            **timings,
+            "tokens": sum(len(ids) for ids in result.completion_ids),
+            "cpu_probe_ms": {cpu: round(1000 * s, 2) for cpu, s in speeds.items()},
+        }
 
     timed = []
     for _ in range(settings.steps):
         timed.append(rollout())
-        print(f"{variant}: rollout {timed[-1]['generate_s']:.2f} s", flush=True)  # (see beside_training)
+        probe = sorted(timed[-1]["cpu_probe_ms"].values())
+        print(  # (progress, for a run cut short: see beside_training)
+            f"{variant}: rollout {timed[-1]['generate_s']:.2f} s; CPUs' probe ms: fastest {probe[0]:.2f}, "
+            f"median {probe[len(probe) // 2]:.2f}, slowest {probe[-1]:.2f}",
+            flush=True,
+        )
     measured = timed[settings.warmup_steps :]
     generate_s = statistics.median(t["generate_s"] for t in measured)
     result = {
@@ -117,7 +163,7 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
         # per measured rollout: a slow one with CPU seconds equal to its wall time did not wait for a CPU
         **{
             f"{key}_steps": [t[key] for t in measured]
-            for key in ("generate_gc_s", "generate_cpu_s", "generate_steal_s")
+            for key in ("generate_gc_s", "generate_cpu_s", "generate_steal_s", "cpu_probe_ms")
         },
     }
     if variant in TRAINING_BESIDE:
