@@ -9,8 +9,9 @@ for the trainer's large kernels:
 Without MPS the GPU gives each process time slices in turn; with it, both processes' kernels run at once, but a
 training step's matrix products still fill every multiprocessor, and each of a decoding step's small kernels
 waits for some to free. On the H200, beside a training process that trained without pause, a rollout took about
-1.9x its time alone under MPS, and about 1.4x with the trainer capped at half the multiprocessors
-(docs/gpu-validation.md, eighth lease). MPS reads both settings from the environment
+1.9x its time alone under MPS, and about 1.4x with the trainer capped at half the multiprocessors (eighth lease).
+On another machine it took 1.13x uncapped and as long as alone with the cap at 50 or 25; the below-normal priority
+did not help (1.03x; ninth lease, docs/gpu-validation.md). MPS reads both settings from the environment
 (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, CUDA_MPS_CLIENT_PRIORITY) when a process makes its CUDA context, so the
 trainer sets them before its first CUDA call, and the engine processes it starts are given neither.
 """
