@@ -390,8 +390,7 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
         output = run_train(
             out, *common, "max_steps=3", f"off_policy_steps={off_policy}", f"vllm.engine_processes={engines}"
         )
-        # each engine process logs as "(EngineCore pid=N)"
-        engine_pids = set(re.findall(r"EngineCore pid=(\d+)", output))
+        engine_pids = set(re.findall(r"vLLM engine \d+ of \d+: process (\d+)", output))
         assert len(engine_pids) == engines, engine_pids
         history = run_metrics(out)
         assert len(history) == 3
@@ -403,9 +402,10 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
 
 
 def test_a_dead_engine_process_is_an_error_not_a_hang(tmp_path, tiny_model_dir):
-    """vllm.separate_process=true: if vLLM's processes die (killed, out of memory) just before or during a
-    call, the call raises EngineUnavailable (the loop then saves the trainer's state) within seconds, instead
-    of waiting for an answer that never comes (which vLLM 0.26 does), and a call after that raises too."""
+    """vllm.separate_process=true: an error inside the engine's process (here vLLM refusing top_p=0) is raised
+    in the trainer's as itself, with the engine's traceback; and if the engine's process dies (killed, out of
+    memory) just before or during a call, the call raises EngineUnavailable (the loop then saves the trainer's
+    state) within seconds, instead of waiting for an answer that never comes, and a call after that raises too."""
     import subprocess
     import sys
 
@@ -421,6 +421,10 @@ cfg = compose_config({[*CPU_COLOCATE, "vllm.separate_process=true"]!r})
 model = load_policy({str(tiny_model_dir)!r}, cfg.model, torch.float32, torch.device("cpu"))
 engine = VLLMColocateEngine({str(tiny_model_dir)!r}, cfg.vllm, torch.device("cpu"), seed=0, max_model_len=128)
 engine.sync_weights(model)
+try:
+    engine.generate([[5, 6, 7]], 2, compose_config(["sampling.top_p=0"]).sampling)
+except ValueError as error:
+    print("REFUSED", "top_p" in str(error), "in the vLLM engine process" in str(error.__cause__))
 for child in psutil.Process().children(recursive=True):
     os.kill(child.pid, signal.SIGKILL)
 for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6, 7]], 2, cfg.sampling)):
@@ -433,6 +437,7 @@ for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6,
     result = subprocess.run(
         [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
+    assert "REFUSED True True" in result.stdout, (result.stdout + result.stderr)[-3000:]
     raised = [line.split() for line in result.stdout.splitlines() if line.startswith("RAISED")]
     assert len(raised) == 2, (result.stdout + result.stderr)[-3000:]
     for _, kind, seconds in raised:

