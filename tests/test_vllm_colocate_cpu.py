@@ -548,7 +548,14 @@ def test_engine_process_cpu_times_rollouts_in_each_mode(tmp_path):
 
     from .conftest import ROOT
 
-    command = [sys.executable, "scripts/engine_process_cpu.py", "--modes", "separate_process", "--rollouts", "1"]
+    command = [
+        sys.executable,
+        "scripts/engine_process_cpu.py",
+        "--modes",
+        "separate_process",
+        "--rollouts",
+        "1",
+    ]
     command += ["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
