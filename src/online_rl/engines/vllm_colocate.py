@@ -179,9 +179,6 @@ class VLLMColocateEngine:
         # Level 1 keeps a CPU copy of the weights; level 2 drops them, so they must be pushed again.
         self.weights_loaded = self.sleep_level == 1
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
-        return self.sample(prompt_ids, n, sampling)
-
     def each(self, call: Callable[..., Any], *per_engine: list) -> list:
         """[call(engine, *its share of per_engine)] for every engine, all at once when there are several."""
         if self.pool is None:
@@ -228,7 +225,7 @@ class VLLMColocateEngine:
         worker = getattr(self.llms[0].llm_engine.model_executor, "driver_worker", None)
         return worker.model_runner.model if worker is not None else None
 
-    def sample(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any) -> Rollout:
         if not self.weights_loaded or self.weights_asleep:
             raise RuntimeError(
                 "the vLLM engine has no current weights: call sync_weights(model) before generate"
@@ -249,12 +246,12 @@ class VLLMColocateEngine:
             detokenize=False,  # the loop decodes once, with the trainer's tokenizer
         )
 
-        def generate(llm, share: list[list[int]]) -> tuple:
+        def generate_share(llm, share: list[list[int]]) -> tuple:
             if isinstance(llm, HostedLLM):
                 return llm.generate_lists(share, params, self.cfg.regex)
             return generate_lists(llm, share, params, self.cfg.regex)
 
-        parts = self.each(generate, contiguous_shares(prompt_ids, len(self.llms)))
+        parts = self.each(generate_share, contiguous_shares(prompt_ids, len(self.llms)))
         completion_ids, finished, logprobs = ([row for part in parts for row in part[i]] for i in range(3))
         if self.device.type == "cuda":
             self.stats["memory/device_used_awake_gib"] = self.device_used_bytes() / 2**30
