@@ -186,6 +186,10 @@ def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
         assert variant["generate_s"] > 0 and variant["completion_tokens_per_s"] > 0
         assert len(variant["generate_cpu_s_steps"]) == settings["measured_steps"]
         assert all(cpu > 0 for cpu in variant["generate_cpu_s_steps"])
+        # before each rollout, every CPU's speed at running Python
+        assert [len(probe) for probe in variant["cpu_probe_ms_steps"]] == [
+            len(os.sched_getaffinity(0))
+        ] * len(variant["generate_steps_s"])
         assert (
             len(variant["generate_gc_s_steps"])
             == len(variant["generate_steal_s_steps"])
@@ -337,3 +341,12 @@ def test_trainer_mps_settings_go_to_the_off_policy_arm_alone(tmp_path):
     for setting in ("trainer_sm_percent=60", "trainer_below_normal_priority=true"):
         with pytest.raises(SystemExit, match="add --set mps=true"):
             parse_settings(Settings(), [setting])
+
+
+def test_cpu_speeds_probe_every_allowed_cpu_and_leave_the_affinity_as_it_was():
+    from gen_speed import cpu_speeds
+
+    allowed = os.sched_getaffinity(0)
+    speeds = cpu_speeds()
+    assert set(speeds) == allowed and all(seconds > 0 for seconds in speeds.values())
+    assert os.sched_getaffinity(0) == allowed
