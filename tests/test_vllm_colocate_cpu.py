@@ -403,7 +403,8 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
 
 def test_a_dead_engine_process_is_an_error_not_a_hang(tmp_path, tiny_model_dir):
     """vllm.separate_process=true: an error inside the engine's process (here vLLM refusing top_p=0) is raised
-    in the trainer's as itself, with the engine's traceback; and if the engine's process dies (killed, out of
+    in the trainer's as itself, with the engine's traceback; Ctrl-C (SIGINT to every process of the group)
+    leaves the engine running for the trainer's last step; and if the engine's process dies (killed, out of
     memory) just before or during a call, the call raises EngineUnavailable (the loop then saves the trainer's
     state) within seconds, instead of waiting for an answer that never comes, and a call after that raises too."""
     import subprocess
@@ -425,6 +426,10 @@ try:
     engine.generate([[5, 6, 7]], 2, compose_config(["sampling.top_p=0"]).sampling)
 except ValueError as error:
     print("REFUSED", "top_p" in str(error), "in the vLLM engine process" in str(error.__cause__))
+for child in psutil.Process().children(recursive=True):  # Ctrl-C: the trainer decides when the engine stops
+    os.kill(child.pid, signal.SIGINT)
+time.sleep(1)
+print("AFTER CTRL-C", len(engine.generate([[5, 6, 7]], 2, cfg.sampling).completion_ids))
 for child in psutil.Process().children(recursive=True):
     os.kill(child.pid, signal.SIGKILL)
 for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6, 7]], 2, cfg.sampling)):
@@ -438,6 +443,7 @@ for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6,
         [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert "REFUSED True True" in result.stdout, (result.stdout + result.stderr)[-3000:]
+    assert "AFTER CTRL-C 2" in result.stdout, (result.stdout + result.stderr)[-3000:]
     raised = [line.split() for line in result.stdout.splitlines() if line.startswith("RAISED")]
     assert len(raised) == 2, (result.stdout + result.stderr)[-3000:]
     for _, kind, seconds in raised:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import traceback
 from typing import Any
 
@@ -68,6 +69,9 @@ def generate_lists(llm, prompt_ids: list[list[int]], params: dict[str, Any], reg
 def serve(connection, settings: dict[str, Any]) -> None:
     """The engine process: build the engine, then answer (method, args, kwargs) calls until told to close or
     until the trainer's end of the pipe closes. Each reply is (True, value) or (False, (error, its traceback))."""
+    # Ctrl-C reaches every process of the terminal's group, this one too; the trainer then finishes its step,
+    # which may still need the engine, and closes it (interrupts.py)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the whole engine in this process
     try:
         from vllm import LLM
