@@ -933,6 +933,7 @@ def report(
             "|---|---|",
             *rollouts,
         ]
+    lines += host_cpu_lines(rows)
     bounds = floor_bounds(rows)
     for row in rows:
         if row["arm"] in FLOOR_OF:
@@ -979,6 +980,26 @@ def rollout_lines(rows: list[dict]) -> list[str]:
         ]
         lines.append(f"| {row['arm']} | {'; '.join(shown)} |")
     return lines
+
+
+def host_cpu_lines(rows: list[dict]) -> list[str]:
+    """How fast the host's CPUs ran Python just before and just after each arm (results from before: none).
+    Generation is bound by one CPU thread, and on a shared host the same Python has run twice as long on
+    some CPUs as on others, so a slow arm beside a busy host is told from a slow arm."""
+    shown = [
+        f"{row['arm']} {'/'.join(f'{probe[key]:.1f}' for key in ('fastest', 'median', 'slowest'))} -> "
+        f"{'/'.join(f'{after[key]:.1f}' for key in ('fastest', 'median', 'slowest'))}"
+        for row in rows
+        if "host_cpus_ms" in row
+        for probe, after in [(row["host_cpus_ms"]["before"], row["host_cpus_ms"]["after"])]
+    ]
+    if not shown:
+        return []
+    return [
+        "",
+        "The host's CPUs before -> after each arm: ms for the same loop of Python on the fastest / median / "
+        "slowest CPU (online_rl.cpu_clock.cpu_speeds; other tenants slow them): " + "; ".join(shown) + ".",
+    ]
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -1118,6 +1139,8 @@ def parse_settings(base: Settings, assignments: list[str]) -> Settings:
 
 
 def main() -> None:
+    from online_rl.cpu_clock import cpu_speeds, speeds_summary
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--arms", help=f"comma-separated, from {','.join(ARMS)} (default: all; --smoke: those without vLLM)"
@@ -1206,6 +1229,7 @@ def main() -> None:
         env = child_env(mps)
         for arm in arms:
             print(f"bench: {arm}", flush=True)
+            cpus_before = speeds_summary(cpu_speeds())  # (the host's other tenants: see host_cpu_lines)
             t = time.perf_counter()
             outcome = run_arm_process(arm, settings, options.workdir, options.arm_timeout_s, env)
             if isinstance(outcome, str):
@@ -1215,6 +1239,7 @@ def main() -> None:
                     arm, outcome, settings, flops_per_token(options.workdir / "model", ARMS[arm][1])
                 )
                 row["process_s"] = time.perf_counter() - t
+                row["host_cpus_ms"] = {"before": cpus_before, "after": speeds_summary(cpu_speeds())}
                 row["command"] = len(commands)  # which command of `commands` measured it
                 rows.append(row)
                 print(f"bench: {arm}: {json.dumps(row)}", flush=True)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed_variants  # noqa: E402
 
 import bench  # noqa: E402  (scripts/bench.py: the same rollout, settings and model)
+from online_rl.cpu_clock import cpu_speeds, speeds_summary  # noqa: E402
 from online_rl.engines.mps import trainer_mps_settings  # noqa: E402  (the loop's options -> MPS's settings)
 
 PREFIX = "gen-speed"
@@ -68,32 +69,6 @@ MPS_ROUNDS = (
     {"trainer_below_normal_priority": True, "trainer_sm_percent": 50},
 )
 READY_TIMEOUT_S = 600  # the training process's model load and compilation
-PROBE_ROUNDS = 2
-
-
-def python_probe() -> None:
-    """A few ms of the interpreter's own work (dicts, lists, ints), as vLLM's scheduler does per decoding step."""
-    counts: dict[int, int] = {}
-    for i in range(20_000):
-        counts[i % 512] = counts.get(i % 512, 0) + i
-
-
-def cpu_speeds() -> dict[int, float]:
-    """Seconds of python_probe on each CPU this thread may use (the best of PROBE_ROUNDS), its affinity put
-    back after. On a virtual machine a CPU shares its physical core with other tenants' work, so the same
-    Python can take up to twice as long on one CPU as on another, and which CPUs are slow changes."""
-    allowed = os.sched_getaffinity(0)
-    seconds: dict[int, float] = {}
-    try:
-        for _ in range(PROBE_ROUNDS):
-            for cpu in sorted(allowed):
-                os.sched_setaffinity(0, {cpu})  # (0: this thread only)
-                started = time.perf_counter()
-                python_probe()
-                seconds[cpu] = min(seconds.get(cpu, float("inf")), time.perf_counter() - started)
-    finally:
-        os.sched_setaffinity(0, allowed)
-    return seconds
 
 
 def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool) -> dict:
@@ -135,15 +110,16 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
             **timings,
             "tokens": sum(len(ids) for ids in result.completion_ids),
             "cpu_probe_ms": {cpu: round(1000 * s, 2) for cpu, s in speeds.items()},
+            "cpu_probe_summary_ms": speeds_summary(speeds),
         }
 
     timed = []
     for _ in range(settings.steps):
         timed.append(rollout())
-        probe = sorted(timed[-1]["cpu_probe_ms"].values())
+        probe = timed[-1]["cpu_probe_summary_ms"]
         print(  # (progress, for a run cut short: see beside_training)
-            f"{variant}: rollout {timed[-1]['generate_s']:.2f} s; CPUs' probe ms: fastest {probe[0]:.2f}, "
-            f"median {probe[len(probe) // 2]:.2f}, slowest {probe[-1]:.2f}",
+            f"{variant}: rollout {timed[-1]['generate_s']:.2f} s; CPUs' probe ms: fastest {probe['fastest']:.2f}, "
+            f"median {probe['median']:.2f}, slowest {probe['slowest']:.2f}",
             flush=True,
         )
     measured = timed[settings.warmup_steps :]

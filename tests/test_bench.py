@@ -91,6 +91,13 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     (the_command,) = results["commands"]
     assert the_command["machine"]["cpus"] == os.cpu_count() and f"{os.cpu_count()} CPUs" in table
     assert "TRL's step / floor" in table
+    # how fast the host's CPUs ran Python before and after each arm (other tenants slow them)
+    for row in arms.values():
+        for probe in (row["host_cpus_ms"]["before"], row["host_cpus_ms"]["after"]):
+            assert 0 < probe["fastest"] <= probe["median"] <= probe["slowest"]
+    assert (
+        "The host's CPUs before -> after each arm" in table and "trl_full " in table.split("host's CPUs")[1]
+    )
     assert results_file.with_suffix(".png").stat().st_size > 0
     # the floor's extra, untimed step under torch.profiler: the matrix products of the forward and backward
     profile = results_file.with_name(results_file.stem + "-floor-train-profile.txt").read_text()
@@ -344,9 +351,15 @@ def test_trainer_mps_settings_go_to_the_off_policy_arm_alone(tmp_path):
 
 
 def test_cpu_speeds_probe_every_allowed_cpu_and_leave_the_affinity_as_it_was():
-    from gen_speed import cpu_speeds
+    from online_rl.cpu_clock import cpu_speeds, speeds_summary
 
     allowed = os.sched_getaffinity(0)
     speeds = cpu_speeds()
     assert set(speeds) == allowed and all(seconds > 0 for seconds in speeds.values())
     assert os.sched_getaffinity(0) == allowed
+    # in ms: the fastest CPU's, the median CPU's (the upper of two middle ones) and the slowest's
+    assert speeds_summary({0: 0.002, 1: 0.004, 2: 0.0045, 3: 0.003}) == {
+        "fastest": 2.0,
+        "median": 4.0,
+        "slowest": 4.5,
+    }
