@@ -2,10 +2,8 @@
 of its own (`vllm.separate_process`): what the engine's process costs a rollout, measured where no GPU is.
 
     python scripts/engine_process_cpu.py                    # in_process,separate_process, alternating, twice
-    python scripts/engine_process_cpu.py --modes in_process,two_engines
     python scripts/engine_process_cpu.py --modes separate_process --rollouts 4
 
-The modes: in_process, separate_process, two_engines (two engine processes, each with half the prompts).
 One rollout: 16 prompts x 8 samples of up to 128 tokens from the tiny random model (`model=tiny`), float32,
 eager, after pushing the trainer's weights as the loop does; the first two rollouts are warm-up. Each mode runs
 in a process of its own (vLLM reads its multiprocessing setting once per process). On a CPU the model's
@@ -29,12 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the bench's random model and prompts)
 
 WARMUP = 2
-# mode -> the engine's config; two_engines: two processes, each with half the prompts and its own CPU core
-MODES = {
-    "in_process": ["vllm.separate_process=false"],
-    "separate_process": ["vllm.separate_process=true"],
-    "two_engines": ["vllm.separate_process=true", "vllm.engine_processes=2"],
-}
 SETTINGS = replace(
     bench.SMOKE,
     prompts_per_step=16,
@@ -58,7 +50,7 @@ def measure(mode: str, rollouts: int, workdir: Path) -> dict:
             "vllm.sleep_level=0",
             "vllm.dtype=float32",
             "vllm.enforce_eager=true",
-            *MODES[mode],
+            f"vllm.separate_process={mode == 'separate_process'}",
             f"vllm.max_num_seqs={SETTINGS.prompts_per_step * SETTINGS.num_generations}",
             f"sampling.max_completion_length={SETTINGS.completion_tokens}",
         ]
@@ -104,9 +96,9 @@ def main() -> None:
         return
 
     modes = options.modes.split(",")
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - {"in_process", "separate_process"}
     if unknown:
-        parser.error(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from in_process, separate_process")
     if not (options.workdir / "prompts.jsonl").exists():
         bench.prepare(SETTINGS, options.workdir)
     results = []
