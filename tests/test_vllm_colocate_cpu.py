@@ -450,6 +450,33 @@ for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6,
         assert kind == "EngineUnavailable" and int(seconds) < 10, raised
 
 
+def test_a_trainer_that_exits_without_closing_its_engine_process_ends_it(tiny_model_dir):
+    """vllm.separate_process=true: the engine's process is no daemon (vLLM may start processes of its own), so
+    a trainer that ends without closing the engine must still end it, not wait for it forever at exit."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from .conftest import ROOT
+
+    snippet = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from tests.conftest import compose_config
+from online_rl.engines.vllm_colocate import VLLMColocateEngine
+cfg = compose_config({[*CPU_COLOCATE, "vllm.separate_process=true"]!r})
+engine = VLLMColocateEngine({str(tiny_model_dir)!r}, cfg.vllm, torch.device("cpu"), seed=0, max_model_len=128)
+print("ENGINE", engine.llms[0].pid, flush=True)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=150
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (pid,) = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("ENGINE")]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
 # A trainer capped by vllm.trainer_sm_percent, at below-normal priority, starts a separate-process engine: what
 # each process's environment holds. Its own process, as vLLM reads its multiprocessing setting once per process.
 SM_CAP_PROBE = """

@@ -21,6 +21,7 @@ of memory), the call in flight raises EngineUnavailable within ENGINE_POLL_S, ne
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -120,12 +121,15 @@ class HostedLLM:
     def __init__(self, settings: dict[str, Any]):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state is inherited
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(
-            target=serve, args=(child_end, settings), daemon=True, name="vllm-engine"
-        )
+        # Not a daemon: a daemon may start no processes of its own, and vLLM's compilation and device queries
+        # can (vLLM's own engine process is no daemon either). So it is closed at exit, before multiprocessing
+        # waits for its children there (atexit runs the latest registered first). If this process is killed,
+        # the engine sees its end of the pipe close and exits after the call in flight.
+        self.process = context.Process(target=serve, args=(child_end, settings), name="vllm-engine")
         self.process.start()
         child_end.close()  # so that the engine's death shows as the end of the pipe
         self.pid = self.process.pid
+        atexit.register(self.close)
 
     def wait_until_ready(self) -> None:
         """Returns once the engine is built; raises what building it raised."""
@@ -178,6 +182,9 @@ class HostedLLM:
         return self.call("collective_rpc", method, args=args)
 
     def close(self) -> None:
+        atexit.unregister(self.close)
+        if self.connection.closed:
+            return
         if not self.exited:
             try:
                 self.connection.send(("close", (), {}))
