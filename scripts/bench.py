@@ -986,19 +986,21 @@ def host_cpu_lines(rows: list[dict]) -> list[str]:
     """How fast the host's CPUs ran Python just before and just after each arm (results from before: none).
     Generation is bound by one CPU thread, and on a shared host the same Python has run twice as long on
     some CPUs as on others, so a slow arm beside a busy host is told from a slow arm."""
-    shown = [
-        f"{row['arm']} {'/'.join(f'{probe[key]:.1f}' for key in ('fastest', 'median', 'slowest'))} -> "
-        f"{'/'.join(f'{after[key]:.1f}' for key in ('fastest', 'median', 'slowest'))}"
+
+    def shown(probe: dict[str, float]) -> str:
+        return "/".join(f"{probe[key]:.1f}" for key in ("fastest", "median", "slowest"))
+
+    arms = [
+        f"{row['arm']} {shown(row['host_cpus_ms']['before'])} -> {shown(row['host_cpus_ms']['after'])}"
         for row in rows
         if "host_cpus_ms" in row
-        for probe, after in [(row["host_cpus_ms"]["before"], row["host_cpus_ms"]["after"])]
     ]
-    if not shown:
+    if not arms:
         return []
     return [
         "",
         "The host's CPUs before -> after each arm: ms for the same loop of Python on the fastest / median / "
-        "slowest CPU (online_rl.cpu_clock.cpu_speeds; other tenants slow them): " + "; ".join(shown) + ".",
+        "slowest CPU (online_rl.cpu_clock.cpu_speeds; other tenants slow them): " + "; ".join(arms) + ".",
     ]
 
 

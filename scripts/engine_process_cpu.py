@@ -38,36 +38,26 @@ SETTINGS = replace(
 
 
 def measure(mode: str, rollouts: int, workdir: Path) -> dict:
+    """The bench's rollout (bench.engine_and_prompts, bench.timed_rollout) on the CPU, vLLM in `mode`."""
     import torch
 
-    from online_rl.engines.vllm_colocate import VLLMColocateEngine
     from online_rl.models import load_policy, load_tokenizer
 
-    cfg = bench.compose_config(
-        [
-            "model=tiny",
-            "vllm=colocate",
-            "vllm.sleep_level=0",
-            "vllm.dtype=float32",
-            "vllm.enforce_eager=true",
-            f"vllm.separate_process={mode == 'separate_process'}",
-            f"vllm.max_num_seqs={SETTINGS.prompts_per_step * SETTINGS.num_generations}",
-            f"sampling.max_completion_length={SETTINGS.completion_tokens}",
-        ]
-    )
+    settings = replace(SETTINGS, use_vllm=True, kv_cache_gib=0, separate_process=mode == "separate_process")
     model_dir = workdir / "model"
-    device = torch.device("cpu")
-    engine = VLLMColocateEngine(str(model_dir), cfg.vllm, device, seed=0, max_model_len=256)
-    model = load_policy(str(model_dir), cfg.model, torch.float32, device)
+    cfg = bench.compose_config(
+        bench.our_overrides(settings, "floor", model_dir, workdir / "prompts.jsonl", workdir)
+        + ["vllm.dtype=float32", "vllm.enforce_eager=true"]  # (vLLM on a CPU: docs in ../shared/vllm-cpu.md)
+    )
+    model = load_policy(str(model_dir), cfg.model, torch.float32, torch.device("cpu"))
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
-    rows = [json.loads(line) for line in (workdir / "prompts.jsonl").read_text().splitlines()]
-    prompt_ids = [tokenizer(row["prompt"])["input_ids"] for row in rows[: SETTINGS.prompts_per_step]]
+    engine, prompt_ids = bench.engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
     seconds, tokens = [], []
     for _ in range(WARMUP + rollouts):
-        engine.sync_weights(model)
-        started = time.perf_counter()
-        rollout = engine.generate(prompt_ids, SETTINGS.num_generations, cfg.sampling)
-        seconds.append(time.perf_counter() - started)
+        rollout, timings = bench.timed_rollout(
+            engine, model, prompt_ids, settings.num_generations, cfg.sampling
+        )
+        seconds.append(timings["generate_s"])
         tokens.append(sum(len(ids) for ids in rollout.completion_ids))
         print(f"{mode}: rollout {seconds[-1]:.3f} s, {tokens[-1]} tokens", flush=True)
     engine.close()

@@ -25,6 +25,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import traceback
 from typing import Any
@@ -103,8 +104,6 @@ def serve(connection, settings: dict[str, Any]) -> None:
 def portable(error: BaseException) -> tuple[BaseException, str]:
     """The error as the trainer's process can unpickle it (a RuntimeError with its text, when the error's own
     class does not pickle), and its traceback from the engine process."""
-    import pickle
-
     text = "".join(traceback.format_exception(error))
     try:
         pickle.loads(pickle.dumps(error))

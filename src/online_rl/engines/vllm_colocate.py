@@ -102,13 +102,8 @@ class VLLMColocateEngine:
                 f"vllm.engine_processes={cfg.engine_processes}: set it to 1, or to more with "
                 "vllm.separate_process=true (each engine runs in a process of its own)"
             )
-        # vLLM's in-process mode, here or in the engine's own process (engine_host); the engine's model then
-        # takes the trainer's tensors by reference here, or maps a block they are copied into (shared_weights)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if device.type == "cpu":
+        if device.type == "cpu":  # (read where the engine runs: this process or its own, which inherits it)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
-        from vllm import LLM
-
         self.cfg, self.sleep_level = cfg, cfg.sleep_level
         optional = {
             key: value
@@ -151,6 +146,11 @@ class VLLMColocateEngine:
                 llm.wait_until_ready()
                 log.info("vLLM engine %d of %d: process %d", index + 1, len(self.llms), llm.pid)
         else:
+            # vLLM's in-process mode, whose model takes the trainer's tensors by reference. (An engine in a
+            # process of its own imports vLLM there, and maps a block the weights are copied into.)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            from vllm import LLM
+
             self.llms = [LLM(seed=first_seed, **settings)]
         # several engines: one thread each per call, every one waiting on its engine's process
         self.pool = ThreadPoolExecutor(len(self.llms), "vllm-engine") if len(self.llms) > 1 else None
