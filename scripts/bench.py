@@ -869,7 +869,9 @@ def report(
         )
         + (
             "our off-policy arm's vLLM engine in a process of its own; "
-            if any(row["arm"] == "ours_offpolicy" for row in rows) and not settings.separate_process
+            if any(row["arm"] == "ours_offpolicy" for row in rows)
+            and not settings.separate_process
+            and settings.engine_processes == 1
             else ""
         )
         + ("every arm with CUDA's Multi-Process Service running (mps); " if settings.mps else "")

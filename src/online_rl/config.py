@@ -175,9 +175,10 @@ class VLLMColocateConfig(VLLMCheckConfig):
     # separate_process: engines on the device, each in a process of its own, each generating a share of every
     # rollout's prompts. vLLM spends most of a decoding step in Python, per sequence (on the H200 the GPU ran
     # kernels 28% of a rollout); N processes spread that over N CPU cores. Each engine holds a copy of the
-    # weights and its own KV cache (kv_cache_memory_gib, or gpu_memory_utilization, each). Measured on one
-    # H200 it did not pay: 2.25 s a rollout with two engines and 3.06 s with four, against 2.10 s with one
-    # (without MPS, the GPU time-slices between processes: their kernels never run side by side).
+    # weights and its own KV cache (kv_cache_memory_gib, or gpu_memory_utilization, each; sized by the latter
+    # they start one after another). On one H200 under CUDA's MPS daemon a rollout of the bench took 1.93 s
+    # with two engines and 2.00 s with four, against 2.52 and 2.80 s with one in the trainer's process
+    # (commit 2e6bf11); without MPS the GPU time-slices between processes.
     engine_processes: int = 1
     # separate_process under CUDA's MPS daemon (`nvidia-cuda-mps-control -d`): the most of the GPU's
     # multiprocessors the trainer's kernels take, in percent; the engines keep all of them. Beside training

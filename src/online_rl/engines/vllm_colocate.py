@@ -138,12 +138,19 @@ class VLLMColocateEngine:
         first_seed = cfg.seed if cfg.seed is not None else seed
         # a seed each: with one, every engine's k-th sequence would draw the same random numbers
         if cfg.separate_process:
+            # vLLM sizes a KV cache from gpu_memory_utilization by how much the device's memory grew while it
+            # profiled, so engines that start together count each other's weights and caches as their own and
+            # find no room left ("No available memory for the cache blocks"): then they start one by one
+            together = cfg.kv_cache_memory_gib is not None or device.type != "cuda"
+            self.llms = []
             with engines_without_trainer_settings():  # (the trainer's MPS cap and priority are its own)
-                self.llms = [
-                    HostedLLM({**settings, "seed": first_seed + i}) for i in range(cfg.engine_processes)
-                ]
-            for index, llm in enumerate(self.llms):  # (they start at the same time)
-                llm.wait_until_ready()
+                for index in range(cfg.engine_processes):
+                    self.llms.append(HostedLLM({**settings, "seed": first_seed + index}))
+                    if not together:
+                        self.llms[-1].wait_until_ready()
+            for index, llm in enumerate(self.llms):
+                if together:
+                    llm.wait_until_ready()
                 log.info("vLLM engine %d of %d: process %d", index + 1, len(self.llms), llm.pid)
         else:
             # vLLM's in-process mode, whose model takes the trainer's tensors by reference. (An engine in a
