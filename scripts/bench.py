@@ -410,7 +410,8 @@ def phase_breakdown(steps: list[dict]) -> dict[str, float]:
     return {
         "generate": median("time/generate_s") - median("time/wake_kv_cache_s") - median("time/sleep_s"),
         "reward": median("time/reward_s"),
-        "train": median("time/train_s"),
+        "logprobs": median("time/logprobs_s"),  # (its own passes: none with TRL's defaults, mu=1 and beta=0)
+        "train": median("time/train_s") - median("time/logprobs_s"),
         "sync": median("time/sync_s") - median("time/wake_weights_s"),
         "sleep_wake": sleep_wake,
         # its parts, for the JSON: which of vLLM's calls a slow sleep/wake is
@@ -911,16 +912,23 @@ def report(
         )
     phased = [row for row in stepped if "phases_s" in row]
     if phased:
-        lines += ["", "Our phases inside a step, median seconds:", ""]
         lines += [
-            "| arm | generate | reward | train | sync | sleep/wake | of it in Python's gc |",
-            "|---|---|---|---|---|---|---|",
+            "",
+            "Our phases inside a step, median seconds. log-probs: the passes for old log-probs (num_iterations > 1) "
+            "and reference ones (beta > 0) before training; with TRL's defaults (1 and 0) there are none, the "
+            "training pass's own log-probs being the old ones.",
+            "",
+        ]
+        lines += [
+            "| arm | generate | reward | log-probs | train | sync | sleep/wake | of it in Python's gc |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in phased:
             p = row["phases_s"]
-            gc_s = f"{p['gc']:.3f}" if "gc" in p else ""  # (results from before it was measured: none)
+            # (results from before these were measured have none)
+            gc_s, logprobs_s = (f"{p[key]:.3f}" if key in p else "" for key in ("gc", "logprobs"))
             lines.append(
-                f"| {row['arm']} | {p['generate']:.2f} | {p['reward']:.3f} | {p['train']:.2f} | {p['sync']:.3f} | {p['sleep_wake']:.3f} | {gc_s} |"
+                f"| {row['arm']} | {p['generate']:.2f} | {p['reward']:.3f} | {logprobs_s} | {p['train']:.2f} | {p['sync']:.3f} | {p['sleep_wake']:.3f} | {gc_s} |"
             )
     rollouts = rollout_lines(rows)
     if rollouts:

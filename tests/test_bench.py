@@ -57,6 +57,7 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     assert floor["floor_s"] == floor["generate_alone_s"] + floor["train_alone_s"] > 0
     # our phases inside a step: generation and training are there, and the rest is what the step adds
     assert 0 < ours["phases_s"]["generate"] + ours["phases_s"]["train"] < ours["s_per_step_median"]
+    assert ours["phases_s"]["logprobs"] == 0  # TRL's defaults (mu=1, beta=0): no log-prob pass of its own
     # of them, the seconds in Python's garbage collector, per step and per generation alone
     assert len(ours["gc_steps_s"]) == settings["measured_steps"] and 0 <= ours["phases_s"]["gc"]
     assert len(floor["generate_alone_gc_s"]) == settings["measured_steps"]

@@ -180,6 +180,11 @@ def test_algorithm_options_train(make_config, tmp_path, overrides):
     history = summary.history
     assert len(history) == 4
     assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in history)
+    # the no-grad log-prob passes: only for the reference (beta > 0) or the old log-probs (num_iterations > 1)
+    extra_passes = "algo.beta=0.1" in overrides or "algo.num_iterations=2" in overrides
+    for metrics in history:
+        assert (metrics["time/logprobs_s"] > 0) == extra_passes, metrics
+        assert metrics["time/logprobs_s"] < metrics["time/train_s"]  # (a part of it)
     if "algo.beta=0.1" in overrides:
         assert history[0]["train/kl"] == pytest.approx(0, abs=1e-6)  # policy == reference before any update
         assert history[-1]["train/kl"] > 0  # the reference stayed where it was while the policy moved

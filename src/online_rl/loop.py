@@ -468,6 +468,7 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
             # DAPO's token mean over the whole rollout: DDP/FSDP2 average over ranks, so divide per rank
             rank_share_tokens = distributed.mean_over_ranks(rollout_tokens)
 
+            logprobs_started = time.perf_counter()
             with torch.no_grad():
                 # Old log-probs are only needed when later passes must measure how far the policy moved.
                 old_logps = (
@@ -486,6 +487,10 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     if algo.beta > 0
                     else None
                 )
+            logprob_passes = old_logps is not None or ref_logps is not None
+            if logprob_passes and device.type == "cuda":
+                torch.cuda.synchronize(device)  # their kernels are this phase's, not the training pass's
+            logprobs_s = time.perf_counter() - logprobs_started if logprob_passes else 0.0
 
             for iteration in range(1 if is_preference else algo.num_iterations):
                 if is_preference:
@@ -559,6 +564,9 @@ def train(cfg: DictConfig, closing: ExitStack) -> RunSummary:
                     "time/generate_s": generate_s,
                     "time/reward_s": reward_s,
                     "time/train_s": train_s,
+                    # (inside train_s) the no-grad passes for the old (num_iterations > 1) and the reference
+                    # (beta > 0) log-probs; with neither, the training pass's own log-probs are the old ones
+                    "time/logprobs_s": logprobs_s,
                     "time/sync_s": sync_s,
                     # (inside the phases above) every collection's seconds, and of them the full collections'
                     "time/gc_s": collected.seconds,
