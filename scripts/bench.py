@@ -39,6 +39,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -275,9 +276,16 @@ class MultiProcessService:
                 "utilities); leave out mps"
             ) from None
         except subprocess.CalledProcessError as error:
+            said = (error.stderr or error.stdout).strip()
+            fix = (
+                f"; a daemon left by an earlier command (one killed, say) stops with `echo quit | "
+                f"CUDA_MPS_PIPE_DIRECTORY={self.env['CUDA_MPS_PIPE_DIRECTORY']} {self.CONTROL}`"
+                if "already running" in said
+                else ""
+            )
             raise SystemExit(
                 f"--set mps=true: `{self.CONTROL} {' '.join(args)}` failed ({error.returncode}): "
-                f"{(error.stderr or error.stdout).strip()[-500:]}; its log: {self.env['CUDA_MPS_LOG_DIRECTORY']}"
+                f"{said[-500:]}; its log: {self.env['CUDA_MPS_LOG_DIRECTORY']}{fix}"
             ) from None
 
     def __enter__(self) -> MultiProcessService:
@@ -285,11 +293,19 @@ class MultiProcessService:
             for directory in self.env.values():
                 Path(directory).mkdir(parents=True, exist_ok=True)
             self.control("-d")  # returns once the daemon runs; it starts its server at the first client
+        # a command stopped by SIGTERM (`timeout`, a job scheduler) still stops its running arm and the daemon:
+        # the signal becomes SystemExit, which subprocess.run answers by killing the arm
+        self.on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
         return self
 
     def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.on_sigterm)
         if self.env:
             self.control(text="quit\n")
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
 
 
 def child_env(mps: MultiProcessService) -> dict[str, str]:

@@ -320,11 +320,46 @@ def test_mps_daemon_runs_for_the_arms_of_a_command_and_names_its_fix_when_missin
     assert not (tmp_path / "unused").exists()
 
     fake.write_text("#!/bin/sh\necho 'An instance of this daemon is already running' >&2\nexit 1\n")
-    with pytest.raises(SystemExit, match="already running"):
+    quit_command = f"echo quit | CUDA_MPS_PIPE_DIRECTORY={tmp_path / 'mps' / 'pipe'} nvidia-cuda-mps-control"
+    with pytest.raises(SystemExit, match="already running") as stopped:
         MultiProcessService(True, tmp_path / "mps").__enter__()
+    assert quit_command in str(stopped.value)  # the fix, with this command's pipes
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="not on this machine's PATH.*leave out mps"):
         MultiProcessService(True, tmp_path / "mps").__enter__()
+
+
+def test_a_command_stopped_by_sigterm_stops_its_arm_and_the_mps_daemon(tmp_path):
+    """`timeout` or a scheduler ends a command with SIGTERM: the arm running then is killed and the MPS daemon
+    told to quit, where they used to outlive the command (and the next command's daemon failed to start)."""
+    calls = tmp_path / "calls.txt"
+    fake = stand_in_mps_control(tmp_path / "bin", calls)
+    pid_file = tmp_path / "arm.pid"
+    command = f"""
+import subprocess, sys
+sys.path.insert(0, {str(REPO / "scripts")!r})
+from pathlib import Path
+from bench import MultiProcessService
+with MultiProcessService(True, Path({str(tmp_path / "mps")!r})):
+    arm = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    subprocess.run([sys.executable, "-c", arm])
+"""
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    stderr = tmp_path / "stderr.txt"  # (a file, not a pipe: an arm left running would hold a pipe open)
+    with open(stderr, "w") as stderr_file:
+        command_process = subprocess.Popen([sys.executable, "-c", command], env=env, stderr=stderr_file)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    arm_pid = int(pid_file.read_text())
+    command_process.terminate()  # SIGTERM
+    assert command_process.wait(timeout=60) != 0
+    assert "stopped by signal" in stderr.read_text()
+    assert calls.read_text().splitlines()[-1] == f"quit {tmp_path / 'mps' / 'pipe'}"
+    with pytest.raises(ProcessLookupError):  # the arm is gone too
+        for _ in range(100):
+            os.kill(arm_pid, 0)
+            time.sleep(0.05)
 
 
 def test_trainer_mps_settings_go_to_the_off_policy_arm_alone(tmp_path):
