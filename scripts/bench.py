@@ -34,6 +34,7 @@ the GPU with its driver. Machines of one kind have differed by 20-40% from one l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -293,19 +294,27 @@ class MultiProcessService:
             for directory in self.env.values():
                 Path(directory).mkdir(parents=True, exist_ok=True)
             self.control("-d")  # returns once the daemon runs; it starts its server at the first client
-        # a command stopped by SIGTERM (`timeout`, a job scheduler) still stops its running arm and the daemon:
-        # the signal becomes SystemExit, which subprocess.run answers by killing the arm
-        self.on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.on_sigterm)
         if self.env:
             self.control(text="quit\n")
 
 
-def stop_on_sigterm(signum, frame) -> None:
-    raise SystemExit(f"stopped by signal {signum}")
+@contextlib.contextmanager
+def sigterm_exits():
+    """A command stopped by SIGTERM (`timeout`, a job scheduler) unwinds as from an error: the signal becomes
+    SystemExit, which subprocess.run answers by killing the running arm, and the contexts inside this one (the
+    MPS daemon) are closed, where both used to outlive the command."""
+
+    def stop(signum, frame) -> None:
+        raise SystemExit(f"stopped by signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def child_env(mps: MultiProcessService) -> dict[str, str]:
@@ -1253,7 +1262,10 @@ def main() -> None:
     commands = (earlier["commands"] if earlier else []) + [
         {"started": started, "arms": arms, "machine": machine()}
     ]
-    with MultiProcessService(settings.mps, options.workdir / "mps") as mps:  # (--set mps=true only)
+    with (
+        sigterm_exits(),
+        MultiProcessService(settings.mps, options.workdir / "mps") as mps,  # (--set mps=true only)
+    ):
         env = child_env(mps)
         for arm in arms:
             print(f"bench: {arm}", flush=True)

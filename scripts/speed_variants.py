@@ -79,7 +79,7 @@ def run(
     if not (options.workdir / "prompts.jsonl").exists():
         bench.prepare(settings, options.workdir)
     results, failures, machine = [], {}, bench.machine()
-    with bench.MultiProcessService(options.mps, options.workdir / "mps") as mps:
+    with bench.sigterm_exits(), bench.MultiProcessService(options.mps, options.workdir / "mps") as mps:
         env = bench.child_env(mps)
         for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
             run_variant(script, prefix, options, variant, env, kinds, stem, results, failures)

@@ -339,8 +339,8 @@ def test_a_command_stopped_by_sigterm_stops_its_arm_and_the_mps_daemon(tmp_path)
 import subprocess, sys
 sys.path.insert(0, {str(REPO / "scripts")!r})
 from pathlib import Path
-from bench import MultiProcessService
-with MultiProcessService(True, Path({str(tmp_path / "mps")!r})):
+from bench import MultiProcessService, sigterm_exits
+with sigterm_exits(), MultiProcessService(True, Path({str(tmp_path / "mps")!r})):
     arm = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
     subprocess.run([sys.executable, "-c", arm])
 """
