@@ -1,16 +1,12 @@
 """Entry point: compose the Hydra config (conf/) and hand it to the training loop. Nothing else lives here."""
 
 import hydra
-from omegaconf import DictConfig
 
-from online_rl.config import register_configs
 from online_rl.loop import run
-
-register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg) -> None:
     run(cfg)
 
 

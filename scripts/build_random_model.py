@@ -13,8 +13,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from online_rl.config import register_configs
-from online_rl.data import load_prompts
-from online_rl.loop import tokenizer_corpus
+from online_rl.data import load_prompts, tokenizer_corpus
 from online_rl.models import build_random_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

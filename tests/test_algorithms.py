@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from online_rl import preference
+from online_rl.algorithms import preference
 from online_rl.engines.mixture import filter_logits, mix_logprobs, sample_geometric_mixture
 from online_rl.engines.transformers_engine import left_pad
 from online_rl.loop import run
 from online_rl.reward_model import RewardModel
-from online_rl.rloo import leave_one_out_advantages
+from online_rl.algorithms.rloo import leave_one_out_advantages
 
 from .conftest import DATA, compose_config
 
@@ -369,3 +369,35 @@ def test_each_algorithm_raises_the_reward(make_config, name):
     rewards = run(make_config(*LEARN[name])).reward_means
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert last > first + 0.3, (name, first, last)
+
+
+def test_pair_loss_picks_chosen_and_rejected_by_the_ranking_and_skips_ties():
+    # two pairs of one-token rows: [first, second] of pair 0, then of pair 1; the reference at 0 everywhere
+    logp = torch.tensor([[-1.0], [-2.0], [-3.0], [-3.0]], requires_grad=True)
+    ref, mask = torch.zeros(4, 1), torch.ones(4, 1)
+    loss, stats = preference.pair_loss(
+        logp, ref, mask, torch.tensor([False, True]), torch.tensor([True, False]),
+        beta=0.1, loss_type="sigmoid", decisive_pairs=1, pairs=2,
+    )  # fmt: skip
+    # pair 0: the second is chosen, margin h = -2 - -1 = -1; pair 1 is a tie and counts for nothing
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(0.1)))
+    assert stats["margin"].item() == pytest.approx(-1.0) and stats["accuracy"].item() == 0
+    assert stats["kl"].item() == pytest.approx(sum(math.exp(x) - x - 1 for x in (1.0, 2.0, 3.0, 3.0)))
+    with_exploration, stats = preference.pair_loss(
+        logp, ref, mask, torch.tensor([False, True]), torch.tensor([True, False]),
+        beta=0.1, loss_type="sigmoid", decisive_pairs=1, pairs=2, exploration_alpha=0.5,
+    )  # fmt: skip
+    # XPO: + alpha x (log pi of each pair's second row) / pairs = 0.5 x (-2 - 3) / 2
+    assert stats["exploration"].item() == pytest.approx(-1.25)
+    assert with_exploration.item() == pytest.approx(loss.item() - 1.25)
+
+
+def test_nash_md_micro_batch_loss_sums_rows_over_the_step_s_pairs():
+    logp = torch.tensor([[-1.0, -1.0], [-2.5, 0.0]])  # the second row's last token is padding
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    ref = torch.tensor([[-1.0, -1.5], [-2.5, 0.0]])
+    loss, _ = preference.nash_md_micro_batch_loss(
+        logp, ref, mask, torch.tensor([0.8, 0.5]), beta=0.1, pairs=4
+    )
+    # row 0: log pi = -2, KL sample 0.5, signal 0.3 - 0.05 = 0.25 -> 0.5; row 1: signal 0 -> 0; over 4 pairs
+    assert loss.item() == pytest.approx(0.5 / 4)

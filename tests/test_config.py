@@ -151,3 +151,25 @@ def test_the_readme_multi_gpu_commands_compose():
         overrides = [w.strip("'") for w in words[words.index("train.py") + 1 :] if "=" in w]
         cfg = compose_config(overrides)
         assert cfg.hardware.num_processes == int(words[words.index("--num_processes") + 1]), line
+
+
+def test_hardware_auto_is_the_default_and_picks_the_gpu_when_torch_sees_one(monkeypatch):
+    import torch
+
+    cfg = compose_config()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (cfg.hardware.device, cfg.hardware.autocast_dtype) == ("cpu", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (cfg.hardware.device, cfg.hardware.autocast_dtype) == ("cuda", "bfloat16")
+    assert OmegaConf.to_container(cfg.hardware, resolve=True)["device"] == "cuda"  # what a run saves
+    assert compose_config(["hardware=cpu"]).hardware.device == "cpu"  # an explicit choice stays
+
+
+def test_evaluations_fall_between_rollouts():
+    from online_rl.checks import check_config
+
+    cfg = compose_config(["algo.num_iterations=2", "eval_every=3"])
+    with pytest.raises(
+        ValueError, match=r"eval_every=3 is not a multiple of algo.num_iterations=2.*eval_every=6"
+    ):
+        check_config(cfg)

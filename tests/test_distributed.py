@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from online_rl import distributed, grpo, rloo
+from online_rl import distributed
+from online_rl.algorithms import grpo, rloo
 
 from .conftest import ROOT, free_port
 

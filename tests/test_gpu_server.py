@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_rl.engines.gpu_guard import SameDeviceError
 from online_rl.logprobs import completion_logprobs, pack
-from online_rl.sampler_correction import logp_gap
+from online_rl.algorithms.sampler_correction import logp_gap
 
 from .conftest import ROOT, ServeScript, compose_config
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from online_rl import grpo
+from online_rl.algorithms import grpo
 
 
 def test_group_advantages_group_scaling():
@@ -103,3 +103,33 @@ def test_loss_aggregation(loss_type, expected):
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
         grpo.aggregate_loss(LOSS_1, MASK_1, "ppo", 1, 4, 4)
+
+
+def test_policy_gradient_loss_weights_tokens_adds_the_kl_and_sums_its_stats():
+    # one sequence of two tokens, on-policy (ratio 1): the clipped term is -A per token
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])  # k3 per token: 0 and exp(1) - 1 - 1
+    sampler = torch.tensor([[-1.0 - math.log(4.0), -2.0]])  # pi_old / pi_sampler = 4 (capped to 2), then 1
+    mask = torch.ones(1, 2)
+    loss, stats = grpo.policy_gradient_loss(
+        logp, logp.detach(), torch.tensor([0.5]), mask,
+        epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", num_micro_batches=1, rollout_token_count=2,
+        max_completion_length=2, ref_logp=ref, beta=0.1, sampler_logp=sampler, importance_sampling_cap=2.0,
+    )  # fmt: skip
+    k3 = math.e - 2
+    # token 1: 2 x -0.5 + 0.1 x 0 = -1; token 2: 1 x -0.5 + 0.1 x k3; DAPO: their sum / 2 tokens
+    assert loss.item() == pytest.approx((-1.0 + -0.5 + 0.1 * k3) / 2)
+    assert stats["is_weight"].item() == pytest.approx(3.0)  # 2 + 1
+    assert stats["is_weight_deviation"].item() == pytest.approx(1.0)  # |2 - 1| + |1 - 1|
+    assert stats["kl"].item() == pytest.approx(k3)
+    assert stats["clip_region"].item() == 0.0  # ratio 1: nothing clipped
+    without = grpo.policy_gradient_loss(
+        logp, logp.detach(), torch.tensor([0.5]), mask,
+        epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", num_micro_batches=1, rollout_token_count=2,
+        max_completion_length=2,
+    )  # fmt: skip
+    assert without[0].item() == pytest.approx(-0.5) and set(without[1]) == {
+        "clip_low",
+        "clip_high",
+        "clip_region",
+    }

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_rl.engines import resolve_mode
-from online_rl.loop import SyncError, check_sync, run
+from online_rl.loop import run
+from online_rl.update import SyncError, check_sync
 from online_rl.models import add_lora, disable_dropout
 
 from .conftest import compose_config, trainer_gap

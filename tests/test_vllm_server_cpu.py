@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_rl.checkpoint import save_checkpoint
 from online_rl.engines import EngineUnavailable, SaveWhenUnavailable
-from online_rl.loop import SyncError, run
+from online_rl.loop import run
+from online_rl.update import SyncError
 
 from .conftest import ServeScript, compose_config, free_port, trainer_gap
 

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ScaleRewards(str, Enum):
@@ -263,7 +263,7 @@ class RewardConfig:
 
 @dataclass
 class HardwareConfig:
-    device: str = "cpu"  # cpu | cuda
+    device: str = "cpu"  # cpu | cuda (hardware=auto: cuda when torch sees a GPU)
     param_dtype: str = "float32"  # dtype of the trained weights (float32 | bfloat16)
     autocast_dtype: str | None = None  # mixed precision for forward passes (bfloat16 on GPU), null = off
     num_processes: int = 1  # training processes (ranks): > 1 needs `accelerate launch --num_processes N`
@@ -292,6 +292,9 @@ class LoggerConfig:
     log_every: int = 1  # steps between log lines on the console
     sample_table_every: int = 10  # steps between tables of sample prompts / completions / rewards
     sample_table_rows: int = 8
+    # the speed lab's per-step diagnostics: Python's garbage collector (time/gc_s, time/gc_full_s,
+    # gc/full_collections, gc/full_collected) and the rollout's CPU (time/generate_cpu_s, time/generate_steal_s)
+    lab_metrics: bool = False
 
 
 @dataclass
@@ -391,6 +394,17 @@ class TrainConfig:
     watchdog_seconds: WatchdogConfig = field(default_factory=WatchdogConfig)  # per-phase time limits
 
 
+def hardware_auto(field: str) -> str | None:
+    """hardware=auto's value of `field`: one CUDA GPU with bf16 autocast when torch sees one, else the CPU, fp32."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    choice = {"device": "cuda" if cuda else "cpu", "autocast_dtype": "bfloat16" if cuda else None}
+    if field not in choice:
+        raise ValueError(f"hardware_auto:{field}: choose device or autocast_dtype")
+    return choice[field]
+
+
 def register_configs() -> None:
     """Put the schemas into Hydra's ConfigStore.
 
@@ -398,6 +412,8 @@ def register_configs() -> None:
     fields: each of their YAMLs names its own schema (`/schema/algo/grpo@_here_`) at the head of
     its defaults list.
     """
+    if not OmegaConf.has_resolver("hardware_auto"):
+        OmegaConf.register_new_resolver("hardware_auto", hardware_auto)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(group="schema/algo", name="grpo", node=GRPOConfig)

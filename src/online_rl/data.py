@@ -194,3 +194,11 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._epoch_order()
+
+
+def tokenizer_corpus(dataset, system_prompt: str | None):
+    """The text a random model's tokenizer learns from: the system prompt, questions and answers."""
+    yield system_prompt or ""
+    for row in dataset:
+        yield str(row["prompt"])
+        yield str(row.get("solution", ""))

@@ -90,30 +90,6 @@ def setup(hardware: Any) -> Ranks:
     return Ranks(rank, world_size, local_rank, device)
 
 
-def check_config(cfg: Any) -> None:
-    """What several training processes need; nothing to check for one."""
-    hardware = cfg.hardware
-    if hardware.num_processes == 1:
-        return
-    if cfg.prompts_per_step % hardware.num_processes:
-        raise ValueError(
-            f"prompts_per_step={cfg.prompts_per_step} must divide over hardware.num_processes={hardware.num_processes} "
-            "ranks: each rank takes an equal share of the prompts (with all of their samples)"
-        )
-    if cfg.eval_only:
-        raise ValueError("eval_only=true runs in one process: use hardware=cpu or hardware=1gpu")
-    if hardware.strategy == "fsdp2" and (cfg.model.lora.enabled or cfg.resume):
-        raise ValueError(
-            "hardware.strategy=fsdp2 does not support "
-            + (
-                "LoRA (model.lora.enabled)"
-                if cfg.model.lora.enabled
-                else "resume (its optimizer state is sharded)"
-            )
-            + " yet: use a ddp hardware= option (e.g. 2gpu_ddp)"
-        )
-
-
 def check_accelerate_config(strategy: str) -> None:
     """An accelerate config made for FSDP (ACCELERATE_USE_FSDP in the environment) with hardware=...ddp, or
     the reverse, is a mix-up: hardware= decides the wrapping, the accelerate config only launches."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from online_rl.data import load_eval_prompts, load_prompts, tokenize_prompts
+from online_rl.data import load_eval_prompts, load_prompts, tokenize_prompts, tokenizer_corpus
 from online_rl.engines import make_engine, resolve_mode
 from online_rl.models import load_tokenizer, load_trained_model, resolve_model_path, torch_dtype
 from online_rl.rewarding import RewardFunction, load_reward_functions, score_completions, total_reward
@@ -60,26 +60,6 @@ def pass_scores(
 ) -> list[float | None]:
     """The score each completion's pass is decided on: the named reward's, or the weighted total."""
     return list(scores[pass_reward]) if pass_reward is not None else totals.tolist()
-
-
-def check_eval_config(cfg: DictConfig) -> None:
-    """Errors that name the fix, before anything loads."""
-    if cfg.eval_every < 0:
-        raise ValueError(f"eval_every={cfg.eval_every}: use 0 (no evaluation) or a number of steps")
-    if cfg.eval.num_generations < 1:
-        raise ValueError(f"eval.num_generations={cfg.eval.num_generations}: sample at least 1 per prompt")
-    if cfg.eval.batch_size < 1:
-        raise ValueError(f"eval.batch_size={cfg.eval.batch_size}: use >= 1 prompts per engine call")
-    if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:
-        raise ValueError(
-            f"eval.temperature={cfg.eval.temperature}: the sampled pass@k needs a temperature > 0 "
-            "(greedy decoding is eval.greedy=true)"
-        )
-    if cfg.eval.pass_reward is not None and cfg.eval.pass_reward not in cfg.rewards:
-        raise ValueError(
-            f"eval.pass_reward={cfg.eval.pass_reward} is not one of the configured rewards {list(cfg.rewards)}: "
-            f"add it (weight 0 logs it without training on it) or pick one of those"
-        )
 
 
 class Evaluator:
@@ -192,8 +172,6 @@ def console_line(step: int, metrics: dict[str, float]) -> str:
 def run_eval_only(cfg: DictConfig, output_dir: Path, run_name: str, tracking_dir: Path) -> dict[str, float]:
     """`eval_only=true`: load eval.model (or the model group's), score it on eval.split with the configured
     engine, write eval.json, and return the metrics. No optimizer, no reference, no training."""
-    from online_rl.loop import tokenizer_corpus  # imported here: the loop imports this module
-
     device = torch.device(cfg.hardware.device)
     if cfg.eval.model:
         model_path = cfg.eval.model

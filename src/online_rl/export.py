@@ -31,14 +31,6 @@ EVAL_NAMES = {
 }
 
 
-def check_export_config(cfg: Any) -> None:
-    if cfg.save_merged and not cfg.model.lora.enabled:
-        raise ValueError(
-            "save_merged=true merges a LoRA adapter, but model.lora.enabled=false: a full fine-tune's "
-            "model/ is already full weights; drop save_merged"
-        )
-
-
 def save_model(
     model: torch.nn.Module, tokenizer: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> Path:

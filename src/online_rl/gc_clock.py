@@ -1,7 +1,6 @@
 """Python's garbage collector in a training run: its seconds, logged per step as `time/gc_s` (of them the full
 collections', `time/gc_full_s`, their count, `gc/full_collections`, and the objects they freed,
-`gc/full_collected`), and the heap frozen after the first step so that later collections leave the run's
-long-lived objects alone.
+`gc/full_collected`). Logged with logger.lab_metrics=true (the speed lab's diagnostics).
 
 Generation with vLLM is bound by the CPU: its scheduler's Python runs for every sequence at every decoding
 step, and one full collection over a heap of a million objects (torch, vLLM, the compiled model's graphs)
@@ -57,22 +56,3 @@ class CollectorClock:
     def lap(self) -> CollectorLap:
         lapped, self.running = self.running, CollectorLap(0.0, 0.0, 0, 0)
         return lapped
-
-
-class FrozenHeap:
-    """`with FrozenHeap():` collects once, then moves every object still alive into the collector's permanent
-    generation (`gc.freeze`) until the block ends, when they become collectable again.
-
-    After a run's first step its heap holds what lives until the end: torch, the model and its compiled
-    graphs, the engine, the data. A full collection walks all of it (0.65-0.8 s on the H200 in two of five
-    off-policy steps, where nothing else had frozen it); frozen, it walks only what later steps made. An
-    object frozen here that later becomes garbage in a reference cycle waits for the block's end.
-    """
-
-    def __enter__(self) -> FrozenHeap:
-        gc.collect()  # the garbage first: frozen, it would stay
-        gc.freeze()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        gc.unfreeze()

@@ -148,16 +148,6 @@ def check_resume_point(step: int, max_steps: int, checkpoint: Path) -> None:
         )
 
 
-def check_checkpoint_schedule(checkpoint_every: int, num_iterations: int) -> None:
-    """A resume is exact between rollouts; with num_iterations passes per rollout, a rollout spans that many steps."""
-    if checkpoint_every and checkpoint_every % num_iterations:
-        raise ValueError(
-            f"checkpoint_every={checkpoint_every} is not a multiple of algo.num_iterations={num_iterations}: "
-            "checkpoints would fall inside a rollout, where a resume cannot continue it. "
-            f"Use e.g. checkpoint_every={checkpoint_every * num_iterations}"
-        )
-
-
 def trim_metrics(path: Path, step: int) -> None:
     """Keep the metrics log's lines up to `step`: the steps after the checkpoint are about to be redone."""
     if not path.exists():

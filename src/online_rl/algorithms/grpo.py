@@ -1,4 +1,4 @@
-"""GRPO maths as small pure functions of tensors. Imports torch only.
+"""GRPO maths as small pure functions of tensors. Imports torch (and the sampler-correction maths) only.
 
 Shapes: N = completions in the rollout (prompts x G), B = completions in a micro-batch, T = completion
 tokens (padded). `mask` is 1 on real completion tokens (the EOS included), 0 on padding.
@@ -12,6 +12,8 @@ Departures from the GRPO paper (arXiv:2402.03300), all selectable:
 from __future__ import annotations
 
 import torch
+
+from online_rl.algorithms.sampler_correction import truncated_importance_weights
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str) -> torch.Tensor:
@@ -105,3 +107,52 @@ def clip_fractions(
         "clip_high": (high * mask).sum() / tokens,
         "clip_region": ((low | high) * mask).sum() / tokens,
     }
+
+
+def policy_gradient_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: str,
+    num_micro_batches: int,
+    rollout_token_count: int,
+    max_completion_length: int,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    sampler_logp: torch.Tensor | None = None,
+    importance_sampling_cap: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A micro-batch's share of the step's clipped policy-gradient loss (GRPO, RLOO), and its token sums.
+
+        loss_t = w_t * -min(r_t A, clip(r_t, 1-eps_low, 1+eps_high) A) + beta * k3_t,   r_t = pi / pi_old
+        w_t    = min(pi_old / pi_sampler, cap)   (truncated importance sampling, when the engine's log-probs
+                                                  and a cap are given; else 1)
+    then reduced by `aggregate_loss` (loss_type).
+
+    logp: (B, T) with gradient; old_logp: (B, T) of the rollout policy (logp.detach() when this is the only
+    pass); advantages: (B,); mask: (B, T) 1 on completion tokens; ref_logp, sampler_logp: (B, T) or None.
+    Returns (loss, sums over the real tokens of kl, clip_low/high/region, is_weight, is_weight_deviation),
+    each a 0-dim tensor: the caller divides by the rollout's tokens.
+    """
+    token_loss, ratio = clipped_token_loss(logp, old_logp, advantages, epsilon_low, epsilon_high)
+    stats = {}
+    if sampler_logp is not None and importance_sampling_cap is not None:
+        weights = truncated_importance_weights(old_logp, sampler_logp, importance_sampling_cap)
+        token_loss = token_loss * weights
+        stats["is_weight"] = (weights * mask).sum()
+        stats["is_weight_deviation"] = ((weights - 1).abs() * mask).sum()
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        token_loss = token_loss + beta * kl
+        stats["kl"] = (kl * mask).sum()
+    loss = aggregate_loss(
+        token_loss, mask, loss_type, num_micro_batches, rollout_token_count, max_completion_length
+    )
+    tokens = mask.sum()
+    for key, fraction in clip_fractions(ratio, advantages, mask, epsilon_low, epsilon_high).items():
+        stats[key] = fraction * tokens
+    return loss, stats

@@ -88,3 +88,76 @@ def scheduled_beta(beta: float, beta_final: float | None, step: int, max_steps: 
         return beta
     progress = min(step, max_steps - 1) / (max_steps - 1)
     return beta + (beta_final - beta) * progress
+
+
+def sequence_logps(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(policy sequence log-probs (B,), reference's (B,), k3 KL summed over the real tokens, detached).
+
+    logp, ref_logp, mask: (B, T). KL(pi || pi_ref) per token is Schulman's k3 estimate, as GRPO logs it.
+    """
+    delta = ref_logp - logp.detach()
+    kl_sum = ((torch.exp(delta) - delta - 1) * mask).sum()
+    return (logp * mask).sum(dim=1), (ref_logp * mask).sum(dim=1), kl_sum
+
+
+def pair_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    first_is_chosen: torch.Tensor,
+    decisive: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str,
+    decisive_pairs: int,
+    pairs: int,
+    exploration_alpha: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A micro-batch's share of the online DPO / XPO loss over the step's pairs, and its sums.
+
+        loss = sum_pairs decisive * dpo_loss(chosen, rejected) / decisive_pairs
+               (+ sum_pairs alpha * log pi(second) / pairs, XPO's exploration term)
+
+    logp, ref_logp, mask: (B, T) token log-probs of B = 2 x pairs rows, [first, second] of each pair in turn;
+    first_is_chosen, decisive: (B/2,) bool, one per pair (a tie is not decisive and teaches nothing).
+    Returns (loss, sums of margin, accuracy (pairs with margin > 0), exploration, kl).
+    """
+    sequence_logp, ref_sequence_logp, kl_sum = sequence_logps(logp, ref_logp, mask)
+    policy_pair, ref_pair = sequence_logp.view(-1, 2), ref_sequence_logp.view(-1, 2)  # (B/2, 2)
+    first = first_is_chosen
+    losses, margin = dpo_loss(
+        torch.where(first, policy_pair[:, 0], policy_pair[:, 1]),
+        torch.where(first, policy_pair[:, 1], policy_pair[:, 0]),
+        torch.where(first, ref_pair[:, 0], ref_pair[:, 1]),
+        torch.where(first, ref_pair[:, 1], ref_pair[:, 0]),
+        beta,
+        loss_type,
+    )
+    loss = (losses * decisive).sum() / decisive_pairs
+    stats = {"margin": (margin * decisive).sum(), "accuracy": ((margin > 0) & decisive).sum(), "kl": kl_sum}
+    if exploration_alpha is not None:  # the second row of each pair is the reference's sample
+        exploration = xpo_exploration_loss(policy_pair[:, 1], exploration_alpha).sum() / pairs
+        loss = loss + exploration
+        stats["exploration"] = exploration
+    return loss, stats
+
+
+def nash_md_micro_batch_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    preferred: torch.Tensor,
+    *,
+    beta: float,
+    pairs: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A micro-batch's share of the Nash-MD loss: sum of `nash_md_loss` over its rows / pairs in the step.
+
+    logp, ref_logp, mask: (B, T), one row per pair, the policy's own sample; preferred: (B,) P(y > y').
+    Returns (loss, {kl: the k3 KL summed over the real tokens}).
+    """
+    sequence_logp, ref_sequence_logp, kl_sum = sequence_logps(logp, ref_logp, mask)
+    loss = nash_md_loss(sequence_logp, ref_sequence_logp, preferred, beta).sum() / pairs
+    return loss, {"kl": kl_sum}

@@ -1,0 +1,229 @@
+"""The algorithm table: what each `algo=` name samples, what it learns from, and what it minimises.
+
+    name      samples per prompt        learning signal                   loss (a pure function in this package)
+    grpo      G from the engine         group-normalised advantages       grpo.policy_gradient_loss
+    rloo      G from the engine         leave-one-out advantages          grpo.policy_gradient_loss
+    dpo       2 from the engine         the pair ranked by its scores     preference.pair_loss
+    nash_md   1 + 1 from pi^(1-c) ref^c  P(y > y') (Bradley-Terry)         preference.nash_md_micro_batch_loss
+    xpo       1 + 1 from the reference  the pair ranked by its scores     preference.pair_loss + exploration
+
+Each entry is a small class built from its config group. The loop asks it how many samples to draw
+(`samples_per_prompt`, `second_sample_coef`), turns the rollout's rewards into a per-row signal
+(`learning_signal`), and hands each micro-batch's log-probs to `loss`, which returns (loss, token sums).
+Adding an algorithm is one class here, its maths beside it, a schema in config.py and one YAML in conf/algo/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from online_rl import distributed
+from online_rl.algorithms import grpo, preference, rloo
+
+
+@dataclass
+class Signal:
+    """What one rollout teaches: per-row tensors the micro-batches carry, step-level numbers, metrics."""
+
+    per_row: dict[str, torch.Tensor]  # each (N,): a value per rollout row (advantage, the pair's ranking)
+    scalars: dict[str, float] = field(default_factory=dict)  # beta, pairs, rollout_tokens, ...
+    metrics: dict[str, float] = field(default_factory=dict)  # logged as they are (adv/*, pairs/*)
+
+
+class PolicyGradient:
+    """G samples per prompt from the engine, an advantage each, the clipped ratio over num_iterations passes."""
+
+    rows_per_unit = 1  # rows that must share a micro-batch
+    second_sample_coef = None  # every sample comes from the engine
+
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+        self.cfg, self.max_completion_length = cfg, max_completion_length
+        self.importance_sampling_cap = importance_sampling_cap  # None: no correction for the sampler's gap
+        self.samples_per_prompt = cfg.num_generations
+        self.passes = cfg.num_iterations  # mu: optimizer steps per rollout
+        self.needs_old_logp = cfg.num_iterations > 1  # later passes measure how far the policy moved
+        self.needs_ref_logp = cfg.beta > 0
+        self.masks_truncated = cfg.mask_truncated_completions
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(N x ranks,) advantages from every rank's rewards (whole groups per rank)."""
+        raise NotImplementedError
+
+    def trains_on(self, from_engine: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(from_engine)  # every sample
+
+    def learning_signal(self, samples, step: int, max_steps: int) -> Signal:
+        # batch statistics (scale_rewards=batch, normalize_advantages) see every rank's rewards
+        advantages = distributed.my_rows(self.advantages(distributed.gather_rows(samples.rewards)))  # (N,)
+        G = self.samples_per_prompt
+        return Signal(
+            {"advantages": advantages},
+            metrics={
+                "adv/mean": float(advantages.mean()),
+                "adv/std": float(advantages.std()),
+                "adv/abs_max": float(advantages.abs().max()),
+                "rollout/zero_std_group_frac": float(
+                    (samples.rewards.view(-1, G).std(dim=1) == 0).float().mean()
+                ),
+            },
+        )
+
+    def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
+        old = micro_batch.old_logp if micro_batch.old_logp is not None else logp.detach()
+        return grpo.policy_gradient_loss(
+            logp,
+            old,
+            micro_batch.signal["advantages"],
+            micro_batch.packed.completion_mask,
+            epsilon_low=self.cfg.epsilon,
+            epsilon_high=self.cfg.epsilon_high if self.cfg.epsilon_high is not None else self.cfg.epsilon,
+            loss_type=self.cfg.loss_type.value,
+            num_micro_batches=int(signal.scalars["micro_batches"]),
+            rollout_token_count=signal.scalars["rollout_tokens"],
+            max_completion_length=self.max_completion_length,
+            ref_logp=micro_batch.ref_logp,
+            beta=self.cfg.beta,
+            sampler_logp=micro_batch.packed.sampler_logp,
+            importance_sampling_cap=self.importance_sampling_cap,
+        )
+
+    def metrics(self, totals: dict[str, float], signal: Signal, tokens: int) -> dict[str, float]:
+        metrics = {
+            f"train/{key}_frac": totals[key] / tokens for key in ("clip_low", "clip_high", "clip_region")
+        }
+        if "is_weight" in totals:  # corrected for the sampler (its log-probs came with the rollout)
+            metrics["sync/is_weight_mean"] = totals["is_weight"] / tokens
+            # how much the correction reweights: the mean weight stays near 1 whatever the gap (its
+            # expectation under the sampler is 1), this does not
+            metrics["sync/is_weight_deviation_mean"] = totals["is_weight_deviation"] / tokens
+        return metrics
+
+
+class GRPO(PolicyGradient):
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        return grpo.group_advantages(rewards, self.samples_per_prompt, self.cfg.scale_rewards.value)
+
+
+class RLOO(PolicyGradient):
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        return rloo.leave_one_out_advantages(rewards, self.samples_per_prompt, self.cfg.normalize_advantages)
+
+
+class OnlineDPO:
+    """Two samples per prompt, ranked by their scores; the DPO (or IPO) loss against the frozen reference."""
+
+    samples_per_prompt = 2  # rows 2p and 2p + 1: the pair of prompt p
+    rows_per_unit = 2  # both rows of a pair share a micro-batch
+    passes = 1
+    needs_old_logp, needs_ref_logp, masks_truncated = False, True, False
+    second_sample_coef: float | None = None  # both samples from the engine
+    exploration_alpha: float | None = None  # XPO's
+
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+        self.cfg = cfg
+
+    def trains_on(self, from_engine: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(from_engine)  # both samples of each pair
+
+    def learning_signal(self, samples, step: int, max_steps: int) -> Signal:
+        pair_scores = preference.penalize_missing_eos(
+            samples.ranking_scores, samples.finished, self.cfg.missing_eos_penalty
+        ).view(-1, 2)  # (P, 2): [first, second] of each prompt
+        first_is_chosen, tie = preference.rank_pairs(pair_scores[:, 0], pair_scores[:, 1])
+        preferred = preference.bradley_terry_preference(pair_scores[:, 0], pair_scores[:, 1])
+        beta = preference.scheduled_beta(self.cfg.beta, self.cfg.beta_final, step, max_steps)
+        decisive = int((~tie).sum())
+        return Signal(
+            {  # the pair's values on both of its rows
+                "first_is_chosen": first_is_chosen.repeat_interleave(2),
+                "decisive": (~tie).repeat_interleave(2),
+                "preferred": preferred.repeat_interleave(2),
+            },
+            scalars={"beta": beta, "pairs": len(tie), "decisive_pairs": decisive},
+            metrics={
+                "pairs/tie_frac": float(tie.float().mean()),
+                "pairs/score_gap_mean": float((pair_scores[:, 0] - pair_scores[:, 1]).abs().mean()),
+                "pairs/second_reward_mean": float(samples.rewards.view(-1, 2)[:, 1].mean()),
+                "train/beta": beta,
+                **self.signal_metrics(preferred),
+            },
+        )
+
+    def signal_metrics(self, preferred: torch.Tensor) -> dict[str, float]:
+        return {}
+
+    def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
+        return preference.pair_loss(
+            logp,
+            micro_batch.ref_logp,
+            micro_batch.packed.completion_mask,
+            micro_batch.signal["first_is_chosen"][0::2],
+            micro_batch.signal["decisive"][0::2],
+            beta=signal.scalars["beta"],
+            loss_type=self.cfg.loss_type.value,
+            decisive_pairs=max(int(signal.scalars["decisive_pairs"]), 1),
+            pairs=int(signal.scalars["pairs"]),
+            exploration_alpha=self.exploration_alpha,
+        )
+
+    def metrics(self, totals: dict[str, float], signal: Signal, tokens: int) -> dict[str, float]:
+        decisive = max(int(signal.scalars["decisive_pairs"]), 1)
+        return {
+            "train/margin_mean": totals["margin"] / decisive,
+            "train/accuracy": totals["accuracy"] / decisive,
+        }
+
+
+class XPO(OnlineDPO):
+    """Online DPO on the policy's sample against the reference's, plus alpha * log pi(y_ref) (exploration)."""
+
+    second_sample_coef = 1.0  # the mixture at c = 1: the reference alone
+
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+        super().__init__(cfg, max_completion_length, importance_sampling_cap)
+        self.exploration_alpha = cfg.alpha
+
+    def metrics(self, totals: dict[str, float], signal: Signal, tokens: int) -> dict[str, float]:
+        return {**super().metrics(totals, signal, tokens), "train/exploration_loss": totals["exploration"]}
+
+
+class NashMD(OnlineDPO):
+    """The policy's sample against one of the mixture pi^(1-c) pi_ref^c; the policy's rows alone are trained."""
+
+    rows_per_unit = 1
+
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+        super().__init__(cfg, max_completion_length, importance_sampling_cap)
+        self.second_sample_coef = cfg.mixture_coef
+
+    def trains_on(self, from_engine: torch.Tensor) -> torch.Tensor:
+        return from_engine  # its own samples only
+
+    def signal_metrics(self, preferred: torch.Tensor) -> dict[str, float]:
+        return {"pairs/preference_mean": float(preferred.mean())}
+
+    def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
+        return preference.nash_md_micro_batch_loss(
+            logp,
+            micro_batch.ref_logp,
+            micro_batch.packed.completion_mask,
+            micro_batch.signal["preferred"],
+            beta=signal.scalars["beta"],
+            pairs=int(signal.scalars["pairs"]),
+        )
+
+    def metrics(self, totals: dict[str, float], signal: Signal, tokens: int) -> dict[str, float]:
+        return {}
+
+
+ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "dpo": OnlineDPO, "nash_md": NashMD, "xpo": XPO}
+POLICY_GRADIENT = tuple(name for name, entry in ALGORITHMS.items() if issubclass(entry, PolicyGradient))
+PREFERENCE = tuple(name for name in ALGORITHMS if name not in POLICY_GRADIENT)
+
+
+def make_algorithm(cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+    """The table's entry for cfg.name, built from its config group (checks.py has vetted the name)."""
+    return ALGORITHMS[cfg.name](cfg, max_completion_length, importance_sampling_cap)

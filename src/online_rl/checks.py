@@ -1,0 +1,180 @@
+"""Every rule that spans several config fields, checked before anything loads (single fields are typed by the
+schemas in config.py when Hydra composes the config). Each error names the key and a value that works."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from online_rl.algorithms import POLICY_GRADIENT, PREFERENCE
+from online_rl.models import DTYPES
+
+
+def check_config(cfg: DictConfig) -> None:
+    """All of the checks below; the run calls this first."""
+    check_algorithm(cfg)
+    check_model_and_sampling(cfg)
+    check_checkpoint_schedule(cfg.checkpoint_every, cfg.algo.get("num_iterations", 1))
+    check_off_policy(cfg)
+    check_processes(cfg)
+    check_eval_config(cfg)
+    check_export_config(cfg)
+
+
+def check_algorithm(cfg: DictConfig) -> None:
+    """algo=: the samples it compares, the micro-batches it trains on, its reference weight."""
+    algo = cfg.algo
+    if algo.name in POLICY_GRADIENT:
+        if algo.num_generations < 2:
+            raise ValueError(
+                f"algo.num_generations={algo.num_generations}: {algo.name.upper()} compares samples of one prompt, use >= 2"
+            )
+        rollout_size = cfg.prompts_per_step * algo.num_generations // cfg.hardware.num_processes  # per rank
+        if cfg.micro_batch_size < 1 or rollout_size % cfg.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size={cfg.micro_batch_size} must divide each rank's rollout of prompts_per_step x "
+                f"num_generations / hardware.num_processes = {rollout_size} completions, "
+                f"e.g. micro_batch_size={math.gcd(rollout_size, max(cfg.micro_batch_size, 1))}"
+            )
+    elif algo.name in PREFERENCE:
+        if cfg.micro_batch_size < 2:
+            raise ValueError(
+                f"micro_batch_size={cfg.micro_batch_size}: {algo.name} trains on pairs, use micro_batch_size >= 2"
+            )
+        if algo.beta <= 0 or (algo.beta_final is not None and algo.beta_final <= 0):
+            raise ValueError(
+                f"algo.beta must be > 0 for {algo.name}: it weighs the reference model in the loss"
+            )
+        if algo.name == "nash_md" and not 0 <= algo.mixture_coef <= 1:
+            raise ValueError(f"algo.mixture_coef={algo.mixture_coef} must be in [0, 1]")
+    else:
+        raise ValueError(
+            f"algo.name={algo.name!r} is not an algorithm of this loop: use one of {POLICY_GRADIENT + PREFERENCE}"
+        )
+
+
+def check_model_and_sampling(cfg: DictConfig) -> None:
+    """sampling.temperature, LoRA's base dtype, and a CUDA device that exists."""
+    if cfg.sampling.temperature <= 0:
+        raise ValueError(
+            "sampling.temperature must be > 0: RL needs samples, and log-probs are taken at this temperature"
+        )
+    if cfg.model.lora.base_dtype is not None:
+        if not cfg.model.lora.enabled:
+            raise ValueError(
+                f"model.lora.base_dtype={cfg.model.lora.base_dtype} is the frozen base's dtype under LoRA: set "
+                "model.lora.enabled=true, or leave it null (the weights are then in hardware.param_dtype)"
+            )
+        if cfg.model.lora.base_dtype not in DTYPES:
+            *others, last = DTYPES
+            raise ValueError(
+                f"model.lora.base_dtype={cfg.model.lora.base_dtype}: use {', '.join(others)} or {last}"
+            )
+    if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "hardware.device=cuda but torch sees no CUDA GPU: use hardware=cpu, or install the CUDA build"
+        )
+
+
+def check_off_policy(cfg: DictConfig) -> None:
+    """off_policy_steps=1 needs an engine that generates apart from the trainer's model, and the correction."""
+    if cfg.off_policy_steps not in (0, 1):
+        raise ValueError(
+            f"off_policy_steps={cfg.off_policy_steps}: use 0 (on-policy) or 1 (the next rollout generates while this one trains)"
+        )
+    if not cfg.off_policy_steps:
+        return
+    if cfg.algo.name not in POLICY_GRADIENT:
+        raise ValueError(
+            f"off_policy_steps=1 is for {' and '.join(POLICY_GRADIENT)}: algo={cfg.algo.name} samples with the policy itself"
+        )
+    if cfg.vllm.mode.value not in ("colocate", "server"):
+        raise ValueError(
+            f"off_policy_steps=1 needs vllm=colocate or vllm=server (vllm={cfg.vllm.mode.value} generates with the "
+            "model being trained, so the two cannot overlap)"
+        )
+    if cfg.vllm.mode.value == "colocate" and cfg.vllm.sleep_level:
+        # The engine generates while the trainer trains, so sleeping frees nothing for training. On the H200
+        # (2026-11-30) the second rollout generated beside training with sleep mode on never finished.
+        raise ValueError(
+            f"off_policy_steps=1 with vllm=colocate needs vllm.sleep_level=0 (not {cfg.vllm.sleep_level}): the "
+            "engine generates while the trainer trains, so it stays awake; size its memory with "
+            "vllm.kv_cache_memory_gib"
+        )
+    if not cfg.vllm.importance_sampling_correction:
+        raise ValueError(
+            "off_policy_steps=1 trains on samples one update old: set vllm.importance_sampling_correction=true to correct for it"
+        )
+    if cfg.hardware.num_processes > 1:
+        raise ValueError("off_policy_steps=1 runs on one process for now: use hardware with num_processes: 1")
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """eval_every and the eval group."""
+    if cfg.eval_every < 0:
+        raise ValueError(f"eval_every={cfg.eval_every}: use 0 (no evaluation) or a number of steps")
+    num_iterations = cfg.algo.get("num_iterations", 1)
+    if cfg.eval_every % num_iterations:
+        raise ValueError(
+            f"eval_every={cfg.eval_every} is not a multiple of algo.num_iterations={num_iterations}: evaluations "
+            f"run between rollouts (a rollout spans that many steps). Use e.g. eval_every={cfg.eval_every * num_iterations}"
+        )
+    if cfg.eval.num_generations < 1:
+        raise ValueError(f"eval.num_generations={cfg.eval.num_generations}: sample at least 1 per prompt")
+    if cfg.eval.batch_size < 1:
+        raise ValueError(f"eval.batch_size={cfg.eval.batch_size}: use >= 1 prompts per engine call")
+    if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:
+        raise ValueError(
+            f"eval.temperature={cfg.eval.temperature}: the sampled pass@k needs a temperature > 0 "
+            "(greedy decoding is eval.greedy=true)"
+        )
+    if cfg.eval.pass_reward is not None and cfg.eval.pass_reward not in cfg.rewards:
+        raise ValueError(
+            f"eval.pass_reward={cfg.eval.pass_reward} is not one of the configured rewards {list(cfg.rewards)}: "
+            f"add it (weight 0 logs it without training on it) or pick one of those"
+        )
+
+
+def check_export_config(cfg: DictConfig) -> None:
+    """save_merged needs LoRA."""
+    if cfg.save_merged and not cfg.model.lora.enabled:
+        raise ValueError(
+            "save_merged=true merges a LoRA adapter, but model.lora.enabled=false: a full fine-tune's "
+            "model/ is already full weights; drop save_merged"
+        )
+
+
+def check_checkpoint_schedule(checkpoint_every: int, num_iterations: int) -> None:
+    """A resume is exact between rollouts; with num_iterations passes per rollout, a rollout spans that many steps."""
+    if checkpoint_every and checkpoint_every % num_iterations:
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every} is not a multiple of algo.num_iterations={num_iterations}: "
+            "checkpoints would fall inside a rollout, where a resume cannot continue it. "
+            f"Use e.g. checkpoint_every={checkpoint_every * num_iterations}"
+        )
+
+
+def check_processes(cfg: DictConfig) -> None:
+    """What several training processes need; nothing to check for one."""
+    hardware = cfg.hardware
+    if hardware.num_processes == 1:
+        return
+    if cfg.prompts_per_step % hardware.num_processes:
+        raise ValueError(
+            f"prompts_per_step={cfg.prompts_per_step} must divide over hardware.num_processes={hardware.num_processes} "
+            "ranks: each rank takes an equal share of the prompts (with all of their samples)"
+        )
+    if cfg.eval_only:
+        raise ValueError("eval_only=true runs in one process: use hardware=cpu or hardware=1gpu")
+    if hardware.strategy == "fsdp2" and (cfg.model.lora.enabled or cfg.resume):
+        raise ValueError(
+            "hardware.strategy=fsdp2 does not support "
+            + (
+                "LoRA (model.lora.enabled)"
+                if cfg.model.lora.enabled
+                else "resume (its optimizer state is sharded)"
+            )
+            + " yet: use a ddp hardware= option (e.g. 2gpu_ddp)"
+        )

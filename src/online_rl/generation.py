@@ -1,0 +1,155 @@
+"""Where each step's rollout comes from: prompts drawn, the trainer's weights pushed to the engine, samples.
+
+On-policy (off_policy_steps=0) a step pushes the current weights, then generates. One step off-policy the
+rollout was generated in the background while the previous step trained (rollout_ahead.py), and this step
+starts the next one. Nash-MD and XPO draw the second sample of each pair from the policy/reference mixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from online_rl import distributed
+from online_rl.cpu_clock import CpuUse
+from online_rl.data import tokenize_prompts
+from online_rl.engines import Rollout
+from online_rl.engines.mixture import sample_geometric_mixture
+from online_rl.engines.transformers_engine import eos_token_ids
+from online_rl.rollout_ahead import RolloutAhead
+
+
+@dataclass
+class Generated:
+    rows: list[dict[str, Any]]  # the dataset rows of this step's prompts (this rank's share)
+    prompt_ids: list[list[int]]
+    rollout: Rollout  # prompt-major; Nash-MD, XPO: [engine's, mixture's] sample of each prompt in turn
+    from_engine: list[bool]  # rows the engine sampled (its log-probs are in the rollout)
+    generate_s: float
+    sync_s: float
+    on_policy: bool  # sampled with the trainer's current weights: the sync check applies
+    memory: dict[str, float]  # GPU memory after generating (a sleeping engine is asleep again)
+
+
+class RolloutSource:
+    """Each step's prompts and samples, on-policy or one step off-policy (`off_policy`)."""
+
+    def __init__(
+        self, engine, sampler, tokenizer, model, reference, watchdog, algorithm, data_cfg, sampling,
+        *, off_policy: bool, lab_metrics: bool, device: torch.device, autocast_dtype: torch.dtype | None,
+    ):  # fmt: skip
+        self.engine, self.sampler, self.tokenizer = engine, sampler, tokenizer
+        self.model, self.reference, self.watchdog = model, reference, watchdog
+        self.data, self.sampling, self.lab_metrics = data_cfg, sampling, lab_metrics
+        self.device, self.autocast_dtype = device, autocast_dtype
+        self.second_sample_coef = algorithm.second_sample_coef
+        # Nash-MD and XPO: one sample per prompt from the engine, the second from the mixture
+        self.engine_samples = 1 if self.second_sample_coef is not None else algorithm.samples_per_prompt
+        # the engine is only ever used by one thread at a time (see rollout_ahead.py)
+        self.ahead = RolloutAhead(engine.engine, device) if off_policy else None
+
+    def draw_prompts(self) -> tuple[list[dict], list[list[int]]]:
+        """The next batch's rows (this rank's share of the same global batch on every rank) and token ids."""
+        rows = distributed.my_share(self.sampler.next_batch())
+        questions = [row["prompt"] for row in rows]
+        return rows, tokenize_prompts(
+            self.tokenizer, questions, self.data.system_prompt, self.data.max_prompt_length
+        )
+
+    def next(self, step: int, max_steps: int) -> Generated:
+        if self.ahead is not None and self.ahead.pending is not None:  # generated while the last step trained
+            self.watchdog.start("generate")
+            started = time.perf_counter()
+            pending, rollout, generate_s = self.engine.guarded(self.ahead.take)
+            rows, prompt_ids = pending.rows, pending.prompt_ids
+            rollout.stats["time/wait_generate_s"] = time.perf_counter() - started
+            sync_s, on_policy = 0.0, False  # its weights were pushed (and timed) in the step before
+        else:
+            rows, prompt_ids = self.draw_prompts()
+            sync_s = self.push_weights()
+            self.watchdog.start("generate")
+            started = time.perf_counter()
+            with CpuUse() if self.lab_metrics else contextlib.nullcontext() as cpu:
+                rollout = self.engine.generate(prompt_ids, self.engine_samples, self.sampling)
+            generate_s, on_policy = time.perf_counter() - started, True
+            if (
+                cpu is not None
+            ):  # this thread's CPU seconds in it, and the host's steal from every CPU meanwhile
+                rollout.stats["time/generate_cpu_s"] = cpu.thread_s
+                if cpu.steal_s is not None:
+                    rollout.stats["time/generate_steal_s"] = cpu.steal_s
+        memory = gpu_memory_metrics(self.device)
+        if self.ahead is not None and step + 1 < max_steps:  # the next rollout, with the current weights
+            sampler_state = self.sampler.state_dict()
+            next_rows, next_prompt_ids = self.draw_prompts()
+            if not on_policy:  # (an on-policy rollout was just sampled with the current weights)
+                sync_s += self.push_weights()
+            self.ahead.start(next_rows, next_prompt_ids, self.engine_samples, self.sampling, sampler_state)
+        from_engine = [True] * len(rollout.completion_ids)
+        if self.second_sample_coef is not None:
+            rollout, from_engine = self.with_mixture_samples(rollout, prompt_ids)
+        return Generated(rows, prompt_ids, rollout, from_engine, generate_s, sync_s, on_policy, memory)
+
+    def push_weights(self) -> float:
+        self.watchdog.start("sync")
+        started = time.perf_counter()
+        self.engine.sync_weights(self.model)
+        return time.perf_counter() - started
+
+    def with_mixture_samples(self, first: Rollout, prompt_ids: list[list[int]]) -> tuple[Rollout, list[bool]]:
+        """Pairs, prompt-major: [engine's sample of prompt 0, the mixture's, engine's of prompt 1, ...]. The
+        mixture's rows have no engine log-probs (empty lists): the sync check skips them."""
+        started = time.perf_counter()
+        second = sample_geometric_mixture(
+            self.model,
+            self.reference,
+            prompt_ids,
+            self.second_sample_coef,
+            self.sampling,
+            pad_id=self.tokenizer.pad_token_id,
+            eos_ids=eos_token_ids(self.model, self.tokenizer),
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+        pairs = Rollout(
+            completion_ids=[c for pair in zip(first.completion_ids, second.completion_ids) for c in pair],
+            finished=[f for pair in zip(first.finished, second.finished) for f in pair],
+            sampler_logprobs=(
+                [logp for row in first.sampler_logprobs for logp in (row, [])]
+                if first.sampler_logprobs is not None
+                else None
+            ),
+            stats={**second.stats, **first.stats, "time/second_sample_s": time.perf_counter() - started},
+        )
+        return pairs, [i % 2 == 0 for i in range(len(pairs.completion_ids))]
+
+    def sampler_state(self) -> dict[str, Any]:
+        """What a checkpoint saves of the prompt order: a rollout in flight has drawn its prompts, and a resume
+        draws them again."""
+        if self.ahead is not None and self.ahead.pending is not None:
+            return self.ahead.pending.sampler_state
+        return self.sampler.state_dict()
+
+    def wait(self) -> None:
+        """Let a rollout in flight finish, so that the engine is free (for an evaluation)."""
+        if self.ahead is not None:
+            self.ahead.wait()
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+
+
+def gpu_memory_metrics(device: torch.device) -> dict[str, float]:
+    """GPU memory in use on the whole device (vLLM's sleep-mode pool included) while the engine sleeps, in GiB."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "memory/device_used_asleep_gib": (total - free) / 2**30,
+        "memory/torch_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+    }

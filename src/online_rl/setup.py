@@ -1,0 +1,245 @@
+"""Everything a run needs before its first step, built in one place: `build_run(cfg) -> Run`.
+
+The loop (loop.py) and the bench (bench/) both build through it. Each builder receives its own config group.
+Order matters in two places: the seed is set before anything random is drawn, and a resume restores the RNG
+states last, after setup's own draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from transformers import get_scheduler, set_seed
+
+from online_rl import distributed
+from online_rl.algorithms import make_algorithm
+from online_rl.checkpoint import prepare_output_dir, save_checkpoint
+from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenizer_corpus
+from online_rl.engines import SaveWhenUnavailable, make_engine, resolve_mode
+from online_rl.engines.mps import share_gpu_with_engines
+from online_rl.evaluation import Evaluator
+from online_rl.gc_clock import CollectorClock
+from online_rl.generation import RolloutSource
+from online_rl.guards import NonFiniteGuard
+from online_rl.interrupts import StopOnSignal
+from online_rl.models import (
+    compiled_for_training,
+    frozen_copy,
+    is_lora,
+    load_policy,
+    load_tokenizer,
+    resolve_model_path,
+    torch_dtype,
+)
+from online_rl.redaction import redact_hydra_outputs, redact_override, redacted_container, save_config
+from online_rl.resume import find_checkpoint, load_weights, resume_training
+from online_rl.reward_model import RewardModel
+from online_rl.rewarding import load_reward_functions
+from online_rl.tracking import ConsoleOnlyTracker, make_tracker
+from online_rl.watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """A run ready for its first step. `step` counts optimizer steps (a resumed run starts at its checkpoint's)."""
+
+    output_dir: Path
+    metrics_path: Path  # metrics.jsonl (rank 0; os.devnull on other ranks)
+    is_main: bool
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    algorithm: Any  # the algorithm table's entry (algorithms/__init__.py)
+    tokenizer: Any
+    model: torch.nn.Module  # the trained weights
+    reference: torch.nn.Module | None  # frozen copy; None when beta = 0 or under LoRA (adapters off)
+    policy: torch.nn.Module  # what the training passes call: model wrapped (DDP, FSDP2) and compiled
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    rollouts: RolloutSource  # prompts -> weights pushed -> samples
+    reward_functions: list
+    reward_model: RewardModel | None
+    tracker: Any
+    evaluator: Evaluator | None
+    watchdog: Watchdog
+    stop: StopOnSignal
+    nonfinite: NonFiniteGuard
+    collector: CollectorClock | None  # logger.lab_metrics: Python's garbage collector per step
+    step: int = 0
+
+    def checkpoint(self) -> Path:
+        """Save the run at its current step (output_dir/checkpoints/step_NNNNNN, written atomically)."""
+        with self.watchdog.phase("checkpoint"):
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.rollouts.sampler_state(),
+            }
+            weights = distributed.full_state_dict(self.model)  # FSDP2: gathered on rank 0; else None
+            return distributed.on_main(
+                lambda: save_checkpoint(
+                    self.output_dir / "checkpoints", self.step, self.model, self.tokenizer, state, weights
+                )
+            )
+
+
+def run_directory(cfg: DictConfig) -> tuple[Path, str, Path]:
+    """(output dir, run name, trackio dir). A Hydra sweep shares one trackio dir so its runs sit side by side."""
+    output_dir = Path(cfg.output_dir)
+    run_name, tracking_dir = output_dir.name, output_dir / "trackio"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        run_name = redact_override(hydra_cfg.job.override_dirname) or run_name
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            tracking_dir = Path(hydra_cfg.sweep.dir) / "trackio"
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        pass
+    return output_dir, run_name, tracking_dir
+
+
+def prepare_outputs(cfg: DictConfig, is_main: bool = True) -> tuple[Path, str, Path]:
+    """Rank 0's output directory, with the resolved config (secrets redacted); (dir, run name, trackio dir)."""
+    output_dir, run_name, tracking_dir = distributed.from_main(run_directory(cfg))
+    if is_main:
+        prepare_output_dir(output_dir)
+        redact_hydra_outputs(output_dir)
+        save_config(cfg, output_dir / "config_resolved.yaml")
+    distributed.barrier()
+    return output_dir, run_name, tracking_dir
+
+
+def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
+    """Data, model, reference, optimizer, engine, rewards, tracker, evaluator: the run at its first step.
+    What must be undone whatever happens (engine, tracker, signal handlers, watchdog) goes on `closing`."""
+    share_gpu_with_engines(cfg.vllm)  # (vllm.trainer_sm_percent) before the first CUDA call
+    ranks = distributed.setup(cfg.hardware)  # one process: rank 0 of 1, and every distributed.* is a no-op
+    closing.callback(distributed.teardown)
+    output_dir, run_name, tracking_dir = prepare_outputs(cfg, ranks.is_main)
+    # SIGINT/SIGTERM: finish the step, checkpoint, exit; a phase past its limit fails with every stack
+    stop = closing.enter_context(StopOnSignal(output_dir))
+    watchdog = closing.enter_context(Watchdog(cfg.watchdog_seconds))
+    collector = closing.enter_context(CollectorClock()) if cfg.logger.lab_metrics else None
+    checkpoint = find_checkpoint(cfg.resume, output_dir)  # resume=auto|<path>|null
+    set_seed(cfg.seed)  # python, numpy, torch and CUDA
+    device = ranks.device
+    autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
+    is_cap = cfg.vllm.importance_sampling_cap if cfg.vllm.get("importance_sampling_correction") else None
+    algorithm = make_algorithm(cfg.algo, cfg.sampling.max_completion_length, is_cap)
+
+    dataset = load_prompts(cfg.data)
+    corpus = tokenizer_corpus(dataset, cfg.data.system_prompt)
+    model_path = distributed.on_main(lambda: resolve_model_path(cfg.model, corpus, output_dir))
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    check_prompt_budget(tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_length)
+    sampler = PromptSampler(dataset, cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    model = load_policy(model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
+    model.train()
+    # beta = 0 needs no reference; under LoRA the reference is the same model with its adapters off.
+    reference = frozen_copy(model) if algorithm.needs_ref_logp and not is_lora(model) else None
+    if checkpoint is not None:  # resume: the checkpoint's weights; a reference model stays the initial one
+        load_weights(model, checkpoint)
+    # DDP: a wrapper of model; FSDP2: model itself, sharded; compiled with model.compile
+    policy = compiled_for_training(
+        distributed.wrap_policy(model, cfg.hardware.strategy.value, ranks), cfg.model
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(trainable, cfg.optim, cfg.max_steps, device)
+
+    engine = make_engine(
+        resolve_mode(cfg.vllm.mode.value, device),
+        cfg.vllm,
+        model,
+        model_path,
+        tokenizer,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        seed=cfg.seed + ranks.rank,
+        max_model_len=cfg.data.max_prompt_length + cfg.sampling.max_completion_length,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    # an engine lost mid-run (a server down) stops the run with a checkpoint
+    engine = SaveWhenUnavailable(engine, lambda: run.checkpoint())
+    closing.callback(engine.close)
+    rollouts = RolloutSource(
+        engine, sampler, tokenizer, model, reference, watchdog, algorithm, cfg.data, cfg.sampling,
+        off_policy=cfg.off_policy_steps == 1, lab_metrics=cfg.logger.lab_metrics,
+        device=device, autocast_dtype=autocast_dtype,
+    )  # fmt: skip
+    closing.callback(rollouts.close)  # before the engine closes (callbacks run last-in, first-out)
+    reward_functions = load_reward_functions(cfg.rewards, cfg.on_reward_error.value)
+    reward_model = None
+    if cfg.algo.get("reward_model"):  # the preference family may rank its pairs with a model
+        reward_model = RewardModel(
+            cfg.algo.reward_model,
+            device,
+            autocast_dtype,
+            cfg.model.trust_remote_code,
+            cfg.algo.reward_model_batch_size,
+        )
+        closing.callback(reward_model.close)
+    tracker = (
+        make_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg))
+        if ranks.is_main
+        else ConsoleOnlyTracker()
+    )
+    closing.callback(tracker.close)
+    if tracker.dashboard_command():
+        log.info("Dashboard: %s", tracker.dashboard_command())
+    metrics_path = output_dir / "metrics.jsonl" if ranks.is_main else Path(os.devnull)
+    evaluator = (
+        Evaluator(cfg, engine, tokenizer, reward_functions, tracker, metrics_path, device)
+        if cfg.eval_every
+        else None
+    )
+    log.info(
+        "%s on %s: %d trainable parameters, %d prompts x %d samples per rollout, %d steps; outputs in %s",
+        cfg.algo.name,
+        model_path,
+        sum(p.numel() for p in trainable),
+        cfg.prompts_per_step,
+        algorithm.samples_per_prompt,
+        cfg.max_steps,
+        output_dir,
+    )
+    run = Run(
+        output_dir, metrics_path, ranks.is_main, device, autocast_dtype, algorithm,
+        tokenizer, model, reference, policy, trainable, optimizer, scheduler,
+        rollouts, reward_functions, reward_model, tracker, evaluator,
+        watchdog, stop, NonFiniteGuard(cfg.max_consecutive_nonfinite), collector,
+    )  # fmt: skip
+    # Last before the first step: a resume restores the RNG states here, after setup's random draws.
+    if checkpoint is not None:
+        run.step = resume_training(checkpoint, optimizer, scheduler, sampler, cfg.max_steps, output_dir)
+    distributed.seed_ranks(cfg.seed, run.step)  # several ranks: each samples with a seed of its own
+    return run
+
+
+def make_optimizer(trainable: list[torch.nn.Parameter], optim: Any, max_steps: int, device: torch.device):
+    """AdamW over the trainable parameters and its learning-rate schedule."""
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=optim.lr,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        weight_decay=optim.weight_decay,
+        fused=device.type == "cuda",  # one kernel over all parameters instead of a loop of them
+    )
+    scheduler = get_scheduler(
+        # transformers' "constant" ignores num_warmup_steps; its warmup twin honours them
+        "constant_with_warmup" if optim.lr_scheduler.value == "constant" else optim.lr_scheduler.value,
+        optimizer,
+        num_warmup_steps=optim.warmup_steps,
+        num_training_steps=max_steps,
+    )
+    return optimizer, scheduler

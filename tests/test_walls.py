@@ -1,0 +1,54 @@
+"""The walls between rooms (DESIGN.md, "Who may import whom"), read from the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MATHS = ["grpo.py", "rloo.py", "preference.py", "sampler_correction.py"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+    return modules
+
+
+def python_files(*folders: str) -> list[Path]:
+    return [path for folder in folders for path in (ROOT / folder).rglob("*.py")]
+
+
+def test_nothing_but_train_py_and_tests_imports_the_loop():
+    importers = [
+        path
+        for path in python_files("src", "scripts", "bench", "rewards")
+        if "online_rl.loop" in imported_modules(path)
+    ]
+    assert importers == []
+    assert imported_modules(ROOT / "train.py") == {"hydra", "online_rl.loop"}
+
+
+def test_no_sys_path_manipulation_anywhere():
+    offenders = [
+        path
+        for path in python_files("src", "scripts", "bench", "rewards", "tests")
+        if "sys.path" in path.read_text() and path.name != "test_walls.py"
+    ]
+    assert offenders == []
+
+
+def test_rewards_import_nothing_of_the_library():
+    for path in python_files("rewards"):
+        assert not any(module.startswith("online_rl") for module in imported_modules(path)), path
+
+
+def test_the_algorithm_maths_imports_torch_only():
+    for name in MATHS:
+        modules = imported_modules(ROOT / "src/online_rl/algorithms" / name)
+        outside = {m for m in modules if m.split(".")[0] not in ("torch", "__future__")}
+        assert outside <= {"online_rl.algorithms.sampler_correction"}, (name, outside)
