@@ -49,7 +49,7 @@ serve:  ## vLLM's OpenAI server for vllm=server: make serve MODEL=... [GPUS=0 TP
 	MAX_LEN="$(MAX_LEN)" EXTRA="$(EXTRA)" PYTHON="$(PYTHON)" bash scripts/serve.sh
 
 bench:  ## GPU: our GRPO loop vs TRL's GRPOTrainer on one run, side by side; ARGS="--arms ours_full,trl_full"
-	$(PYTHON) scripts/bench.py $(ARGS)
+	$(PYTHON) -m bench $(ARGS)
 
 bench-table:  ## GPU: the seed notebook's table (vLLM or not x length 256/512/1024 x 4/8/16 samples), one multirun
 	$(PYTHON) train.py -m +recipe=bench_seed_table $(ARGS)

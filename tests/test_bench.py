@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))  # the bench's scripts, imported by some tests (they are no package)
 
 
 def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     out = tmp_path / "results"
     command = [
         sys.executable,
-        str(REPO / "scripts" / "bench.py"),
+        "-m",
+        "bench",
         "--smoke",
         "--arms",
         "trl_full,ours_full,floor",
@@ -34,7 +34,8 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
         "--out",
         str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # from the repository's root, as `make bench` runs it
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     (results_file,) = out.glob("*-smoke.json")
     results = json.loads(results_file.read_text())
@@ -106,13 +107,13 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
 
     # the same command again, without --append, must not erase these results
     written = results_file.read_bytes()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "exists: add these arms to it with --append" in again.stderr
     assert results_file.read_bytes() == written
 
     # a second command's arms join the first's results, each arm saying which command measured it
-    more = [*command[:4], "ours_lora", *command[5:], "--append"]
-    appended = subprocess.run(more, capture_output=True, text=True, timeout=600)
+    more = [*command[:5], "ours_lora", *command[6:], "--append"]
+    appended = subprocess.run(more, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert appended.returncode == 0, (appended.stdout + appended.stderr)[-3000:]
     results = json.loads(results_file.read_text())
     assert [c["arms"] for c in results["commands"]] == [["trl_full", "ours_full", "floor"], ["ours_lora"]]
@@ -127,7 +128,7 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     elsewhere = (
         more[: more.index("--out") + 1] + [str(tmp_path / "elsewhere")] + more[more.index("--out") + 2 :]
     )
-    lost = subprocess.run(elsewhere, capture_output=True, text=True, timeout=600)
+    lost = subprocess.run(elsewhere, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert (
         lost.returncode != 0 and "point --out at the directory of the first command's results" in lost.stderr
     )
@@ -135,27 +136,29 @@ def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
 
 
 def smoke_variants(
-    tmp_path, script: str, variants: str, profile: str, *options: str, env: dict | None = None
+    tmp_path, module: str, variants: str, profile: str, *options: str, env: dict | None = None
 ) -> tuple[dict, str]:
-    """scripts/<script> --smoke over variants, one of them profiled: (its results file, its printed output)."""
+    """python -m bench.<module> --smoke over variants, one of them profiled: (its results file, its printed
+    output)."""
     out = tmp_path / "results"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), "--smoke", "--variants", variants, *options]
+        [sys.executable, "-m", f"bench.{module}", "--smoke", "--variants", variants, *options]
         + ["--profile", profile, "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    (results_file,) = out.glob(f"{Path(script).stem.replace('_', '-')}-*-smoke.json")
+    (results_file,) = out.glob(f"{module.replace('_', '-')}-*-smoke.json")
     return json.loads(results_file.read_text()), result.stdout
 
 
 def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
-    """scripts/train_speed.py: the bench's optimizer step alone, one process per variant, warm-up apart from
+    """bench.train_speed: the bench's optimizer step alone, one process per variant, warm-up apart from
     the measured steps, and the profiled variant's kernel table."""
-    results, stdout = smoke_variants(tmp_path, "train_speed.py", "eager,lora_eager", "lora_eager")
+    results, stdout = smoke_variants(tmp_path, "train_speed", "eager,lora_eager", "lora_eager")
     out = tmp_path / "results"
     settings = results["settings"]
     assert [v["variant"] for v in results["variants"]] == ["eager", "lora_eager"] and not results["failures"]
@@ -170,14 +173,14 @@ def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
 
 
 def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
-    """scripts/gen_speed.py: the bench's rollout alone, one process per variant (here the CPU's engine:
+    """bench.gen_speed: the bench's rollout alone, one process per variant (here the CPU's engine:
     transformers generate), warm-up apart, each measured rollout's CPU seconds, and the profiled variant's
     kernel and Python tables; with --mps, CUDA's MPS daemon (a stand-in here) runs around the variants."""
     calls = tmp_path / "mps-calls"
     fake = stand_in_mps_control(tmp_path / "bin", calls)
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
     results, stdout = smoke_variants(
-        tmp_path, "gen_speed.py", "default,half_batch", "half_batch", "--mps", env=env
+        tmp_path, "gen_speed", "default,half_batch", "half_batch", "--mps", env=env
     )
     pipe = tmp_path / "work" / "mps" / "pipe"
     assert calls.read_text().splitlines() == [f"start {pipe}", f"quit {pipe}"] and results["mps"]
@@ -215,8 +218,7 @@ def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
 def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
     """gen_speed's beside_training: the rollouts alone, then again beside a training process (train_speed's
     steps, back to back) in every MPS round, each training process started with that round's MPS settings."""
-    from gen_speed import MPS_ROUNDS
-
+    from bench.gen_speed import MPS_ROUNDS
     from online_rl.engines.mps import TRAINER_ONLY as MPS_SETTINGS
     from online_rl.engines.mps import trainer_mps_settings
 
@@ -225,7 +227,7 @@ def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
     fake = stand_in_mps_control(tmp_path / "bin", tmp_path / "mps-calls")
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
     results, stdout = smoke_variants(
-        tmp_path, "gen_speed.py", "beside_training", "beside_training", "--mps", env=env
+        tmp_path, "gen_speed", "beside_training", "beside_training", "--mps", env=env
     )
     (variant,) = results["variants"]
     measured = results["settings"]["measured_steps"]
@@ -245,8 +247,9 @@ def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
 
 def test_train_speed_refuses_a_profile_of_a_variant_it_does_not_run(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train_speed.py"), "--smoke", "--variants", "eager"]
+        [sys.executable, "-m", "bench.train_speed", "--smoke", "--variants", "eager"]
         + ["--profile", "compiled", "--out", str(tmp_path)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -255,7 +258,7 @@ def test_train_speed_refuses_a_profile_of_a_variant_it_does_not_run(tmp_path):
 
 
 def test_a_second_speed_command_of_one_commit_and_day_gets_files_of_its_own(tmp_path):
-    from speed_variants import unused_stem
+    from bench.speed_variants import unused_stem
 
     stem = "gen-speed-2026-11-30-abc1234"
     assert unused_stem(tmp_path, stem) == stem
@@ -268,7 +271,7 @@ def test_a_second_speed_command_of_one_commit_and_day_gets_files_of_its_own(tmp_
 def test_peak_gpu_memory_is_the_largest_reading_of_nvidia_smi_beside_the_arm(tmp_path, monkeypatch, capsys):
     """The poller runs nvidia-smi in a process of its own (here a stand-in printing what nvidia-smi prints:
     MiB, one reading a line); with no nvidia-smi the arm still runs and its peak is unknown."""
-    from bench import PeakDeviceMemory
+    from bench.host import PeakDeviceMemory
 
     fake = tmp_path / "bin" / "nvidia-smi"
     fake.parent.mkdir()
@@ -304,7 +307,7 @@ def stand_in_mps_control(directory: Path, calls: Path) -> Path:
 def test_mps_daemon_runs_for_the_arms_of_a_command_and_names_its_fix_when_missing(tmp_path, monkeypatch):
     """--set mps=true: CUDA's MPS daemon is started before the arms and told to quit after them, with its
     pipes where the arms' environment points (here a stand-in for nvidia-cuda-mps-control logs its calls)."""
-    from bench import MultiProcessService
+    from bench.processes import MultiProcessService
 
     calls = tmp_path / "calls.txt"
     fake = stand_in_mps_control(tmp_path / "bin", calls)
@@ -337,9 +340,8 @@ def test_a_command_stopped_by_sigterm_stops_its_arm_and_the_mps_daemon(tmp_path)
     pid_file = tmp_path / "arm.pid"
     command = f"""
 import subprocess, sys
-sys.path.insert(0, {str(REPO / "scripts")!r})
 from pathlib import Path
-from bench import MultiProcessService, sigterm_exits
+from bench.processes import MultiProcessService, sigterm_exits
 with sigterm_exits(), MultiProcessService(True, Path({str(tmp_path / "mps")!r})):
     arm = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
     subprocess.run([sys.executable, "-c", arm])
@@ -347,7 +349,9 @@ with sigterm_exits(), MultiProcessService(True, Path({str(tmp_path / "mps")!r}))
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
     stderr = tmp_path / "stderr.txt"  # (a file, not a pipe: an arm left running would hold a pipe open)
     with open(stderr, "w") as stderr_file:
-        command_process = subprocess.Popen([sys.executable, "-c", command], env=env, stderr=stderr_file)
+        command_process = subprocess.Popen(
+            [sys.executable, "-c", command], cwd=REPO, env=env, stderr=stderr_file
+        )
     deadline = time.monotonic() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -363,31 +367,35 @@ with sigterm_exits(), MultiProcessService(True, Path({str(tmp_path / "mps")!r}))
 
 
 def test_trainer_mps_settings_go_to_the_off_policy_arm_alone(tmp_path):
-    """--set trainer_sm_percent=N and trainer_below_normal_priority=true (with mps): the off-policy arm's config
-    caps its trainer and lowers its priority, as it trains beside generation; the on-policy arms' do neither,
-    even with engines in processes of their own (they would only train slower); without mps the command stops
-    with the fix."""
-    from bench import Settings, compose_config, our_overrides, parse_settings
+    """--set trainer_sm_percent=N (with mps): the off-policy arm's config caps its trainer, as it trains beside
+    generation; the on-policy arms' do not, even with engines in processes of their own (they would only train
+    slower); without mps the command stops with the fix."""
+    from bench.arms import compose_config, our_overrides
+    from bench.settings import Settings, parse_settings
 
-    settings = parse_settings(
-        Settings(),
-        ["mps=true", "trainer_sm_percent=60", "trainer_below_normal_priority=true", "engine_processes=2"],
-    )
+    settings = parse_settings(Settings(), ["mps=true", "trainer_sm_percent=60", "engine_processes=2"])
     paths = (tmp_path / "model", tmp_path / "prompts.jsonl", tmp_path)
     off_policy = compose_config(our_overrides(settings, "ours_offpolicy", *paths))
     assert off_policy.vllm.trainer_sm_percent == 60 and off_policy.vllm.separate_process
-    assert off_policy.vllm.trainer_below_normal_priority
     for arm in ("ours_full", "floor", "ours_lora"):
         on_policy = compose_config(our_overrides(settings, arm, *paths))
         assert on_policy.vllm.separate_process and on_policy.vllm.trainer_sm_percent is None
-        assert not on_policy.vllm.trainer_below_normal_priority
-    for setting in ("trainer_sm_percent=60", "trainer_below_normal_priority=true"):
-        with pytest.raises(SystemExit, match="add --set mps=true"):
-            parse_settings(Settings(), [setting])
+    with pytest.raises(SystemExit, match="add --set mps=true"):
+        parse_settings(Settings(), ["trainer_sm_percent=60"])
+
+
+def test_results_from_before_a_setting_was_removed_still_load():
+    """--report FILE.json of an older command: a setting the bench no longer has is left out."""
+    from dataclasses import asdict
+
+    from bench.settings import SMOKE, settings_from_json
+
+    fields = {**json.loads(json.dumps(asdict(SMOKE))), "trainer_below_normal_priority": False}
+    assert settings_from_json(fields) == SMOKE
 
 
 def test_cpu_speeds_probe_every_allowed_cpu_and_leave_the_affinity_as_it_was():
-    from online_rl.cpu_clock import cpu_speeds, speeds_summary
+    from bench.host import cpu_speeds, speeds_summary
 
     allowed = os.sched_getaffinity(0)
     speeds = cpu_speeds()

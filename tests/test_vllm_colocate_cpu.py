@@ -478,8 +478,8 @@ print("ENGINE", engine.llms[0].pid, flush=True)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-# A trainer capped by vllm.trainer_sm_percent, at below-normal priority, starts a separate-process engine: what
-# each process's environment holds. Its own process, as vLLM reads its multiprocessing setting once per process.
+# A trainer capped by vllm.trainer_sm_percent starts a separate-process engine: what each process's environment
+# holds. Its own process, as vLLM reads its multiprocessing setting once per process.
 SM_CAP_PROBE = """
 import json, os, sys
 import psutil, torch
@@ -503,9 +503,9 @@ print("PROBE " + json.dumps({"trainer": trainer, "after": mps(os.environ), "engi
 
 
 def test_the_trainers_mps_settings_stay_its_own_and_the_engine_process_gets_none(tiny_model_dir, tmp_path):
-    """vllm.trainer_sm_percent and vllm.trainer_below_normal_priority: the trainer's environment carries MPS's
-    cap and client priority (which CUDA reads when the process makes its context) and the vLLM engine process
-    it starts carries neither. MPS's pipes are a stand-in directory here; on a CPU they change nothing else."""
+    """vllm.trainer_sm_percent: the trainer's environment carries MPS's cap (which CUDA reads when the process
+    makes its context) and the vLLM engine process it starts does not. MPS's pipes are a stand-in directory
+    here; on a CPU they change nothing else."""
     pipes = tmp_path / "mps-pipes"
     pipes.mkdir()
     (pipes / "control").touch()
@@ -513,11 +513,9 @@ def test_the_trainers_mps_settings_stay_its_own_and_the_engine_process_gets_none
         *CPU_COLOCATE,
         "vllm.separate_process=true",
         "vllm.trainer_sm_percent=60",
-        "vllm.trainer_below_normal_priority=true",
     ]
     env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipes)}
-    for name in ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_CLIENT_PRIORITY"):
-        env.pop(name, None)
+    env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
     result = subprocess.run(
         [sys.executable, "-c", SM_CAP_PROBE, str(tiny_model_dir), json.dumps(overrides)],
         cwd=Path(__file__).resolve().parents[1],
@@ -528,7 +526,7 @@ def test_the_trainers_mps_settings_stay_its_own_and_the_engine_process_gets_none
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     probe = json.loads(result.stdout.split("PROBE ", 1)[1])
-    trainer = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60", "CUDA_MPS_CLIENT_PRIORITY": "1"}
+    trainer = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "60"}
     assert probe["trainer"] == probe["after"] == trainer
     assert probe["engines"], "no engine process started"
     none = dict.fromkeys(trainer)
@@ -540,12 +538,6 @@ def test_the_trainers_mps_settings_stay_its_own_and_the_engine_process_gets_none
     [
         (["vllm.separate_process=true", "vllm.trainer_sm_percent=0"], "running", "from 1 to 100"),
         (["vllm.trainer_sm_percent=50"], "running", "vllm.separate_process=true"),
-        (["vllm.trainer_below_normal_priority=true"], "running", "vllm.separate_process=true"),
-        (
-            ["vllm.separate_process=true", "vllm.trainer_below_normal_priority=true"],
-            "empty",
-            "nvidia-cuda-mps-control -d",
-        ),
         (["vllm.separate_process=true", "vllm.trainer_sm_percent=50"], "empty", "nvidia-cuda-mps-control -d"),
         (
             ["vllm.separate_process=true", "vllm.trainer_sm_percent=50"],
@@ -565,17 +557,15 @@ def test_trainer_mps_settings_it_cannot_apply_stop_the_run_with_the_fix(
     if pipes == "running":
         (directory / "control").touch()
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(directory))
-    for name in ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_CLIENT_PRIORITY"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
     cfg = make_config(*CPU_COLOCATE, *overrides)
     with pytest.raises((ValueError, RuntimeError), match=fix):
         run(cfg)
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
-    assert "CUDA_MPS_CLIENT_PRIORITY" not in os.environ
 
 
 def test_engine_process_cpu_times_rollouts_in_each_mode(tmp_path):
-    """scripts/engine_process_cpu.py: each mode in a process of its own, its measured rollouts after warm-up,
+    """python -m bench.engine_process_cpu: each mode in a process of its own, its measured rollouts after warm-up,
     written to the results file."""
     import subprocess
     import sys
@@ -584,7 +574,8 @@ def test_engine_process_cpu_times_rollouts_in_each_mode(tmp_path):
 
     command = [
         sys.executable,
-        "scripts/engine_process_cpu.py",
+        "-m",
+        "bench.engine_process_cpu",
         "--modes",
         "separate_process",
         "--rollouts",

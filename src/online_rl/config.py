@@ -185,9 +185,6 @@ class VLLMColocateConfig(VLLMCheckConfig):
     # (off_policy_steps=1) a decoding step's small kernels then find room instead of waiting for the trainer's
     # (engines/mps.py). null: no cap.
     trainer_sm_percent: int | None = None
-    # separate_process under CUDA's MPS daemon: the trainer's work gets MPS's below-normal client priority, so
-    # that the GPU runs the engines' waiting decoding kernels first (engines/mps.py)
-    trainer_below_normal_priority: bool = False
 
 
 @dataclass

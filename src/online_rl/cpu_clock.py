@@ -11,7 +11,8 @@ while a thread in the trainer's process read the GPU's free memory 20 times a se
 took 1.33x as long as the same rollouts without it, with CPU seconds equal to their wall time throughout
 (bench/results/2026-11-30-ec0c693.md).
 
-`cpu_speeds` times the same few ms of Python on each CPU: how busy the host's other tenants keep them.
+(How fast each of the host's CPUs runs Python, which the bench records around its arms, is the bench's own
+probe: bench/host.py.)
 """
 
 from __future__ import annotations
@@ -49,38 +50,3 @@ class CpuUse:
         self.thread_s = time.thread_time() - self._thread_started
         stolen = stolen_cpu_s()
         self.steal_s = stolen - self._stolen_before if None not in (stolen, self._stolen_before) else None
-
-
-PROBE_ROUNDS = 2  # cpu_speeds: each CPU's best of this many probes
-
-
-def python_probe() -> None:
-    """A few ms of the interpreter's own work (dicts, lists, ints), as vLLM's scheduler does per decoding step."""
-    counts: dict[int, int] = {}
-    for i in range(20_000):
-        counts[i % 512] = counts.get(i % 512, 0) + i
-
-
-def cpu_speeds() -> dict[int, float]:
-    """Seconds of python_probe on each CPU this thread may use (the best of PROBE_ROUNDS), its affinity put
-    back after. On a virtual machine a CPU shares its physical core with other tenants' work, so the same
-    Python can take up to twice as long on one CPU as on another, and which CPUs are slow changes from second
-    to second (the lent H200's host: bench/results/host-cpus-2026-12-01.txt)."""
-    allowed = os.sched_getaffinity(0)
-    seconds: dict[int, float] = {}
-    try:
-        for _ in range(PROBE_ROUNDS):
-            for cpu in sorted(allowed):
-                os.sched_setaffinity(0, {cpu})  # (0: this thread only)
-                started = time.perf_counter()
-                python_probe()
-                seconds[cpu] = min(seconds.get(cpu, float("inf")), time.perf_counter() - started)
-    finally:
-        os.sched_setaffinity(0, allowed)
-    return seconds
-
-
-def speeds_summary(seconds_by_cpu: dict[int, float]) -> dict[str, float]:
-    """cpu_speeds in milliseconds: the fastest CPU's probe, the median CPU's and the slowest's."""
-    ms = sorted(1000 * seconds for seconds in seconds_by_cpu.values())
-    return {"fastest": round(ms[0], 2), "median": round(ms[len(ms) // 2], 2), "slowest": round(ms[-1], 2)}

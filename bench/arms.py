@@ -1,0 +1,323 @@
+"""The arms of the bench, each run inside a process of its own (`python -m bench --run-arm ARM`), after the same
+setup (prepare: one model directory and one prompt file that both frameworks load):
+
+- ours_full, ours_lora, ours_offpolicy: our loop through its config, as a user runs it (run_ours);
+- trl_full, trl_lora: TRL's GRPOTrainer with vLLM colocate, the anchor's arguments (run_trl);
+- floor, floor_lora: our generation alone plus our training alone, each timed by itself (run_floor).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench.halves import (
+    consecutive_micro_batches,
+    engine_and_prompts,
+    profile_step,
+    synchronize,
+    timed_rollout,
+    train_step,
+    trainer,
+)
+from bench.settings import ARMS, REPO, Settings
+
+
+def compose_config(overrides: list[str]):
+    """The run's config as train.py composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from online_rl.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def prepare(settings: Settings, workdir: Path) -> tuple[Path, Path]:
+    """Build the random model (with a tokenizer trained in code) and prompts of exactly prompt_tokens tokens."""
+    import random
+
+    from online_rl.models import build_random_model, load_tokenizer
+
+    model_cfg = compose_config([f"model={settings.model}"]).model
+    words = [f"{random.Random(i).randint(0, 10**6)} plus {i} is" for i in range(2000)]
+    model_dir = build_random_model(model_cfg.random_init, words, workdir / "model")
+    # Plain-text prompts for both frameworks: no chat template that they could apply differently.
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
+    assert not tokenizer.chat_template, "the bench's prompts are plain text"
+
+    rows, rng, needed = [], random.Random(settings.seed), settings.prompts_per_step * settings.steps
+    for _ in range(100 * needed):
+        if len(rows) == needed:
+            break
+        text = " ".join(rng.choice(words) for _ in range(settings.prompt_tokens))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: settings.prompt_tokens - 1]
+        question = tokenizer.decode(ids).strip()
+        # our loop and TRL both tokenize question + "\n"; keep the rows where that is exactly prompt_tokens
+        if len(tokenizer(question + "\n", add_special_tokens=False)["input_ids"]) == settings.prompt_tokens:
+            rows.append({"prompt": question})
+    if len(rows) < needed:
+        raise RuntimeError(
+            f"found {len(rows)} of {needed} prompts of exactly {settings.prompt_tokens} tokens: change prompt_tokens"
+        )
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model_dir, prompts
+
+
+def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
+    """Our config for the bench's run: GRPO with TRL's defaults on the shared model and prompts."""
+    _, lora, off_policy = ARMS[arm]
+    overrides = [
+        "algo=grpo",
+        "model=qwen2_0.5b",
+        f"model.name_or_path={model_dir}",
+        f"hardware={'1gpu' if settings.device == 'cuda' else 'cpu'}",
+        f"vllm={'colocate' if settings.use_vllm else 'off'}",
+        "logger=none",
+        "rewards=[digits]",
+        "data.path=json",
+        f"data.data_files={prompts}",
+        "data.synthetic_rows=null",
+        "data.solution_column=null",
+        "data.system_prompt=null",
+        f"data.max_prompt_length={settings.prompt_tokens}",
+        f"algo.num_generations={settings.num_generations}",
+        f"prompts_per_step={settings.prompts_per_step}",
+        f"micro_batch_size={settings.our_micro_batch_size}",
+        f"sampling.max_completion_length={settings.completion_tokens}",
+        f"max_steps={settings.steps}",
+        f"optim.lr={settings.lr}",
+        "optim.warmup_steps=0",
+        "optim.lr_scheduler=constant",
+        "eval_every=0",
+        f"seed={settings.seed}",
+        f"model.compile={settings.compile_model}",
+        f"off_policy_steps={int(off_policy)}",
+        f"output_dir={workdir / arm}",
+    ]
+    separate_process = settings.separate_process or off_policy or settings.engine_processes > 1
+    # the trainer's MPS cap only pays where training runs beside generation; on-policy, it would only slow the
+    # training pass
+    if settings.use_vllm and off_policy and settings.trainer_sm_percent:
+        overrides.append(f"vllm.trainer_sm_percent={settings.trainer_sm_percent}")
+    if settings.use_vllm:
+        overrides += [
+            f"vllm.gpu_memory_utilization={settings.gpu_memory_utilization}",
+            # off-policy: the engine generates beside training, awake (loop.check_off_policy)
+            f"vllm.sleep_level={0 if off_policy else settings.sleep_level}",
+            f"vllm.kv_cache_memory_gib={settings.kv_cache_gib or 'null'}",
+            "vllm.async_scheduling=true",
+            # off-policy: generation runs beside training, so the engine gets a process (and interpreter) of its
+            # own; in the trainer's it waits for training's Python (4.3-4.6 s against 2.1 s alone, e80fade)
+            f"vllm.separate_process={separate_process}",
+            f"vllm.engine_processes={settings.engine_processes}",
+            # the step's sequences decode at once; vLLM captures CUDA graphs only up to this batch size
+            f"vllm.max_num_seqs={settings.prompts_per_step * settings.num_generations}",
+        ]
+    if lora:
+        targets = ",".join(settings.lora_targets)
+        overrides += [
+            "model.lora.enabled=true",
+            f"model.lora.r={settings.lora_r}",
+            f"model.lora.alpha={settings.lora_alpha}",
+            f"model.lora.target_modules=[{targets}]",
+        ]
+        if settings.lora_base_dtype:
+            overrides.append(f"model.lora.base_dtype={settings.lora_base_dtype}")
+    return overrides
+
+
+def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    """Our loop through its config, as a user runs it."""
+    from online_rl.loop import run
+
+    cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
+    summary = run(cfg)
+    steps = summary.history[settings.warmup_steps :]
+    return {
+        "step_s": [m["time/step_s"] for m in steps],
+        "completion_tokens": [
+            m["rollout/len_mean"] * settings.prompts_per_step * settings.num_generations for m in steps
+        ],
+        "phases": phase_breakdown(steps),
+        # per step, to tell a slow step's phase (generation has varied by 50% from one arm to the next)
+        "generate_s": [m["time/generate_s"] for m in steps],
+        "train_s": [m["time/train_s"] for m in steps],
+        "gc_s": [m["time/gc_s"] for m in steps],  # Python's garbage collector, inside the phases
+        # of it, full collections (walking every object not frozen): their seconds and count
+        "gc_full_s": [m.get("time/gc_full_s") for m in steps],
+        "gc_full_collections": [m.get("gc/full_collections") for m in steps],
+        "gc_full_collected": [
+            m.get("gc/full_collected") for m in steps
+        ],  # objects freed: cycles made per step
+        # the main thread's CPU seconds in each rollout, and the CPU seconds the host took meanwhile
+        "generate_cpu_s": [m.get("time/generate_cpu_s") for m in steps],
+        "generate_steal_s": [m.get("time/generate_steal_s") for m in steps],
+        "reward_mean": [m["reward/total_mean"] for m in summary.history],
+        "logp_gap_mean": [m.get("sync/logp_gap_mean") for m in steps],
+    }
+
+
+def phase_breakdown(steps: list[dict]) -> dict[str, float]:
+    """Median seconds per phase. The engine's generate phase includes waking the KV cache and going back to
+    sleep; those are split out so that generate is vLLM's generation alone."""
+
+    def median(key: str) -> float:
+        return statistics.median(m.get(key, 0.0) for m in steps)
+
+    sleep_wake = median("time/wake_kv_cache_s") + median("time/sleep_s") + median("time/wake_weights_s")
+    return {
+        "generate": median("time/generate_s") - median("time/wake_kv_cache_s") - median("time/sleep_s"),
+        "reward": median("time/reward_s"),
+        "logprobs": median("time/logprobs_s"),  # (its own passes: none with TRL's defaults, mu=1 and beta=0)
+        "train": median("time/train_s") - median("time/logprobs_s"),
+        "sync": median("time/sync_s") - median("time/wake_weights_s"),
+        "sleep_wake": sleep_wake,
+        # its parts, for the JSON: which of vLLM's calls a slow sleep/wake is
+        "sleep": median("time/sleep_s"),
+        "wake_weights": median("time/wake_weights_s"),
+        "wake_kv_cache": median("time/wake_kv_cache_s"),
+        "gc": median("time/gc_s"),  # (inside the phases above)
+    }
+
+
+def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    """The floor of an on-policy step, each half alone in this process with our own code and settings:
+    the engine generating the step's completions (its wake-up and sleep excluded), and one optimizer step
+    over them (forward, backward, clipping, AdamW). Neither waits for the other or for anything else."""
+    import torch
+
+    from online_rl.models import load_tokenizer, torch_dtype
+
+    cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
+    device = torch.device(cfg.hardware.device)
+    autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
+    model, trained, trainable, optimizer = trainer(cfg, model_dir, settings.lr)
+    engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
+    rollouts, train_s = [], []
+    for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
+        rollout, timings = timed_rollout(engine, model, prompt_ids, settings.num_generations, cfg.sampling)
+        rollouts.append(timings)
+        prompts_per_row = [p for p in prompt_ids for _ in range(settings.num_generations)]
+        micro_batches = consecutive_micro_batches(
+            prompts_per_row,
+            rollout.completion_ids,
+            settings.our_micro_batch_size,
+            tokenizer.pad_token_id,
+            device,
+            rollout.sampler_logprobs,
+        )
+        advantages = torch.randn(len(prompts_per_row))
+        tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
+        synchronize(device)
+
+        step_once = functools.partial(
+            train_step, trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
+        )
+        if step == settings.steps:
+            profile_step(step_once, device, workdir / f"{arm}-train-profile.txt")
+            break
+        started = time.perf_counter()
+        step_once()
+        train_s.append(time.perf_counter() - started)
+    engine.close()
+    measured = rollouts[settings.warmup_steps : settings.steps]
+    return {
+        "train_s": train_s[settings.warmup_steps :],
+        **{key: [timings[key] for timings in measured] for key in measured[0]},
+    }
+
+
+def run_trl(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    """TRL's GRPOTrainer with vLLM colocate, the anchor's arguments, everything else its defaults."""
+    import datasets
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    # (the repository's root is on the path: `python -m bench` from it, and its arms by processes.child_env)
+    from rewards.digits import digit_fraction
+
+    lora = ARMS[arm][1]
+
+    class StepEnds(TrainerCallback):
+        def __init__(self):
+            self.ends = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    gradient_accumulation = settings.prompts_per_step * settings.num_generations // settings.micro_batch_size
+    args = GRPOConfig(
+        output_dir=str(workdir / arm),
+        learning_rate=settings.lr,
+        per_device_train_batch_size=settings.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.completion_tokens,
+        max_steps=settings.steps,
+        use_vllm=settings.use_vllm,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=settings.gpu_memory_utilization,
+        vllm_max_model_length=settings.prompt_tokens + settings.completion_tokens,
+        bf16=settings.device == "cuda",
+        use_cpu=settings.device == "cpu",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=settings.seed,
+    )
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            target_modules=list(settings.lora_targets),
+            task_type="CAUSAL_LM",
+        )
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    # our loop appends "\n" to a question when there is no chat template; TRL gets the same text
+    dataset = datasets.Dataset.from_list([{"prompt": row["prompt"] + "\n"} for row in rows])
+    timer = StepEnds()
+    grpo = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=[digit_fraction],
+        args=args,
+        train_dataset=dataset,
+        peft_config=peft_config,
+        callbacks=[timer],
+    )
+    grpo.train()
+    seconds = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
+    lengths = [
+        entry["completions/mean_length"]
+        for entry in grpo.state.log_history
+        if "completions/mean_length" in entry
+    ]
+    completions = settings.prompts_per_step * settings.num_generations
+    return {
+        "step_s": seconds[settings.warmup_steps :],
+        "completion_tokens": [length * completions for length in lengths[settings.warmup_steps :]],
+        "reward_mean": [entry["reward"] for entry in grpo.state.log_history if "reward" in entry],
+    }
+
+
+def run_arm(arm: str, settings: Settings, workdir: Path) -> None:
+    """One arm in this process, on the model and prompts that prepare left in workdir: its raw measurements
+    in <workdir>/<arm>.json."""
+    framework = ARMS[arm][0]
+    model_dir, prompts = workdir / "model", workdir / "prompts.jsonl"
+    runner = {"ours": run_ours, "floor": run_floor, "trl": run_trl}[framework]
+    result = runner(settings, arm, model_dir, prompts, workdir)
+    (workdir / f"{arm}.json").write_text(json.dumps(result, indent=1))

@@ -1,0 +1,129 @@
+"""The bench's GRPO step (Settings, the same for every arm), its arms, and the command line's `--set key=value`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"  # where every command of the bench writes its results by default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One GRPO step, the same for every arm."""
+
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    prompt_tokens: int = 128
+    completion_tokens: int = 512
+    # TRL's per_device_train_batch_size (the anchor's); gradient accumulation covers the rest
+    micro_batch_size: int = 8
+    # ours: completions per forward/backward. The step's gradient is the same sum whatever the split (DAPO's
+    # token mean over the rollout); 16 runs fewer, larger kernels than 8 (1.55 vs 1.86 s on an H200, eager)
+    our_micro_batch_size: int = 16
+    lr: float = 1e-5
+    # not measured: compilation, CUDA graphs, allocator growth. With 2, our first measured step was the slowest
+    # of its arm in 4 of 5 on-policy arms on the H200 (e.g. 4.47 s, then 3.97 and 3.01 s); TRL's was not.
+    warmup_steps: int = 3
+    # a median of 5: one step's hiccup (generation varies by up to 50% from step to step) does not move it
+    measured_steps: int = 5
+    gpu_memory_utilization: float = 0.3  # TRL's vLLM (the anchor's), and ours when kv_cache_gib is 0
+    # ours: vLLM's KV cache in GiB, sized to the step (128 x 640 tokens need 1 GiB on this shape) instead of
+    # the 40 GiB that 0.3 of an H200 leaves: sleep and wake then take 45 ms instead of 0.3 s
+    kv_cache_gib: float = 4.0
+    sleep_level: int = (
+        2  # ours, as conf/vllm/colocate.yaml: vLLM sleeps while the trainer trains (TRL keeps it awake)
+    )
+    # ours: model.compile, the decoder layers torch.compile'd for training (floors too): on the H200 the
+    # training step took 0.79 s instead of 1.07 s, after a 30 s compile (bench/results/train-speed-*)
+    compile_model: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_base_dtype: str = ""  # ours: model.lora.base_dtype, e.g. bfloat16 as peft and TRL keep it; "": fp32
+    # ours, on-policy: vllm.separate_process, vLLM's engine in a process of its own (ours_offpolicy always
+    # runs it so: in the trainer's, generating beside training took 2x as long as alone)
+    separate_process: bool = False
+    # ours: vllm.engine_processes, engines on the GPU each generating a share of the prompts (in processes of
+    # their own); generation is bound by vLLM's Python per sequence, the GPU running kernels 28% of the time
+    engine_processes: int = 1
+    # every arm of the command with CUDA's Multi-Process Service running (processes.MultiProcessService): the
+    # kernels of the off-policy arm's two processes (trainer, vLLM engine) then run side by side, not in turns
+    mps: bool = False
+    # ours_offpolicy, with mps: vllm.trainer_sm_percent, the trainer's kernels take at most this share of the
+    # GPU's multiprocessors while the engine process generates beside them with all of them; 0: no cap
+    trainer_sm_percent: int = 0
+    model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
+    device: str = "cuda"
+    use_vllm: bool = True
+    seed: int = 0
+    # floor arms: torch.profiler over one more training step (not timed) -> <out>/<stem>-<arm>-train-profile.txt
+    profile: bool = False
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.measured_steps
+
+
+SMOKE = Settings(
+    prompts_per_step=2,
+    num_generations=2,
+    prompt_tokens=16,
+    completion_tokens=8,
+    micro_batch_size=2,
+    our_micro_batch_size=2,
+    warmup_steps=1,
+    measured_steps=2,
+    model="tiny",
+    device="cpu",
+    use_vllm=False,
+    sleep_level=0,
+    compile_model=False,  # a compile takes longer than the whole smoke run (tests/test_train.py covers it)
+)
+
+# arm -> (framework, LoRA, one step off-policy); floor: our generation alone and our training alone
+ARMS = {
+    "trl_full": ("trl", False, False),
+    "ours_full": ("ours", False, False),
+    "floor": ("floor", False, False),
+    "ours_offpolicy": ("ours", False, True),  # compared with trl_full: TRL's GRPO generates on-policy
+    "trl_lora": ("trl", True, False),
+    "ours_lora": ("ours", True, False),
+    "floor_lora": ("floor", True, False),
+}
+# each floor and the on-policy arms it bounds (TRL's twin: the most a step that generates, then trains, can
+# gain on it)
+FLOOR_OF = {"floor": ("ours_full", "trl_full"), "floor_lora": ("ours_lora", "trl_lora")}
+
+
+def settings_from_json(fields: dict) -> Settings:
+    """Settings as a results file (or an arm's command line) holds them. A setting the bench no longer has
+    (results from before it was removed) is left out."""
+    known = {key: value for key, value in fields.items() if key in Settings.__dataclass_fields__}
+    return Settings(**{**known, "lora_targets": tuple(known["lora_targets"])})
+
+
+def parse_settings(base: Settings, assignments: list[str]) -> Settings:
+    """--set key=value pairs over the defaults, typed like the field they replace."""
+    changes = {}
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        if key not in Settings.__dataclass_fields__:
+            raise SystemExit(
+                f"--set {assignment}: no setting {key!r}; settings: {', '.join(Settings.__dataclass_fields__)}"
+            )
+        current = getattr(base, key)
+        if isinstance(current, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, tuple):
+            changes[key] = tuple(value.split(","))
+        else:
+            changes[key] = type(current)(value)
+    settings = replace(base, **changes)
+    if settings.trainer_sm_percent and not settings.mps:
+        raise SystemExit(
+            f"--set trainer_sm_percent={settings.trainer_sm_percent} caps the trainer under CUDA's MPS daemon: "
+            "add --set mps=true"
+        )
+    return settings
