@@ -11,17 +11,18 @@ from __future__ import annotations
 import functools
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from bench.halves import (
-    consecutive_micro_batches,
-    engine_and_prompts,
     profile_step,
+    rollout_micro_batches,
+    step_prompts,
     synchronize,
     timed_rollout,
     train_step,
-    trainer,
 )
 from bench.settings import ARMS, REPO, Settings
 
@@ -137,12 +138,24 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
 
 
 def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
-    """Our loop through its config, as a user runs it."""
-    from online_rl.loop import run
-
-    cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
-    summary = run(cfg)
-    steps = summary.history[settings.warmup_steps :]
+    """Our loop as a user runs it: `python train.py <overrides>` (with the lab's per-step diagnostics on), its
+    steps read back from the run's metrics.jsonl."""
+    run_dir = workdir / arm
+    overrides = [*our_overrides(settings, arm, model_dir, prompts, workdir), "logger.lab_metrics=true"]
+    log_path = workdir / f"{arm}-train.log"
+    with log_path.open("w") as log:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode:
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise RuntimeError(f"{arm}: train.py exited with {done.returncode}; the end of {log_path}:\n{tail}")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    history = [metrics for metrics in map(json.loads, lines) if "reward/total_mean" in metrics]
+    steps = history[settings.warmup_steps :]
     return {
         "step_s": [m["time/step_s"] for m in steps],
         "completion_tokens": [
@@ -153,16 +166,14 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         "generate_s": [m["time/generate_s"] for m in steps],
         "train_s": [m["time/train_s"] for m in steps],
         "gc_s": [m["time/gc_s"] for m in steps],  # Python's garbage collector, inside the phases
-        # of it, full collections (walking every object not frozen): their seconds and count
+        # of it, full collections (walking every object not frozen): their seconds, count and objects freed
         "gc_full_s": [m.get("time/gc_full_s") for m in steps],
         "gc_full_collections": [m.get("gc/full_collections") for m in steps],
-        "gc_full_collected": [
-            m.get("gc/full_collected") for m in steps
-        ],  # objects freed: cycles made per step
+        "gc_full_collected": [m.get("gc/full_collected") for m in steps],
         # the main thread's CPU seconds in each rollout, and the CPU seconds the host took meanwhile
         "generate_cpu_s": [m.get("time/generate_cpu_s") for m in steps],
         "generate_steal_s": [m.get("time/generate_steal_s") for m in steps],
-        "reward_mean": [m["reward/total_mean"] for m in summary.history],
+        "reward_mean": [m["reward/total_mean"] for m in history],
         "logp_gap_mean": [m.get("sync/logp_gap_mean") for m in steps],
     }
 
@@ -191,46 +202,37 @@ def phase_breakdown(steps: list[dict]) -> dict[str, float]:
 
 
 def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
-    """The floor of an on-policy step, each half alone in this process with our own code and settings:
-    the engine generating the step's completions (its wake-up and sleep excluded), and one optimizer step
-    over them (forward, backward, clipping, AdamW). Neither waits for the other or for anything else."""
-    import torch
+    """The floor of an on-policy step, each half alone in this process with our own code and settings (the run
+    built by the library's setup): the engine generating the step's completions (its wake-up and sleep
+    excluded), and one optimizer step over them (forward, backward, clipping, AdamW). Neither waits for the
+    other or for anything else."""
+    from contextlib import ExitStack
 
-    from online_rl.models import load_tokenizer, torch_dtype
+    from online_rl.setup import build_run
 
     cfg = compose_config(our_overrides(settings, arm, model_dir, prompts, workdir))
-    device = torch.device(cfg.hardware.device)
-    autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
-    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
-    model, trained, trainable, optimizer = trainer(cfg, model_dir, settings.lr)
-    engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
     rollouts, train_s = [], []
-    for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
-        rollout, timings = timed_rollout(engine, model, prompt_ids, settings.num_generations, cfg.sampling)
-        rollouts.append(timings)
-        prompts_per_row = [p for p in prompt_ids for _ in range(settings.num_generations)]
-        micro_batches = consecutive_micro_batches(
-            prompts_per_row,
-            rollout.completion_ids,
-            settings.our_micro_batch_size,
-            tokenizer.pad_token_id,
-            device,
-            rollout.sampler_logprobs,
-        )
-        advantages = torch.randn(len(prompts_per_row))
-        tokens = int(sum(batch.completion_mask.sum() for batch, _, _ in micro_batches))
-        synchronize(device)
-
-        step_once = functools.partial(
-            train_step, trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer
-        )
-        if step == settings.steps:
-            profile_step(step_once, device, workdir / f"{arm}-train-profile.txt")
-            break
-        started = time.perf_counter()
-        step_once()
-        train_s.append(time.perf_counter() - started)
-    engine.close()
+    with ExitStack() as closing:
+        run = build_run(cfg, closing)
+        rows, prompt_ids = step_prompts(run)
+        for step in range(settings.steps + settings.profile):  # profile: one more step, not timed
+            rollout, timings = timed_rollout(
+                run.rollouts.engine, run.model, prompt_ids, settings.num_generations, cfg.sampling
+            )
+            rollouts.append(timings)
+            micro_batches = rollout_micro_batches(
+                run, rows, prompt_ids, rollout, settings.our_micro_batch_size
+            )
+            synchronize(run.device)
+            step_once = functools.partial(
+                train_step, run, micro_batches, cfg.sampling.temperature, cfg.optim.max_grad_norm
+            )
+            if step == settings.steps:
+                profile_step(step_once, run.device, workdir / f"{arm}-train-profile.txt")
+                break
+            started = time.perf_counter()
+            step_once()
+            train_s.append(time.perf_counter() - started)
     measured = rollouts[settings.warmup_steps : settings.steps]
     return {
         "train_s": train_s[settings.warmup_steps :],

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.arms import compose_config, our_overrides, prepare
-from bench.halves import engine_and_prompts, timed_rollout
+from bench.halves import step_prompts, timed_rollout
 from bench.host import git_commit, machine
 from bench.processes import MultiProcessService, child_env
 from bench.settings import RESULTS, SMOKE
@@ -42,10 +42,10 @@ SETTINGS = replace(
 
 
 def measure(mode: str, rollouts: int, workdir: Path) -> dict:
-    """The bench's rollout (halves.engine_and_prompts, halves.timed_rollout) on the CPU, vLLM in `mode`."""
-    import torch
+    """The bench's rollout (halves.step_prompts, halves.timed_rollout) on a run built by the library on the CPU, vLLM in `mode`."""
+    from contextlib import ExitStack
 
-    from online_rl.models import load_policy, load_tokenizer
+    from online_rl.setup import build_run
 
     settings = replace(SETTINGS, use_vllm=True, kv_cache_gib=0, separate_process=mode == "separate_process")
     model_dir = workdir / "model"
@@ -53,16 +53,17 @@ def measure(mode: str, rollouts: int, workdir: Path) -> dict:
         our_overrides(settings, "floor", model_dir, workdir / "prompts.jsonl", workdir)
         + ["vllm.dtype=float32", "vllm.enforce_eager=true"]  # (vLLM on a CPU: docs in ../shared/vllm-cpu.md)
     )
-    model = load_policy(str(model_dir), cfg.model, torch.float32, torch.device("cpu"))
-    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
-    engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
+    closing = ExitStack()
+    run = build_run(cfg, closing)  # the library's setup: model, engine, ...
+    engine, model = run.rollouts.engine, run.model
+    _, prompt_ids = step_prompts(run)
     seconds, tokens = [], []
     for _ in range(WARMUP + rollouts):
         rollout, timings = timed_rollout(engine, model, prompt_ids, settings.num_generations, cfg.sampling)
         seconds.append(timings["generate_s"])
         tokens.append(sum(len(ids) for ids in rollout.completion_ids))
         print(f"{mode}: rollout {seconds[-1]:.3f} s, {tokens[-1]} tokens", flush=True)
-    engine.close()
+    closing.close()
     return {
         "mode": mode,
         "rollouts_s": seconds[WARMUP:],

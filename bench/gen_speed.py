@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench import speed_variants
 from bench.arms import compose_config, our_overrides
-from bench.halves import engine_and_prompts, timed_rollout
+from bench.halves import step_prompts, timed_rollout
 from bench.host import cpu_speeds, speeds_summary
 from bench.settings import SMOKE, Settings
 from online_rl.engines.mps import trainer_mps_settings  # (the loop's options -> MPS's settings)
@@ -65,9 +65,11 @@ READY_TIMEOUT_S = 600  # the training process's model load and compilation
 
 
 def measure(variant: str, settings: Settings, workdir: Path, profile: bool) -> dict:
+    from contextlib import ExitStack
+
     import torch
 
-    from online_rl.models import load_policy, load_tokenizer, torch_dtype
+    from online_rl.setup import build_run
 
     overrides, changes = VARIANTS[variant]
     settings = replace(settings, **changes(settings))
@@ -78,11 +80,12 @@ def measure(variant: str, settings: Settings, workdir: Path, profile: bool) -> d
         our_overrides(settings, "floor", model_dir, workdir / "prompts.jsonl", workdir) + overrides
     )
     device = torch.device(cfg.hardware.device)
-    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
-    model = load_policy(str(model_dir), cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
+    closing = ExitStack()
     started = time.perf_counter()
-    engine, prompt_ids = engine_and_prompts(cfg, settings, model, model_dir, tokenizer)
-    engine_start_s = time.perf_counter() - started  # (the prompts: a few ms)
+    run = build_run(cfg, closing)  # the library's setup: model, engine, ...
+    engine, model = run.rollouts.engine, run.model
+    _, prompt_ids = step_prompts(run)
+    engine_start_s = time.perf_counter() - started  # (with the model's load: ~1 s of it)
 
     def rollout() -> dict:
         """One rollout after a weight push: halves.timed_rollout's seconds (generate_s without waking the KV
@@ -139,7 +142,7 @@ def measure(variant: str, settings: Settings, workdir: Path, profile: bool) -> d
             kind: speed_variants.written(workdir, PREFIX, variant, kind) for kind in ("kernels", "python")
         }
         result.update(profile_rollout(rollout, device, tables))
-    engine.close()
+    closing.close()
     return result
 
 

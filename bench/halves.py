@@ -1,13 +1,12 @@
 """The two halves of the bench's step, each alone, with our code and config: one rollout of the engine
-(timed_rollout), and one optimizer step over a rollout's completions (train_step). The floor arm, gen_speed,
-train_speed and engine_process_cpu are made of these."""
+(timed_rollout), and one optimizer step over a rollout's completions (train_step). Both work on a run built by
+the library's own setup (online_rl.setup.build_run). The floor arm, gen_speed, train_speed and
+engine_process_cpu are made of these."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-
-from bench.settings import Settings
 
 
 def timed_rollout(engine, model, prompt_ids, num_generations: int, sampling) -> tuple:
@@ -31,90 +30,43 @@ def timed_rollout(engine, model, prompt_ids, num_generations: int, sampling) -> 
     }
 
 
-def consecutive_micro_batches(
-    prompts, completions, size: int, pad_id: int, device, sampler_logprobs=None
-) -> list:
-    """Rows i, i + 1, ... as packed micro-batches of `size` rows on `device`, each with its row indices, as
-    the loop's training passes take them."""
-    from online_rl.logprobs import micro_batch_rows, pack
-
-    micro_batches = []
-    rows = list(range(len(prompts)))
-    for index in micro_batch_rows(rows, [0] * len(rows), size, by_length=False):  # (lengths: unused)
-        batch = pack(
-            [prompts[i] for i in index],
-            [completions[i] for i in index],
-            pad_id,
-            [sampler_logprobs[i] for i in index] if sampler_logprobs else None,
-        )
-        micro_batches.append((batch.to(device), index, None))
-    return micro_batches
+def step_prompts(run) -> tuple[list[dict], list[list[int]]]:
+    """One step's prompts (dataset rows, token ids), drawn once: every rollout of a lab run samples these."""
+    return run.rollouts.draw_prompts()
 
 
-def engine_and_prompts(cfg, settings: Settings, model, model_dir: Path, tokenizer) -> tuple:
-    """cfg's engine on the bench's model, holding `model`'s weights at the first sync; and the token ids of one
-    step's prompts."""
+def rollout_micro_batches(run, rows, prompt_ids, rollout, size: int) -> list:
+    """The rollout's rows in consecutive micro-batches of `size` on the run's device, as the loop's training
+    passes take them (the loop's record, rollout.Samples), with random advantages."""
     import torch
 
-    from online_rl.data import load_prompts, tokenize_prompts
-    from online_rl.engines import make_engine, resolve_mode
-    from online_rl.models import torch_dtype
+    from online_rl.rollout import Samples
 
-    device = torch.device(cfg.hardware.device)
-    engine = make_engine(
-        resolve_mode(cfg.vllm.mode.value, device),
-        cfg.vllm,
-        model,
-        str(model_dir),
-        tokenizer,
-        device=device,
-        autocast_dtype=torch_dtype(cfg.hardware.autocast_dtype),
-        seed=settings.seed,
-        max_model_len=settings.prompt_tokens + settings.completion_tokens,
-        trust_remote_code=False,
+    samples = Samples.from_rollout(
+        rows, prompt_ids, rollout, [True] * len(rollout.completion_ids), run.tokenizer
     )
-    rows = load_prompts(cfg.data).select(range(settings.prompts_per_step))
-    return engine, tokenize_prompts(tokenizer, rows["prompt"], None, settings.prompt_tokens)
-
-
-def train_step(model, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer) -> None:
-    """One optimizer step as the loop makes it: the policy-gradient pass, clipping, AdamW; returns when the
-    device has finished it. The package's one call of the loop's training pass."""
-    import torch
-
-    from online_rl.loop import policy_gradient_pass
-
-    policy_gradient_pass(
-        model,
-        micro_batches,
-        advantages,
-        None,
-        None,
-        cfg.algo,
-        cfg.vllm,
-        check_gap=True,
-        rollout_tokens=tokens,
-        sampling=cfg.sampling,
-        autocast_dtype=autocast_dtype,
+    every_row = torch.ones(len(samples), dtype=torch.bool)
+    advantages = {"advantages": torch.randn(len(samples))}
+    return samples.micro_batches(
+        every_row, size, False, 1, advantages, pad_id=run.tokenizer.pad_token_id, device=run.device
     )
-    torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    synchronize(torch.device(cfg.hardware.device))
 
 
-def trainer(cfg, model_dir: Path, lr: float):
-    """The loop's trainer for cfg on the bench's model: (model in train mode, what the training passes call
-    (compiled with model.compile), the trainable parameters, fused AdamW on a GPU)."""
+def train_step(run, micro_batches, temperature: float, max_grad_norm: float) -> None:
+    """One optimizer step as the loop makes it: the loop's training pass (update.train_pass) with the run's
+    algorithm, clipping, AdamW; returns when the device has finished it."""
     import torch
 
-    from online_rl.models import compiled_for_training, load_policy, torch_dtype
+    from online_rl.algorithms import Signal
+    from online_rl.update import train_pass
 
-    device = torch.device(cfg.hardware.device)
-    model = load_policy(str(model_dir), cfg.model, torch_dtype(cfg.hardware.param_dtype), device).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, fused=device.type == "cuda")
-    return model, compiled_for_training(model, cfg.model), trainable, optimizer
+    tokens = int(sum(mb.packed.completion_mask.sum() for mb in micro_batches))
+    signal = Signal({}, scalars={"micro_batches": len(micro_batches), "rollout_tokens": tokens})
+    train_pass(run.policy, micro_batches, run.algorithm, signal, temperature, run.autocast_dtype)
+    torch.nn.utils.clip_grad_norm_(run.trainable, max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    synchronize(run.device)
 
 
 def profile_step(step, device, path: Path) -> None:

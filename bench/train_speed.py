@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench import speed_variants
 from bench.arms import compose_config, our_overrides
-from bench.halves import consecutive_micro_batches, profile_step, train_step, trainer
+from bench.halves import profile_step, rollout_micro_batches, step_prompts, train_step
 from bench.settings import SMOKE, Settings
 from bench.summary import flops_per_token, train_mfu
 
@@ -60,45 +60,50 @@ def measure(
 ) -> dict:
     """Seconds of each training step of one variant (the first ones: warm-up), and its peak memory. With
     `beside` (a directory), it trains beside another process instead: see train_beside."""
+    from contextlib import ExitStack
+
     import torch
 
-    from online_rl.models import torch_dtype
+    from online_rl.engines import Rollout
+    from online_rl.setup import build_run
 
     overrides, changes = VARIANTS[variant]
-    settings = replace(settings, **changes)
+    settings = replace(settings, **changes, use_vllm=False)  # training alone: no engine to start
     lora = "model.lora.enabled=true" in overrides
     arm = "floor_lora" if lora else "floor"
     cfg = compose_config(
         our_overrides(settings, arm, workdir / "model", workdir / "prompts.jsonl", workdir) + overrides
     )
-    device = torch.device(cfg.hardware.device)
-    model, trained, trainable, optimizer = trainer(cfg, workdir / "model", settings.lr)
-    autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
+    closing = ExitStack()  # closed when the process ends: a variant runs in a process of its own
+    run = build_run(cfg, closing)
+    device = run.device
 
     rows = settings.prompts_per_step * settings.num_generations
     generator = torch.Generator().manual_seed(settings.seed)
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = run.model.get_input_embeddings().num_embeddings
 
     def random_rows(count: int, width: int) -> list[list[int]]:
         return torch.randint(0, vocab, (count, width), generator=generator).tolist()
 
-    prompts = random_rows(rows, settings.prompt_tokens)
-    completions = random_rows(rows, settings.completion_tokens)
-    size = settings.our_micro_batch_size
-    micro_batches = consecutive_micro_batches(prompts, completions, size, 0, device)
-    tokens = rows * settings.completion_tokens
+    # the step's prompts (each prompt_tokens long) and random completions of completion_tokens each
+    prompt_rows, _ = step_prompts(run)
+    prompt_ids = random_rows(len(prompt_rows), settings.prompt_tokens)
+    completions = Rollout(random_rows(rows, settings.completion_tokens), [False] * rows, None)
 
-    def step_once():  # with the advantages of the step
-        train_step(trained, micro_batches, advantages, tokens, cfg, autocast_dtype, trainable, optimizer)
+    def fresh_micro_batches() -> list:  # the rollout packed again, with new random advantages
+        return rollout_micro_batches(run, prompt_rows, prompt_ids, completions, settings.our_micro_batch_size)
 
-    def timed_step() -> float:  # (new advantages each step)
-        nonlocal advantages
-        advantages = torch.randn(rows, generator=generator)
+    def timed_step() -> float:
+        micro_batches = fresh_micro_batches()  # (packed before the clock starts)
         started = time.perf_counter()
-        step_once()
+        train_step(run, micro_batches, cfg.sampling.temperature, cfg.optim.max_grad_norm)
         return time.perf_counter() - started
 
-    advantages = None
+    profiled_micro_batches = fresh_micro_batches()
+
+    def step_once():  # the step the profiler and the sync debugger watch
+        train_step(run, profiled_micro_batches, cfg.sampling.temperature, cfg.optim.max_grad_norm)
+
     if beside is not None:
         return {"variant": variant, **train_beside(timed_step, settings.warmup_steps, beside)}
     if device.type == "cuda":
