@@ -34,7 +34,7 @@ from bench.arms import compose_config, our_overrides
 from bench.halves import step_prompts, timed_rollout
 from bench.host import cpu_speeds, speeds_summary
 from bench.settings import SMOKE, Settings
-from online_rl.engines.mps import trainer_mps_settings  # (the loop's options -> MPS's settings)
+from online_rl.engines.hosted.mps import trainer_mps_settings  # (the loop's options -> MPS's settings)
 
 MODULE = "bench.gen_speed"  # what `python -m` runs: each variant's process
 PREFIX = "gen-speed"
@@ -58,7 +58,7 @@ VARIANTS = {
 # variant -> the train_speed variant whose steps run beside its second set of rollouts, in a process of its own
 TRAINING_BESIDE = {"beside_training": "compiled"}
 # Under MPS, the loop's vllm options for the training process in each round beside training, set as the loop
-# sets them (engines/mps.py): none, then its kernels capped at a share of the multiprocessors. Without MPS, only
+# sets them (engines/hosted/mps.py): none, then its kernels capped at a share of the multiprocessors. Without MPS, only
 # the first round (the others would do nothing).
 MPS_ROUNDS = ({}, {"trainer_sm_percent": 50}, {"trainer_sm_percent": 25})
 READY_TIMEOUT_S = 600  # the training process's model load and compilation

@@ -127,8 +127,8 @@ class ServeScript:
 
 def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature):
     """(mean, max) |trainer - engine| log-prob over the tokens the engine sampled (n per prompt)."""
-    from online_rl.logprobs import completion_logprobs, pack
     from online_rl.algorithms.sampler_correction import logp_gap
+    from online_rl.logprobs import completion_logprobs, pack
 
     n = len(rollout.completion_ids) // len(prompt_ids)
     batch = pack(

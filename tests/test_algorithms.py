@@ -8,11 +8,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from online_rl.algorithms import preference
+from online_rl.algorithms.rloo import leave_one_out_advantages
 from online_rl.engines.mixture import filter_logits, mix_logprobs, sample_geometric_mixture
 from online_rl.engines.transformers_engine import left_pad
 from online_rl.loop import run
 from online_rl.reward_model import RewardModel
-from online_rl.algorithms.rloo import leave_one_out_advantages
 
 from .conftest import DATA, compose_config
 

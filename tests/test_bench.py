@@ -219,8 +219,8 @@ def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
     """gen_speed's beside_training: the rollouts alone, then again beside a training process (train_speed's
     steps, back to back) in every MPS round, each training process started with that round's MPS settings."""
     from bench.gen_speed import MPS_ROUNDS
-    from online_rl.engines.mps import TRAINER_ONLY as MPS_SETTINGS
-    from online_rl.engines.mps import trainer_mps_settings
+    from online_rl.engines.hosted.mps import TRAINER_ONLY as MPS_SETTINGS
+    from online_rl.engines.hosted.mps import trainer_mps_settings
 
     round_settings = [trainer_mps_settings(options) for options in MPS_ROUNDS]
 

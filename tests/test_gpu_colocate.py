@@ -91,7 +91,6 @@ def run_with_engine(tmp_path, overrides: list[str], body: str) -> subprocess.Com
     (vllm=colocate at 0.2 of the GPU, then `overrides`), device, model (the trainer, fp32) and engine."""
     prologue = f"""
 import pathlib, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import compose_config
 from online_rl.data import synthetic_arithmetic
 from online_rl.engines.vllm_colocate import VLLMColocateEngine

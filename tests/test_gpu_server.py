@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.engines.gpu_guard import SameDeviceError
-from online_rl.logprobs import completion_logprobs, pack
 from online_rl.algorithms.sampler_correction import logp_gap
+from online_rl.engines.server.gpu_guard import SameDeviceError
+from online_rl.logprobs import completion_logprobs, pack
 
 from .conftest import ROOT, ServeScript, compose_config
 
@@ -50,7 +50,7 @@ def server(two_gpus, tiny_model_dir, tmp_path_factory):
 
 
 def engine_for(server, device=TRAINER, **overrides):
-    from online_rl.engines.vllm_server import VLLMServerEngine
+    from online_rl.engines.server.vllm_server import VLLMServerEngine
 
     settings = [f"vllm.{k}={v}" for k, v in overrides.items()]
     cfg = compose_config(["vllm=server", f"vllm.base_urls=[{server.url}]", *settings]).vllm

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from online_rl.engines import EngineUnavailable
-from online_rl.engines.gpu_guard import (
+from online_rl.engines.server.gpu_guard import (
     SameDeviceError,
     check_trainer_gpu,
     is_local_host,
@@ -16,7 +16,7 @@ from online_rl.engines.gpu_guard import (
     server_gpu_uuids,
     visible_devices_in,
 )
-from online_rl.engines.vllm_server import (
+from online_rl.engines.server.vllm_server import (
     Background,
     completion_request,
     parse_completions,

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_rl.engines import resolve_mode
 from online_rl.loop import run
-from online_rl.update import SyncError, check_sync
 from online_rl.models import add_lora, disable_dropout
+from online_rl.update import SyncError, check_sync
 
 from .conftest import compose_config, trainer_gap
 
@@ -331,7 +331,7 @@ def test_shared_weight_buckets_fit_the_block_and_keep_the_order():
     """vllm.separate_process pushes the weights through one block: buckets of at most the block's size, in the
     trainer's order, each view aligned; floating-point weights in vLLM's dtype; a weight larger than a bucket
     gets one of its own, and the block grows to it."""
-    from online_rl.engines.shared_weights import plan_buckets, slot_view
+    from online_rl.engines.hosted.shared_weights import plan_buckets, slot_view
 
     specs = [
         ("embed", torch.float32, (100, 8)),  # 1600 bytes in bf16
@@ -415,7 +415,6 @@ def test_a_dead_engine_process_is_an_error_not_a_hang(tmp_path, tiny_model_dir):
 
     snippet = f"""
 import os, signal, sys, time, psutil, torch
-sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import compose_config
 from online_rl.engines.vllm_colocate import VLLMColocateEngine
 from online_rl.models import load_policy
@@ -463,7 +462,6 @@ def test_a_trainer_that_exits_without_closing_its_engine_process_ends_it(tiny_mo
 
     snippet = f"""
 import sys, torch
-sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import compose_config
 from online_rl.engines.vllm_colocate import VLLMColocateEngine
 cfg = compose_config({[*CPU_COLOCATE, "vllm.separate_process=true"]!r})
@@ -483,7 +481,7 @@ print("ENGINE", engine.llms[0].pid, flush=True)
 SM_CAP_PROBE = """
 import json, os, sys
 import psutil, torch
-from online_rl.engines.mps import TRAINER_ONLY, share_gpu_with_engines
+from online_rl.engines.hosted.mps import TRAINER_ONLY, share_gpu_with_engines
 from online_rl.engines.vllm_colocate import VLLMColocateEngine
 from tests.conftest import compose_config
 

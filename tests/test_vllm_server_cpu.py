@@ -53,7 +53,7 @@ def server_config(*urls, **overrides):
 
 
 def make_engine(*urls, **overrides):
-    from online_rl.engines.vllm_server import VLLMServerEngine
+    from online_rl.engines.server.vllm_server import VLLMServerEngine
 
     return VLLMServerEngine(server_config(*urls, **overrides), torch.device("cpu"), model_path="tiny")
 
@@ -113,7 +113,7 @@ def test_prompts_split_across_servers_come_back_in_order(server, trainer, tokeni
 
 
 def test_server_flags_are_checked(server):
-    from online_rl.engines.vllm_server import check_server_config
+    from online_rl.engines.server.vllm_server import check_server_config
 
     info = httpx.get(f"{server.url}/server_info", params={"config_format": "json"}, timeout=60).json()
     check_server_config(server.url, info, needs_weight_transfer=True)  # as serve.sh starts it
@@ -195,7 +195,7 @@ def test_training_against_the_unsynced_server_is_stopped(server, make_config, ti
 
 
 def test_weight_sync_on_a_cpu_is_refused_naming_the_knob():
-    from online_rl.engines.vllm_server import VLLMServerEngine
+    from online_rl.engines.server.vllm_server import VLLMServerEngine
 
     cfg = compose_config(["vllm=server"]).vllm  # sync_weights=true, the default
     with pytest.raises(ValueError, match="vllm.sync_weights=false"):

@@ -167,7 +167,7 @@ class VLLMColocateConfig(VLLMCheckConfig):
     regex: str | None = None  # structured generation: every completion matches this regex
     cpu_kv_cache_gib: int = 1  # KV cache size when vLLM runs on a CPU (VLLM_CPU_KVCACHE_SPACE)
     # vLLM's whole engine in a process of its own on the trainer's device, one message per call
-    # (engines/engine_host.py); each sync copies the weights into memory both processes map (CUDA IPC on a
+    # (engines/hosted/engine_host.py); each sync copies the weights into memory both processes map (CUDA IPC on a
     # GPU). Generating then takes none of the trainer's interpreter, which it otherwise shares with training
     # when the two overlap (off_policy_steps=1). One training rank, one GPU.
     separate_process: bool = False
@@ -183,7 +183,7 @@ class VLLMColocateConfig(VLLMCheckConfig):
     # separate_process under CUDA's MPS daemon (`nvidia-cuda-mps-control -d`): the most of the GPU's
     # multiprocessors the trainer's kernels take, in percent; the engines keep all of them. Beside training
     # (off_policy_steps=1) a decoding step's small kernels then find room instead of waiting for the trainer's
-    # (engines/mps.py). null: no cap.
+    # (engines/hosted/mps.py). null: no cap.
     trainer_sm_percent: int | None = None
 
 

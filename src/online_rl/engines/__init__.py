@@ -1,4 +1,13 @@
-"""Generation engines behind one protocol (`sync_weights`, `generate`, `close`): see protocol.py."""
+"""Generation engines behind one protocol (`sync_weights`, `generate`, `close`: protocol.py), in three modes:
+
+    in-process   vllm=off: transformers `generate` on the trainer's model (transformers_engine.py)
+                 vllm=colocate: `vllm.LLM` in the trainer's process, asleep while it trains (vllm_colocate.py)
+    hosted       vllm=colocate vllm.separate_process=true: the same engine in a process of its own on the
+                 trainer's GPU, weights through shared GPU memory, optionally under MPS (hosted/)
+    server       vllm=server: the stock vLLM server, weights pushed over NCCL (server/)
+
+The loop reaches them through this module's names alone: make_engine, resolve_mode, SaveWhenUnavailable.
+"""
 
 from __future__ import annotations
 
@@ -61,11 +70,13 @@ def make_engine(
         )
     if mode == "server":
         from online_rl import distributed
-        from online_rl.engines.vllm_server import VLLMServerEngine
+        from online_rl.engines.server.vllm_server import VLLMServerEngine
 
         if distributed.world_size() == 1:
             return VLLMServerEngine(engine_cfg, device=device, model_path=model_path)
-        from online_rl.engines.main_rank import MainRankEngine  # several ranks: rank 0 talks to the servers
+        from online_rl.engines.server.main_rank import (
+            MainRankEngine,  # several ranks: rank 0 talks to the servers
+        )
 
         on_main = distributed.rank() == 0
         return MainRankEngine(

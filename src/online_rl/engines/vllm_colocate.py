@@ -30,16 +30,16 @@ from typing import Any
 
 import torch
 
-from online_rl.engines.engine_host import HostedLLM, generate_lists
-from online_rl.engines.mps import engines_without_trainer_settings
+from online_rl.engines.hosted.engine_host import HostedLLM, generate_lists
+from online_rl.engines.hosted.mps import engines_without_trainer_settings
+from online_rl.engines.hosted.shared_weights import SharedWeightBuffer
 from online_rl.engines.protocol import Rollout
-from online_rl.engines.shared_weights import SharedWeightBuffer
 from online_rl.engines.weights import inference_weights
 from online_rl.models import torch_dtype
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "online_rl.engines.shared_weights.SharedWeightsWorker"
+WORKER_EXTENSION = "online_rl.engines.hosted.shared_weights.SharedWeightsWorker"
 
 
 def external_launcher() -> dict[str, str]:

@@ -8,7 +8,7 @@ training step's matrix products still fill every multiprocessor, and each of a d
 waits for some to free. On the H200, beside a training process that trained without pause, a rollout took about
 1.9x its time alone under MPS, and about 1.4x with the trainer capped at half the multiprocessors (eighth lease).
 On another machine it took 1.13x uncapped and as long as alone with the cap at 50 or 25 (ninth lease,
-docs/gpu-validation.md). MPS reads the cap from the environment (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) when a process
+docs/log.md). MPS reads the cap from the environment (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) when a process
 makes its CUDA context, so the trainer sets it before its first CUDA call, and the engine processes it starts are
 not given it.
 """

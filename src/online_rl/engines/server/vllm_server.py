@@ -31,8 +31,8 @@ from typing import Any
 import httpx
 import torch
 
-from online_rl.engines import gpu_guard
 from online_rl.engines.protocol import Background, EngineUnavailable, Rollout
+from online_rl.engines.server import gpu_guard
 from online_rl.engines.weights import inference_weight_specs, inference_weights
 
 log = logging.getLogger(__name__)
