@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,7 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
     """Our loop as a user runs it: `python train.py <overrides>` (with the lab's per-step diagnostics on), its
     steps read back from the run's metrics.jsonl."""
     run_dir = workdir / arm
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier command's run there: its metrics.jsonl would grow
     overrides = [*our_overrides(settings, arm, model_dir, prompts, workdir), "logger.lab_metrics=true"]
     log_path = workdir / f"{arm}-train.log"
     with log_path.open("w") as log:

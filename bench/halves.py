@@ -45,10 +45,10 @@ def rollout_micro_batches(run, rows, prompt_ids, rollout, size: int) -> list:
     samples = Samples.from_rollout(
         rows, prompt_ids, rollout, [True] * len(rollout.completion_ids), run.tokenizer
     )
+    samples.signal = {"advantages": torch.randn(len(samples))}
     every_row = torch.ones(len(samples), dtype=torch.bool)
-    advantages = {"advantages": torch.randn(len(samples))}
     return samples.micro_batches(
-        every_row, size, False, 1, advantages, pad_id=run.tokenizer.pad_token_id, device=run.device
+        every_row, size, False, 1, pad_id=run.tokenizer.pad_token_id, device=run.device
     )
 
 

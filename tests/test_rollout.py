@@ -38,9 +38,9 @@ def test_rows_expand_each_prompt_and_column_by_its_samples():
 
 def test_micro_batches_by_length_carry_their_rows_signal_and_padding():
     samples = two_prompts_two_samples()
-    advantages = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    samples.signal = {"advantages": torch.tensor([0.1, 0.2, 0.3, 0.4])}
     micro_batches = samples.micro_batches(
-        torch.ones(4, dtype=torch.bool), 2, True, 1, {"advantages": advantages},
+        torch.ones(4, dtype=torch.bool), 2, True, 1,
         pad_id=0, device=torch.device("cpu"), mask_truncated=True,
     )  # fmt: skip
     # lengths (prompt + completion): 4, 2, 4, 6 -> longest first: rows 3, 0 | 2, 1
@@ -57,9 +57,9 @@ def test_micro_batches_by_length_carry_their_rows_signal_and_padding():
 def test_pairs_share_a_micro_batch_and_untrained_rows_stay_out():
     samples = two_prompts_two_samples(sampler_logprobs=False)
     pairs = samples.micro_batches(
-        torch.ones(4, dtype=torch.bool), 2, True, 2, {}, pad_id=0, device=torch.device("cpu")
+        torch.ones(4, dtype=torch.bool), 2, True, 2, pad_id=0, device=torch.device("cpu")
     )
     assert [mb.rows for mb in pairs] == [[2, 3], [0, 1]]  # whole pairs, the longer pair first
     engine_rows = torch.tensor([True, False, True, False])  # Nash-MD trains on the engine's samples only
-    only = samples.micro_batches(engine_rows, 4, False, 1, {}, pad_id=0, device=torch.device("cpu"))
+    only = samples.micro_batches(engine_rows, 4, False, 1, pad_id=0, device=torch.device("cpu"))
     assert [mb.rows for mb in only] == [[0, 2]] and only[0].packed.sampler_logp is None

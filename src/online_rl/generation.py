@@ -17,9 +17,7 @@ import torch
 from online_rl import distributed
 from online_rl.cpu_clock import CpuUse
 from online_rl.data import tokenize_prompts
-from online_rl.engines import Rollout
-from online_rl.engines.mixture import sample_geometric_mixture
-from online_rl.engines.transformers_engine import eos_token_ids
+from online_rl.engines import Rollout, eos_token_ids, sample_geometric_mixture
 from online_rl.rollout_ahead import RolloutAhead
 
 

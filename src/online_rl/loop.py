@@ -85,6 +85,7 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
 
             # 5. What the algorithm learns from: an advantage per row, or each pair's ranking.
             signal = algorithm.learning_signal(samples, run.step, cfg.max_steps)
+            samples.signal = signal.per_row  # (N,) each
 
             # 6. Update: micro-batches of rows of similar length (less padding), then num_iterations passes.
             phase_started = time.perf_counter()
@@ -94,7 +95,6 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
                 cfg.micro_batch_size,
                 cfg.micro_batch_by_length,
                 algorithm.rows_per_unit,
-                signal.per_row,
                 pad_id=run.tokenizer.pad_token_id,
                 device=run.device,
                 mask_truncated=algorithm.masks_truncated,

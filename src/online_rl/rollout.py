@@ -45,6 +45,8 @@ class Samples:
     scores: dict[str, list[float | None]] = field(default_factory=dict)  # per reward function, (N) each
     rewards: torch.Tensor | None = None  # (N,) their weighted total
     ranking_scores: torch.Tensor | None = None  # (N,) what ranks a preference pair: a reward model or rewards
+    # the algorithm's learning signal, (N,) each: the advantage of every row, or the ranking of its pair
+    signal: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_rollout(
@@ -86,7 +88,6 @@ class Samples:
         rows_per_micro_batch: int,
         by_length: bool,
         rows_per_unit: int,
-        per_row: dict[str, torch.Tensor],
         *,
         pad_id: int,
         device: torch.device,
@@ -94,9 +95,9 @@ class Samples:
     ) -> list[MicroBatch]:
         """The `trained` rows ((N,) bool) packed into micro-batches on `device`, longest first when `by_length`.
 
-        rows_per_unit: consecutive rows that share a micro-batch (2: a preference pair). per_row: (N,) tensors
-        each micro-batch carries for its rows (moved in one copy per key: a copy from pageable memory waits
-        for the GPU's queued work). mask_truncated: completions cut at max_completion_length leave the loss.
+        rows_per_unit: consecutive rows that share a micro-batch (2: a preference pair). Each micro-batch carries
+        its rows' share of `signal` (moved in one copy per key: a copy from pageable memory waits for the GPU's
+        queued work). mask_truncated: completions cut at max_completion_length leave the loss.
         """
         lengths = [len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids)]
         rows = [i for i in range(len(self)) if trained[i]]
@@ -104,7 +105,7 @@ class Samples:
         sizes = [len(index) for index in groups]
         signals = {  # key -> one (B,) tensor per micro-batch
             key: torch.cat([values[index] for index in groups]).to(device).split(sizes)
-            for key, values in per_row.items()
+            for key, values in self.signal.items()
         }
         micro_batches = []
         for i, index in enumerate(groups):

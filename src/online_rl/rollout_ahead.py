@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from online_rl.engines.protocol import Rollout
+from online_rl.engines import Rollout
 
 # How often the interpreter hands the lock to the other thread while both run (Python's default: 5 ms)
 SWITCH_INTERVAL_S = 0.0005

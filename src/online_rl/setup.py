@@ -22,8 +22,7 @@ from online_rl import distributed
 from online_rl.algorithms import make_algorithm
 from online_rl.checkpoint import prepare_output_dir, save_checkpoint
 from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenizer_corpus
-from online_rl.engines import SaveWhenUnavailable, make_engine, resolve_mode
-from online_rl.engines.hosted.mps import share_gpu_with_engines
+from online_rl.engines import SaveWhenUnavailable, make_engine, resolve_mode, share_gpu_with_engines
 from online_rl.evaluation import Evaluator
 from online_rl.gc_clock import CollectorClock
 from online_rl.generation import RolloutSource

@@ -6,7 +6,7 @@
                  trainer's GPU, weights through shared GPU memory, optionally under MPS (hosted/)
     server       vllm=server: the stock vLLM server, weights pushed over NCCL (server/)
 
-The loop reaches them through this module's names alone: make_engine, resolve_mode, SaveWhenUnavailable.
+The rest of the library reaches them through this module's names alone (__all__).
 """
 
 from __future__ import annotations
@@ -18,11 +18,24 @@ from typing import Any
 
 import torch
 
+from online_rl.engines.hosted.mps import share_gpu_with_engines
+from online_rl.engines.mixture import sample_geometric_mixture
 from online_rl.engines.protocol import Engine, EngineUnavailable, Rollout
+from online_rl.engines.transformers_engine import eos_token_ids
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineUnavailable", "Rollout", "SaveWhenUnavailable", "make_engine", "resolve_mode"]
+__all__ = [
+    "Engine",
+    "EngineUnavailable",
+    "Rollout",
+    "SaveWhenUnavailable",
+    "eos_token_ids",
+    "make_engine",
+    "resolve_mode",
+    "sample_geometric_mixture",  # Nash-MD's and XPO's second sample: the policy/reference mixture
+    "share_gpu_with_engines",
+]
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
