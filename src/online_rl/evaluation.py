@@ -67,7 +67,9 @@ class Evaluator:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        eval_cfg: DictConfig,
+        data_cfg: DictConfig,
+        sampling: DictConfig,
         engine: Any,
         tokenizer: Any,
         reward_functions: list[RewardFunction],
@@ -75,20 +77,22 @@ class Evaluator:
         metrics_path: Path,
         device: torch.device,
     ):
+        """eval_cfg: the `eval` group; data_cfg: the `data` group (its eval split, prompt format); sampling:
+        the training's, whose temperature eval.temperature may replace."""
         self.engine, self.tokenizer, self.reward_functions = engine, tokenizer, reward_functions
         self.tracker, self.metrics_path, self.device = tracker, metrics_path, device
-        self.eval_cfg = cfg.eval
-        self.rows = list(load_eval_prompts(cfg.data, cfg.eval.split))
+        self.eval_cfg = eval_cfg
+        self.rows = list(load_eval_prompts(data_cfg, eval_cfg.split))
         self.prompt_ids = tokenize_prompts(
             tokenizer,
             [row["prompt"] for row in self.rows],
-            cfg.data.system_prompt,
-            cfg.data.max_prompt_length,
+            data_cfg.system_prompt,
+            data_cfg.max_prompt_length,
         )
-        temperature = cfg.eval.temperature if cfg.eval.temperature is not None else cfg.sampling.temperature
-        self.sampled = OmegaConf.merge(cfg.sampling, {"temperature": temperature})
-        self.greedy = OmegaConf.merge(cfg.sampling, {"temperature": 0.0, "top_p": 1.0, "top_k": 0})
-        log.info("Evaluation set: %d prompts of eval.split=%s", len(self.rows), cfg.eval.split)
+        temperature = eval_cfg.temperature if eval_cfg.temperature is not None else sampling.temperature
+        self.sampled = OmegaConf.merge(sampling, {"temperature": temperature})
+        self.greedy = OmegaConf.merge(sampling, {"temperature": 0.0, "top_p": 1.0, "top_k": 0})
+        log.info("Evaluation set: %d prompts of eval.split=%s", len(self.rows), eval_cfg.split)
 
     def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Evaluate `model` now, log the metrics at `step` (tracker, metrics.jsonl, console) and return them."""
@@ -202,7 +206,9 @@ def run_eval_only(cfg: DictConfig, output_dir: Path, run_name: str, tracking_dir
         log.info("Dashboard: %s", dashboard)
     log.info("Scoring %s on eval.split=%s (eval_only)", model_path, cfg.eval.split)
     evaluator = Evaluator(
-        cfg,
+        cfg.eval,
+        cfg.data,
+        cfg.sampling,
         engine,
         tokenizer,
         load_reward_functions(cfg.rewards),

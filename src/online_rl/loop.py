@@ -56,7 +56,12 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
     algorithm, sampling = run.algorithm, cfg.sampling
     summary = RunSummary(output_dir=run.output_dir, final_checkpoint=run.output_dir)
     progress = tqdm(
-        total=cfg.max_steps, initial=run.step, desc=cfg.algo.name, unit="step", disable=not run.is_main
+        total=cfg.max_steps,
+        initial=run.step,
+        desc=cfg.algo.name,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not run.is_main,
     )
     with logging_redirect_tqdm():
         while run.step < cfg.max_steps:

@@ -198,7 +198,17 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         log.info("Dashboard: %s", tracker.dashboard_command())
     metrics_path = output_dir / "metrics.jsonl" if ranks.is_main else Path(os.devnull)
     evaluator = (
-        Evaluator(cfg, engine, tokenizer, reward_functions, tracker, metrics_path, device)
+        Evaluator(
+            cfg.eval,
+            cfg.data,
+            cfg.sampling,
+            engine,
+            tokenizer,
+            reward_functions,
+            tracker,
+            metrics_path,
+            device,
+        )
         if cfg.eval_every
         else None
     )
