@@ -1,4 +1,4 @@
-"""Typed schemas for every Hydra config group.
+"""Typed schemas for every Hydra config group (the algo group's live beside their algorithms, in algorithms/).
 
 Each group's YAML files start from one of these dataclasses (registered in Hydra's ConfigStore), so a
 misspelt key or a value of the wrong type fails when the config is composed, before any model loads,
@@ -14,23 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-
-class ScaleRewards(str, Enum):
-    group = "group"  # divide by the std of the prompt's G rewards (GRPO paper)
-    batch = "batch"  # divide by the std of the whole generation batch (more robust, Dr. GRPO discussion)
-    none = "none"  # centre only (Dr. GRPO: no std scaling)
-
-
-class LossType(str, Enum):
-    grpo = "grpo"  # mean over each sequence's tokens, then over sequences (GRPO paper)
-    bnpo = "bnpo"  # token mean over each micro-batch
-    dr_grpo = "dr_grpo"  # token sum / (sequences x max_completion_length) (Dr. GRPO)
-    dapo = "dapo"  # token mean over the whole generation batch (DAPO)
-
-
-class PreferenceLossType(str, Enum):
-    sigmoid = "sigmoid"  # DPO: -log sigmoid(beta * margin)
-    ipo = "ipo"  # IPO: (margin - 1 / (2 beta))^2, does not push the margin to infinity
+from online_rl.algorithms import ALGORITHMS
 
 
 class EngineMode(str, Enum):
@@ -63,67 +47,6 @@ class LrScheduler(str, Enum):
     constant = "constant"
     linear = "linear"
     cosine = "cosine"
-
-
-@dataclass
-class PolicyGradientConfig:
-    """What GRPO and RLOO share: G samples per prompt, an advantage each, and the clipped update."""
-
-    num_generations: int = 8  # G: completions sampled per prompt, the group each is compared with
-    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float | None = (
-        None  # upper clip: ratio <= 1 + epsilon_high; null = epsilon (DAPO uses 0.28)
-    )
-    num_iterations: int = 1  # mu: optimizer passes over one rollout, each against the rollout's old log-probs
-    loss_type: LossType = LossType.dapo  # grpo | bnpo | dr_grpo | dapo (how token losses are averaged)
-    beta: float = 0.0  # KL weight to the reference model (k3 estimator); 0 loads no reference model
-    mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
-
-
-@dataclass
-class GRPOConfig(PolicyGradientConfig):
-    name: str = "grpo"
-    scale_rewards: ScaleRewards = ScaleRewards.group  # group | batch | none: what divides the centred rewards
-
-
-@dataclass
-class RLOOConfig(PolicyGradientConfig):
-    name: str = "rloo"
-    normalize_advantages: bool = False  # divide the leave-one-out advantages by their std over the rollout
-
-
-@dataclass
-class PreferenceConfig:
-    """What online DPO, Nash-MD and XPO share: a pair of samples per prompt, judged against a reference model."""
-
-    beta: float = 0.1  # strength of the pull towards the reference model (DPO's beta; Nash-MD's KL weight)
-    beta_final: float | None = None  # beta moves linearly from `beta` to this over max_steps; null = constant
-    missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never emits EOS
-    reward_model: str | None = None  # hub id or path of a sequence-classification model that ranks the pair;
-    # null = the configured reward functions rank it
-    reward_model_batch_size: int = 16  # completions per reward-model forward
-
-
-@dataclass
-class OnlineDPOConfig(PreferenceConfig):
-    name: str = "dpo"
-    loss_type: PreferenceLossType = PreferenceLossType.sigmoid  # sigmoid (DPO) | ipo (IPO)
-
-
-@dataclass
-class NashMDConfig(PreferenceConfig):
-    name: str = "nash_md"
-    mixture_coef: float = (
-        0.5  # c: the comparison sample comes from pi^(1-c) * pi_ref^c (0 = the policy itself)
-    )
-
-
-@dataclass
-class XPOConfig(OnlineDPOConfig):
-    name: str = "xpo"
-    alpha: float = (
-        1e-5  # weight of the exploration term alpha * log pi(y_ref) (sums over tokens, hence small)
-    )
 
 
 @dataclass
@@ -346,7 +269,7 @@ class WatchdogConfig:
 
 @dataclass
 class TrainConfig:
-    algo: Any = MISSING  # one of the algo group's schemas (GRPOConfig, RLOOConfig, OnlineDPOConfig, ...)
+    algo: Any = MISSING  # one of the algo group's schemas (algorithms/: each entry's `schema`)
     vllm: Any = (
         MISSING  # one of the vllm group's schemas (EngineConfig, VLLMColocateConfig, VLLMServerConfig)
     )
@@ -413,11 +336,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("hardware_auto", hardware_auto)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
-    store.store(group="schema/algo", name="grpo", node=GRPOConfig)
-    store.store(group="schema/algo", name="rloo", node=RLOOConfig)
-    store.store(group="schema/algo", name="dpo", node=OnlineDPOConfig)
-    store.store(group="schema/algo", name="nash_md", node=NashMDConfig)
-    store.store(group="schema/algo", name="xpo", node=XPOConfig)
+    for name, algorithm in ALGORITHMS.items():  # each entry of the algorithm table brings its own schema
+        store.store(group="schema/algo", name=name, node=algorithm.schema)
     store.store(group="schema/vllm", name="off", node=EngineConfig)
     store.store(group="schema/vllm", name="colocate", node=VLLMColocateConfig)
     store.store(group="schema/vllm", name="server", node=VLLMServerConfig)

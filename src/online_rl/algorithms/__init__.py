@@ -4,24 +4,44 @@
     grpo      G from the engine         group-normalised advantages       grpo.policy_gradient_loss
     rloo      G from the engine         leave-one-out advantages          grpo.policy_gradient_loss
     dpo       2 from the engine         the pair ranked by its scores     preference.pair_loss
-    nash_md   1 + 1 from pi^(1-c) ref^c  P(y > y') (Bradley-Terry)         preference.nash_md_micro_batch_loss
+    nash_md   1 + 1 from pi^(1-c) ref^c P(y > y') (Bradley-Terry)         preference.nash_md_micro_batch_loss
     xpo       1 + 1 from the reference  the pair ranked by its scores     preference.pair_loss + exploration
 
 Each entry is a small class built from its config group. The loop asks it how many samples to draw
 (`samples_per_prompt`, `second_sample_coef`), turns the rollout's rewards into a per-row signal
 (`learning_signal`), and hands each micro-batch's log-probs to `loss`, which returns (loss, token sums).
-Adding an algorithm is one class here, its maths beside it, a schema in config.py and one YAML in conf/algo/.
+Adding an algorithm is one class here with its config schema (a dataclass: the `algo.*` keys, typed), its
+maths beside it in this package, and one YAML in conf/algo/.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
 
 from online_rl import distributed
 from online_rl.algorithms import grpo, preference, rloo
+
+
+class ScaleRewards(str, Enum):
+    group = "group"  # divide by the std of the prompt's G rewards (GRPO paper)
+    batch = "batch"  # divide by the std of the whole generation batch (more robust, Dr. GRPO discussion)
+    none = "none"  # centre only (Dr. GRPO: no std scaling)
+
+
+class LossType(str, Enum):
+    grpo = "grpo"  # mean over each sequence's tokens, then over sequences (GRPO paper)
+    bnpo = "bnpo"  # token mean over each micro-batch
+    dr_grpo = "dr_grpo"  # token sum / (sequences x max_completion_length) (Dr. GRPO)
+    dapo = "dapo"  # token mean over the whole generation batch (DAPO)
+
+
+class PreferenceLossType(str, Enum):
+    sigmoid = "sigmoid"  # DPO: -log sigmoid(beta * margin)
+    ipo = "ipo"  # IPO: (margin - 1 / (2 beta))^2, does not push the margin to infinity
 
 
 @dataclass
@@ -31,6 +51,21 @@ class Signal:
     per_row: dict[str, torch.Tensor]  # each (N,): a value per rollout row (advantage, the pair's ranking)
     scalars: dict[str, float] = field(default_factory=dict)  # beta, pairs, rollout_tokens, ...
     metrics: dict[str, float] = field(default_factory=dict)  # logged as they are (adv/*, pairs/*)
+
+
+@dataclass
+class PolicyGradientConfig:
+    """What GRPO and RLOO share: G samples per prompt, an advantage each, and the clipped update."""
+
+    num_generations: int = 8  # G: completions sampled per prompt, the group each is compared with
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = (
+        None  # upper clip: ratio <= 1 + epsilon_high; null = epsilon (DAPO uses 0.28)
+    )
+    num_iterations: int = 1  # mu: optimizer passes over one rollout, each against the rollout's old log-probs
+    loss_type: LossType = LossType.dapo  # grpo | bnpo | dr_grpo | dapo (how token losses are averaged)
+    beta: float = 0.0  # KL weight to the reference model (k3 estimator); 0 loads no reference model
+    mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
 
 
 class PolicyGradient:
@@ -102,18 +137,54 @@ class PolicyGradient:
         return metrics
 
 
+@dataclass
+class GRPOConfig(PolicyGradientConfig):
+    name: str = "grpo"
+    scale_rewards: ScaleRewards = ScaleRewards.group  # group | batch | none: what divides the centred rewards
+
+
 class GRPO(PolicyGradient):
+    schema = GRPOConfig
+
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         return grpo.group_advantages(rewards, self.samples_per_prompt, self.cfg.scale_rewards.value)
 
 
+@dataclass
+class RLOOConfig(PolicyGradientConfig):
+    name: str = "rloo"
+    normalize_advantages: bool = False  # divide the leave-one-out advantages by their std over the rollout
+
+
 class RLOO(PolicyGradient):
+    schema = RLOOConfig
+
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         return rloo.leave_one_out_advantages(rewards, self.samples_per_prompt, self.cfg.normalize_advantages)
 
 
+@dataclass
+class PreferenceConfig:
+    """What online DPO, Nash-MD and XPO share: a pair of samples per prompt, judged against a reference model."""
+
+    beta: float = 0.1  # strength of the pull towards the reference model (DPO's beta; Nash-MD's KL weight)
+    beta_final: float | None = None  # beta moves linearly from `beta` to this over max_steps; null = constant
+    missing_eos_penalty: float | None = None  # subtracted from the score of a completion that never emits EOS
+    reward_model: str | None = None  # hub id or path of a sequence-classification model that ranks the pair;
+    # null = the configured reward functions rank it
+    reward_model_batch_size: int = 16  # completions per reward-model forward
+
+
+@dataclass
+class OnlineDPOConfig(PreferenceConfig):
+    name: str = "dpo"
+    loss_type: PreferenceLossType = PreferenceLossType.sigmoid  # sigmoid (DPO) | ipo (IPO)
+
+
 class OnlineDPO:
     """Two samples per prompt, ranked by their scores; the DPO (or IPO) loss against the frozen reference."""
+
+    schema = OnlineDPOConfig
 
     samples_per_prompt = 2  # rows 2p and 2p + 1: the pair of prompt p
     rows_per_unit = 2  # both rows of a pair share a micro-batch
@@ -177,8 +248,18 @@ class OnlineDPO:
         }
 
 
+@dataclass
+class XPOConfig(OnlineDPOConfig):
+    name: str = "xpo"
+    alpha: float = (
+        1e-5  # weight of the exploration term alpha * log pi(y_ref) (sums over tokens, hence small)
+    )
+
+
 class XPO(OnlineDPO):
     """Online DPO on the policy's sample against the reference's, plus alpha * log pi(y_ref) (exploration)."""
+
+    schema = XPOConfig
 
     second_sample_coef = 1.0  # the mixture at c = 1: the reference alone
 
@@ -190,8 +271,18 @@ class XPO(OnlineDPO):
         return {**super().metrics(totals, signal, tokens), "train/exploration_loss": totals["exploration"]}
 
 
+@dataclass
+class NashMDConfig(PreferenceConfig):
+    name: str = "nash_md"
+    mixture_coef: float = (
+        0.5  # c: the comparison sample comes from pi^(1-c) * pi_ref^c (0 = the policy itself)
+    )
+
+
 class NashMD(OnlineDPO):
     """The policy's sample against one of the mixture pi^(1-c) pi_ref^c; the policy's rows alone are trained."""
+
+    schema = NashMDConfig
 
     rows_per_unit = 1
 
