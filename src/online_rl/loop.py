@@ -112,9 +112,7 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
                 rollout_tokens=distributed.mean_over_ranks(tokens),
             )
             # no-grad passes: old log-probs (num_iterations > 1), reference log-probs (beta > 0)
-            logprob_passes(run, micro_batches, sampling.temperature)
-            logprob_passes_ran = algorithm.needs_old_logp or algorithm.needs_ref_logp
-            logprobs_s = time.perf_counter() - phase_started if logprob_passes_ran else 0.0
+            logprobs_s = logprob_passes(run, micro_batches, sampling.temperature)
             updates = []
             for iteration in range(algorithm.passes):
                 totals = train_pass(

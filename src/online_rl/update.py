@@ -8,6 +8,8 @@ the engine generated with the trainer's weights (`check_sync`).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from online_rl.algorithms.sampler_correction import logp_gap
@@ -15,11 +17,14 @@ from online_rl.logprobs import completion_logprobs
 from online_rl.rollout import MicroBatch
 
 
-def logprob_passes(run, micro_batches: list[MicroBatch], temperature: float) -> None:
+def logprob_passes(run, micro_batches: list[MicroBatch], temperature: float) -> float:
     """Fill each micro-batch's old_logp (B, C) (the rollout policy, fixed over several passes) and ref_logp
     (B, C) (the reference: the frozen copy, or under LoRA the model with its adapters off), as the algorithm
-    needs them. No gradient."""
+    needs them. No gradient. Returns their seconds (0 when the algorithm needs neither)."""
     old, ref = run.algorithm.needs_old_logp, run.algorithm.needs_ref_logp
+    if not (old or ref):
+        return 0.0
+    started = time.perf_counter()
     with torch.no_grad():
         for micro_batch in micro_batches:
             if old:
@@ -30,8 +35,9 @@ def logprob_passes(run, micro_batches: list[MicroBatch], temperature: float) -> 
                 micro_batch.ref_logp = reference_logprobs(
                     run.model, run.reference, micro_batch.packed, temperature, run.autocast_dtype
                 )
-    if (old or ref) and run.device.type == "cuda":
+    if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # their kernels are this phase's (time/logprobs_s), not training's
+    return time.perf_counter() - started
 
 
 def reference_logprobs(model, reference, batch, temperature, autocast_dtype) -> torch.Tensor:
