@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.export import model_card, push_to_hub
+from online_rl.export import model_card, push_to_hub_repo
 from online_rl.loop import run
 from online_rl.models import load_trained_model
 
@@ -142,7 +142,7 @@ def test_push_to_hub_is_skipped_cleanly_offline(tmp_path, monkeypatch, caplog, o
     # huggingface_hub reads the variable once, at import: CI imports it with HF_HUB_OFFLINE=1
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline)
     with caplog.at_level(logging.WARNING):
-        assert push_to_hub("someone/tiny-grpo", tmp_path / "model") is False
+        assert push_to_hub_repo("someone/tiny-grpo", tmp_path / "model") is False
     reason = "HF_HUB_OFFLINE is set" if offline else "no Hugging Face token"
     assert f"push_to_hub=someone/tiny-grpo skipped: {reason}" in caplog.text
     assert f"hf upload someone/tiny-grpo {tmp_path / 'model'}" in caplog.text

@@ -42,26 +42,29 @@ def test_redact_config_by_key_name():
     }
 
 
-def test_a_secret_on_the_command_line_is_nowhere_in_the_run_directory_or_output(tmp_path):
+def test_a_secret_on_the_command_line_is_nowhere_a_training_or_eval_only_run_writes(tmp_path):
+    """Config files (ours and Hydra's), trackio's database, metrics, checkpoints, the model card, eval.json
+    and the console: a training run, then eval_only on its model, each with a token on the command line."""
     secret = "sk-THISISNOTAREALKEY0123456789"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "max_steps=1",
-            "data.synthetic_rows=64",
-            f"+rewards.digits.kwargs.api_key={secret}",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+
+    def train_py(*overrides: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "train.py", "data.synthetic_rows=64", f"+rewards.digits.kwargs.api_key={secret}",
+             *overrides],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-3000:]
+        return output
+
+    trained, scored = tmp_path / "train", tmp_path / "eval"
+    output = train_py("max_steps=1", "eval_every=1", f"hydra.run.dir={trained}")
+    output += train_py("eval_only=true", f"eval.model={trained}/model", f"hydra.run.dir={scored}")
     assert secret not in output
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
-    assert any(path.suffix == ".db" for path in written)  # trackio's data is among the files checked
+    names = {path.name for path in written}
+    assert {"README.md", "eval.json", "metrics.jsonl", "trainer_state.pt"} <= names  # all of them are read
+    assert sum(path.suffix == ".db" for path in written) == 2  # each run's trackio data
     assert [path for path in written if secret.encode() in path.read_bytes()] == []
-    assert f"api_key: {REDACTED}" in (tmp_path / "config_resolved.yaml").read_text()
+    for run_dir in (trained, scored):
+        assert f"api_key: {REDACTED}" in (run_dir / "config_resolved.yaml").read_text()

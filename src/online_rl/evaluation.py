@@ -15,7 +15,6 @@ Evaluation draws its samples inside a forked RNG, so a run with evaluation train
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,11 +24,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from online_rl.data import load_eval_prompts, load_prompts, tokenize_prompts, tokenizer_corpus
-from online_rl.engines import make_engine, resolve_mode
-from online_rl.models import load_tokenizer, load_trained_model, resolve_model_path, torch_dtype
-from online_rl.rewarding import RewardFunction, load_reward_functions, score_completions, total_reward
-from online_rl.tracking import append_metrics, make_tracker
+from online_rl.data import load_eval_prompts, tokenize_prompts
+from online_rl.rewarding import RewardFunction, score_completions, total_reward
+from online_rl.tracking import append_metrics
 
 log = logging.getLogger(__name__)
 
@@ -171,54 +168,3 @@ def console_line(step: int, metrics: dict[str, float]) -> str:
         f"eval at step {step} on {metrics['eval/prompts']:.0f} prompts | {greedy}{pass_at} | "
         f"reward {metrics['eval/reward_mean']:.3f} | {metrics['time/eval_s']:.1f} s"
     )
-
-
-def run_eval_only(cfg: DictConfig, output_dir: Path, run_name: str, tracking_dir: Path) -> dict[str, float]:
-    """`eval_only=true`: load eval.model (or the model group's), score it on eval.split with the configured
-    engine, write eval.json, and return the metrics. No optimizer, no reference, no training."""
-    device = torch.device(cfg.hardware.device)
-    if cfg.eval.model:
-        model_path = cfg.eval.model
-    else:
-        corpus = tokenizer_corpus(load_prompts(cfg.data), cfg.data.system_prompt)
-        model_path = resolve_model_path(cfg.model, corpus, output_dir)
-    model, base_path = load_trained_model(
-        model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device
-    )
-    # a LoRA checkpoint holds the tokenizer beside its adapter; a bare adapter uses its base model's
-    has_tokenizer = Path(model_path, "tokenizer_config.json").exists() or not Path(model_path).exists()
-    tokenizer = load_tokenizer(model_path if has_tokenizer else base_path, cfg.model.trust_remote_code)
-    engine = make_engine(
-        resolve_mode(cfg.vllm.mode.value, device),
-        cfg.vllm,
-        model,
-        base_path,  # vLLM loads the base of a LoRA model; sync_weights then pushes the adapted weights
-        tokenizer,
-        device=device,
-        autocast_dtype=torch_dtype(cfg.hardware.autocast_dtype),
-        seed=cfg.seed,
-        max_model_len=cfg.data.max_prompt_length + cfg.sampling.max_completion_length,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    tracker = make_tracker(cfg.logger, run_name, tracking_dir, OmegaConf.to_container(cfg, resolve=True))
-    dashboard = tracker.dashboard_command()
-    if dashboard:
-        log.info("Dashboard: %s", dashboard)
-    log.info("Scoring %s on eval.split=%s (eval_only)", model_path, cfg.eval.split)
-    evaluator = Evaluator(
-        cfg.eval,
-        cfg.data,
-        cfg.sampling,
-        engine,
-        tokenizer,
-        load_reward_functions(cfg.rewards),
-        tracker,
-        output_dir / "metrics.jsonl",
-        device,
-    )
-    metrics = evaluator.run(model, step=0)
-    (output_dir / "eval.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2) + "\n")
-    engine.close()
-    tracker.close()
-    log.info("Scores in %s", output_dir / "eval.json")
-    return metrics

@@ -169,7 +169,7 @@ def hub_offline() -> bool:
     return flag or is_offline_mode()
 
 
-def push_to_hub(repo_id: str, directory: Path) -> bool:
+def push_to_hub_repo(repo_id: str, directory: Path) -> bool:
     """Upload `directory` to the hub repo `repo_id` (created if missing). Offline, without a token, or when
     the hub cannot be reached, log why and how to upload later, and return False: the model is saved."""
     import huggingface_hub
@@ -196,25 +196,26 @@ def push_to_hub(repo_id: str, directory: Path) -> bool:
 
 
 def export_final_model(
-    cfg: Any,
     model: torch.nn.Module,
     tokenizer: Any,
     output_dir: Path,
     steps: int,
     eval_metrics: dict | None,
+    config: dict[str, Any],
+    save_merged: bool = False,
+    push_to_hub: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """model/ (and model_merged/ with save_merged=true), each with its model card; push_to_hub if set."""
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    """model/ (and model_merged/ with save_merged=true), each with its model card; pushed to the hub repo
+    `push_to_hub` if set. `config`: the run's resolved config as plain containers, secrets redacted (the
+    card is public once pushed)."""
     directory = save_model(model, tokenizer, output_dir / "model", state_dict)
     (directory / "README.md").write_text(model_card(config, steps, eval_metrics))
-    if cfg.save_merged:
+    if save_merged:
         merged = save_merged_model(model, tokenizer, output_dir / "model_merged")
         (merged / "README.md").write_text(model_card(config, steps, eval_metrics, merged=True))
         log.info("Merged model: %s", merged)
     log.info("Final model: %s (loads with AutoModelForCausalLM.from_pretrained)", directory)
-    if cfg.push_to_hub:
-        push_to_hub(cfg.push_to_hub, directory)
+    if push_to_hub:
+        push_to_hub_repo(push_to_hub, directory)
     return directory

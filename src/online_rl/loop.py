@@ -21,17 +21,15 @@ from contextlib import ExitStack
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import set_seed
 
 from online_rl import distributed
 from online_rl.checks import check_config
 from online_rl.config import register_configs
-from online_rl.evaluation import run_eval_only
 from online_rl.export import export_final_model
 from online_rl.reporting import RunSummary, console_line, report, sample_rows, step_metrics
 from online_rl.rewarding import reward_error_metrics, score_completions, total_reward
 from online_rl.rollout import Samples
-from online_rl.setup import Run, build_run, prepare_outputs
+from online_rl.setup import Run, build_eval_only, build_run
 from online_rl.tracking import append_metrics
 from online_rl.update import check_sync, logprob_passes, train_pass
 
@@ -43,12 +41,11 @@ def run(cfg: DictConfig) -> RunSummary:
     """Train as `cfg` says (or only evaluate, with eval_only=true). However the run ends (done, interrupted,
     failed), the signal handlers and the watchdog are undone and the engine and tracker closed."""
     check_config(cfg)  # every cross-field rule, before anything loads
-    if cfg.eval_only:  # score a model on eval.split and stop: no optimizer, no training
-        output_dir, run_name, tracking_dir = prepare_outputs(cfg)
-        set_seed(cfg.seed)
-        return RunSummary(output_dir, None, evals=[run_eval_only(cfg, output_dir, run_name, tracking_dir)])
     started = time.perf_counter()
     with ExitStack() as closing:
+        if cfg.eval_only:  # score a model on eval.split and stop: no optimizer, no training
+            scoring = build_eval_only(cfg, closing)
+            return RunSummary(scoring.output_dir, None, evals=[scoring.run()])
         return train(build_run(cfg, closing), cfg, started)
 
 
@@ -163,8 +160,16 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
     weights = distributed.full_state_dict(run.model)  # FSDP2: gathered on rank 0
     summary.model_dir = distributed.on_main(
         lambda: export_final_model(
-            cfg, run.model, run.tokenizer, run.output_dir, run.step, final_eval, weights
-        )
+            run.model,
+            run.tokenizer,
+            run.output_dir,
+            run.step,
+            final_eval,
+            run.config,
+            cfg.save_merged,
+            cfg.push_to_hub,
+            weights,
+        )  # fmt: skip
     )
     summary.seconds = time.perf_counter() - started
     report(summary, run.tracker)

@@ -7,6 +7,7 @@ states last, after setup's own draws.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import ExitStack
@@ -34,6 +35,7 @@ from online_rl.models import (
     is_lora,
     load_policy,
     load_tokenizer,
+    load_trained_model,
     resolve_model_path,
     torch_dtype,
 )
@@ -73,6 +75,7 @@ class Run:
     stop: StopOnSignal
     nonfinite: NonFiniteGuard
     collector: CollectorClock | None  # logger.lab_metrics: Python's garbage collector per step
+    config: dict  # the resolved config, secrets redacted: what the tracker and the model card record
     step: int = 0
 
     def checkpoint(self) -> Path:
@@ -188,10 +191,9 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
             cfg.algo.reward_model_batch_size,
         )
         closing.callback(reward_model.close)
+    config = redacted_container(cfg)
     tracker = (
-        make_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg))
-        if ranks.is_main
-        else ConsoleOnlyTracker()
+        make_tracker(cfg.logger, run_name, tracking_dir, config) if ranks.is_main else ConsoleOnlyTracker()
     )
     closing.callback(tracker.close)
     if tracker.dashboard_command():
@@ -226,13 +228,79 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         output_dir, metrics_path, ranks.is_main, device, autocast_dtype, algorithm,
         tokenizer, model, reference, policy, trainable, optimizer, scheduler,
         rollouts, reward_functions, reward_model, tracker, evaluator,
-        watchdog, stop, NonFiniteGuard(cfg.max_consecutive_nonfinite), collector,
+        watchdog, stop, NonFiniteGuard(cfg.max_consecutive_nonfinite), collector, config,
     )  # fmt: skip
     # Last before the first step: a resume restores the RNG states here, after setup's random draws.
     if checkpoint is not None:
         run.step = resume_training(checkpoint, optimizer, scheduler, sampler, cfg.max_steps, output_dir)
     distributed.seed_ranks(cfg.seed, run.step)  # several ranks: each samples with a seed of its own
     return run
+
+
+@dataclass
+class EvalOnly:
+    """`eval_only=true`: a model scored on eval.split with the configured engine; no optimizer, no reference."""
+
+    output_dir: Path
+    model_path: str
+    model: torch.nn.Module
+    evaluator: Evaluator
+
+    def run(self) -> dict[str, float]:
+        """Score the model, write eval.json beside the run's metrics, and return the metrics."""
+        log.info("Scoring %s on eval.split=%s (eval_only)", self.model_path, self.evaluator.eval_cfg.split)
+        metrics = self.evaluator.run(self.model, step=0)
+        path = self.output_dir / "eval.json"
+        path.write_text(json.dumps({"model": str(self.model_path), **metrics}, indent=2) + "\n")
+        log.info("Scores in %s", path)
+        return metrics
+
+
+def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
+    """eval.model (or the model group's), its tokenizer, an engine, the rewards and a tracker; the engine and
+    tracker close with `closing`."""
+    output_dir, run_name, tracking_dir = prepare_outputs(cfg)
+    set_seed(cfg.seed)
+    device = torch.device(cfg.hardware.device)
+    model_path = cfg.eval.model
+    if not model_path:
+        corpus = tokenizer_corpus(load_prompts(cfg.data), cfg.data.system_prompt)
+        model_path = resolve_model_path(cfg.model, corpus, output_dir)
+    model, base_path = load_trained_model(
+        model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device
+    )
+    # a LoRA checkpoint holds the tokenizer beside its adapter; a bare adapter uses its base model's
+    has_tokenizer = Path(model_path, "tokenizer_config.json").exists() or not Path(model_path).exists()
+    tokenizer = load_tokenizer(model_path if has_tokenizer else base_path, cfg.model.trust_remote_code)
+    engine = make_engine(
+        resolve_mode(cfg.vllm.mode.value, device),
+        cfg.vllm,
+        model,
+        base_path,  # vLLM loads the base of a LoRA model; sync_weights then pushes the adapted weights
+        tokenizer,
+        device=device,
+        autocast_dtype=torch_dtype(cfg.hardware.autocast_dtype),
+        seed=cfg.seed,
+        max_model_len=cfg.data.max_prompt_length + cfg.sampling.max_completion_length,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    closing.callback(engine.close)
+    tracker = make_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg))
+    closing.callback(tracker.close)
+    if tracker.dashboard_command():
+        log.info("Dashboard: %s", tracker.dashboard_command())
+    evaluator = Evaluator(
+        cfg.eval,
+        cfg.data,
+        cfg.sampling,
+        engine,
+        tokenizer,
+        load_reward_functions(cfg.rewards),
+        tracker,
+        output_dir / "metrics.jsonl",
+        device,
+    )
+    return EvalOnly(output_dir, model_path, model, evaluator)
 
 
 def make_optimizer(trainable: list[torch.nn.Parameter], optim: Any, max_steps: int, device: torch.device):
