@@ -1,7 +1,10 @@
 """Exact resume: a run stopped after k steps and resumed to N ends with the very weights of a run of N steps
 straight (torch.equal on CPU), whether it stopped at a checkpoint or by a SIGTERM to `python train.py`."""
 
+import hashlib
 import json
+import logging
+import re
 import shlex
 import signal
 import subprocess
@@ -11,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from online_rl.checkpoint import save_checkpoint
 from online_rl.loop import run
-from online_rl.resume import find_checkpoint
+from online_rl.resume import find_checkpoint, load_weights
 
 from .conftest import ROOT, compose_config
 
@@ -162,3 +166,120 @@ def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path):
     )  # numeric order; partial and staging skipped
     assert find_checkpoint(str(tmp_path), tmp_path / "elsewhere") == root / "step_000010"  # a run directory
     assert find_checkpoint(None, tmp_path) is None
+
+
+@pytest.fixture
+def two_checkpoints(tiny_model_dir, tmp_path):
+    """A run directory with real checkpoints at steps 1 and 2 of the tiny model; (run dir, model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for step in (1, 2):
+        save_checkpoint(tmp_path / "checkpoints", step, model, tokenizer, {"note": step})
+    return tmp_path, model
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_lists_each_file_with_its_size_and_sha256(two_checkpoints):
+    run_dir, _ = two_checkpoints
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    files = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    on_disk = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.name != "manifest.json"}
+    assert set(files) == on_disk and {"model.safetensors", "trainer_state.pt"} <= on_disk
+    for name, entry in files.items():  # what `sha256sum` prints, so a user can check one by hand
+        data = (checkpoint / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize(
+    "damage, file, problem",
+    [
+        (truncate, "model.safetensors", r"model.safetensors has \d+ bytes, the manifest says \d+"),
+        (flip_a_byte, "model.safetensors", "model.safetensors has the right size but other bytes"),
+        (lambda path: path.unlink(), "model.safetensors", "model.safetensors is missing"),
+        (lambda path: path.unlink(), "trainer_state.pt", "trainer_state.pt is missing"),
+        (lambda path: path.unlink(), "tokenizer.json", "tokenizer.json is missing"),
+        (lambda path: path.write_text("{not json"), "manifest.json", "manifest.json cannot be read"),
+    ],
+    ids=[
+        "truncated",
+        "same-size-corrupt",
+        "weights-deleted",
+        "state-deleted",
+        "tokenizer-deleted",
+        "bad-manifest",
+    ],
+)
+def test_a_broken_newest_checkpoint_is_skipped_by_auto_and_refused_by_name(
+    two_checkpoints, caplog, damage, file, problem
+):
+    run_dir, _ = two_checkpoints
+    older, newest = run_dir / "checkpoints" / "step_000001", run_dir / "checkpoints" / "step_000002"
+    damage(newest / file)
+    with caplog.at_level(logging.WARNING):
+        assert find_checkpoint("auto", run_dir) == older
+        assert find_checkpoint(str(run_dir), run_dir / "elsewhere") == older  # a run directory: the same walk
+    assert re.search(
+        f"skipping the broken checkpoint {re.escape(str(newest))} \\({problem}.*\\); trying the one before it",
+        caplog.text,
+    )
+    with pytest.raises(
+        ValueError,
+        match=f"resume={re.escape(str(newest))}: this checkpoint is broken \\({problem}.*older step_NNNNNN",
+    ):
+        find_checkpoint(str(newest), run_dir)
+
+
+def test_resume_auto_with_every_checkpoint_broken_says_so_instead_of_starting_over(two_checkpoints):
+    run_dir, _ = two_checkpoints
+    for step in (1, 2):
+        truncate(run_dir / "checkpoints" / f"step_00000{step}" / "trainer_state.pt")
+    with pytest.raises(
+        ValueError,
+        match=r"every checkpoint under .* is broken \(step_000002: trainer_state.pt has .* \| step_000001: .*Restore the files named from a copy, or start afresh in a new run directory",
+    ):
+        find_checkpoint("auto", run_dir)
+
+
+def test_a_checkpoint_from_before_manifests_resumes_with_a_warning_and_names_a_damaged_file(
+    two_checkpoints, caplog
+):
+    run_dir, model = two_checkpoints
+    newest = run_dir / "checkpoints" / "step_000002"
+    (newest / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert find_checkpoint("auto", run_dir) == newest
+    assert (
+        f"{newest} has no manifest.json (it was written before checkpoints carried one): its files cannot be verified"
+        in caplog.text
+    )
+    truncate(newest / "model.safetensors")  # nothing to tell before it loads: the load names the file
+    with pytest.raises(
+        ValueError,
+        match=r"model.safetensors cannot be read \(.*\): the checkpoint is damaged. Resume from an older",
+    ):
+        load_weights(model, newest)
+
+
+def test_a_run_resumes_from_the_newest_intact_checkpoint_after_the_last_was_truncated(tmp_path, caplog):
+    """The issue's case end to end: the newest checkpoint's weights cut short, then resume=auto."""
+    cfg = [f"output_dir={tmp_path}", "checkpoint_every=1", "eval_every=0", *SMALL]
+    run(compose_config([*cfg, "max_steps=2"]))
+    broken = tmp_path / "checkpoints" / "step_000002"
+    truncate(broken / "model.safetensors")
+    with pytest.raises(ValueError, match=f"resume={re.escape(str(broken))}: this checkpoint is broken"):
+        run(compose_config([*cfg, "max_steps=3", f"resume={broken}"]))
+    with caplog.at_level(logging.WARNING):
+        resumed = run(compose_config([*cfg, "max_steps=3", "resume=auto"]))
+    assert f"skipping the broken checkpoint {broken} (model.safetensors has" in caplog.text
+    assert len(resumed.history) == 2  # from step 1: step 2 redone, then step 3

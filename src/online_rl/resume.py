@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from online_rl.checkpoint import MANIFEST, manifest_problems
 from online_rl.models import is_lora
 from online_rl.redaction import redact_override
 
@@ -26,33 +28,115 @@ log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
 
 
+def step_directories(checkpoint_root: Path) -> list[Path]:
+    """The `step_NNNNNN` directories, newest first (the half-written `.tmp-step_*` ones do not match)."""
+    found = [
+        path
+        for path in checkpoint_root.glob("step_*")
+        if path.is_dir() and path.name.removeprefix("step_").isdigit()
+    ]
+    return sorted(found, key=lambda path: int(path.name.removeprefix("step_")), reverse=True)
+
+
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
-    """The complete `step_NNNNNN` directory with the highest step (half-written `.tmp-*` ones are not)."""
-    complete = [p for p in checkpoint_root.glob("step_*") if (p / TRAINER_STATE).is_file()]
-    return max(complete, key=lambda p: int(p.name.removeprefix("step_")), default=None)
+    """The newest `step_NNNNNN` directory with a trainer state, unverified: cheap enough for a signal handler."""
+    return next(
+        (path for path in step_directories(checkpoint_root) if (path / TRAINER_STATE).is_file()), None
+    )
+
+
+def checkpoint_problems(checkpoint: Path) -> list[str]:
+    """Why `checkpoint` cannot be resumed from ([] = it can).
+
+    One written before checkpoints carried a manifest cannot be verified: it passes if it has its trainer state
+    (find_checkpoint warns that it is unverified), since refusing it would strand every older run."""
+    if (checkpoint / MANIFEST).is_file():
+        return manifest_problems(checkpoint)
+    if (checkpoint / TRAINER_STATE).is_file():
+        return []
+    return [f"it has neither {MANIFEST} nor {TRAINER_STATE}"]
+
+
+def newest_intact_checkpoint(checkpoint_root: Path, resume: str) -> Path | None:
+    """The newest checkpoint that passes checkpoint_problems, with a warning for each broken one passed over;
+    None when there is no checkpoint at all. All broken is an error: a fresh start would redo the whole run."""
+    broken = []
+    for checkpoint in step_directories(checkpoint_root):
+        problems = "; ".join(checkpoint_problems(checkpoint))
+        if not problems:
+            return checkpoint
+        log.warning(
+            "resume=%s: skipping the broken checkpoint %s (%s); trying the one before it",
+            resume,
+            checkpoint,
+            problems,
+        )
+        broken.append(f"{checkpoint.name}: {problems}")
+    if broken:
+        raise ValueError(
+            f"resume={resume}: every checkpoint under {checkpoint_root} is broken ({' | '.join(broken)}), "
+            "so there is none to resume from. Restore the files named from a copy, or start afresh in a new run "
+            "directory (hydra.run.dir=<new dir>)"
+        )
+    return None
 
 
 def find_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint `resume` names: null = none, auto = the newest in this run (none yet: a fresh start),
-    a run directory = its newest, or a checkpoint directory."""
+    """The checkpoint `resume` names, verified against its manifest: null = none, auto = the newest intact one
+    in this run (none yet: a fresh start), a run directory = its newest intact one, or a checkpoint directory
+    (broken: an error, since the user asked for that one)."""
     if resume is None:
         return None
     if resume == "auto":
-        found = latest_checkpoint(output_dir / "checkpoints")
+        found = newest_intact_checkpoint(output_dir / "checkpoints", resume)
         if found is None:
             log.info(
                 "resume=auto: no checkpoint under %s yet, starting at step 0", output_dir / "checkpoints"
             )
-        return found
+    else:
+        found = named_checkpoint(resume)
+    if found is not None and not (found / MANIFEST).is_file():
+        log.warning(
+            "%s has no %s (it was written before checkpoints carried one): its files cannot be verified",
+            found,
+            MANIFEST,
+        )
+    return found
+
+
+def named_checkpoint(resume: str) -> Path:
+    """resume=<run dir or checkpoint dir>: the checkpoint to resume from, or an error that says which to use."""
     path = Path(resume)
     if (path / "checkpoints").is_dir():
-        path = latest_checkpoint(path / "checkpoints") or path
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"resume={resume}: there is no checkpoint there (no {TRAINER_STATE}). Pass a checkpoint directory "
-            "(<run dir>/checkpoints/step_NNNNNN), a run directory, or resume=auto"
-        )
-    return path
+        found = newest_intact_checkpoint(path / "checkpoints", resume)
+        if found is not None:
+            return found
+    elif (path / MANIFEST).is_file() or (path / TRAINER_STATE).is_file():
+        problems = checkpoint_problems(path)
+        if problems:
+            run_dir = path.absolute().parent.parent
+            raise ValueError(
+                f"resume={resume}: this checkpoint is broken ({'; '.join(problems)}). Resume from an intact one: "
+                f"resume={run_dir} takes the newest intact checkpoint of its run (resume=auto does so in the "
+                "run's own directory), or name an older step_NNNNNN directory beside it"
+            )
+        return path
+    raise FileNotFoundError(
+        f"resume={resume}: there is no checkpoint there (no {TRAINER_STATE}). Pass a checkpoint directory "
+        "(<run dir>/checkpoints/step_NNNNNN), a run directory, or resume=auto"
+    )
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, with an error that names the damaged file: a checkpoint without a manifest
+    reaches this point unverified."""
+    try:
+        return load_file(file)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{file} cannot be read ({error}): the checkpoint is damaged. Resume from an older step_NNNNNN "
+            "directory beside it"
+        ) from error
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
@@ -65,7 +149,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
             )
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(adapter))
+        result = set_peft_model_state_dict(model, read_safetensors(adapter))
         if result.unexpected_keys:
             raise ValueError(
                 f"{checkpoint}'s adapter has weights this model has no place for ({result.unexpected_keys[:3]}...): "
@@ -80,7 +164,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         )
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        state.update(read_safetensors(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained leaves out tied weights (lm_head = embeddings): missing, but loaded through their twin.
     storage = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
