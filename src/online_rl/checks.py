@@ -6,14 +6,27 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from online_rl.algorithms import POLICY_GRADIENT, PREFERENCE
 from online_rl.models import DTYPES
 
 
+# Counts that must be at least 1, each with a value that works (0 or less ends in an IndexError or a library's
+# message that names no key, long after the run started).
+AT_LEAST_ONE = {
+    "max_steps": 80,
+    "prompts_per_step": 8,
+    "micro_batch_size": 8,
+    "sampling.max_completion_length": 256,
+    "data.max_prompt_length": 512,
+    "eval.num_generations": 4,
+}
+
+
 def check_config(cfg: DictConfig) -> None:
     """All of the checks below; the run calls this first."""
+    check_sizes(cfg)
     check_algorithm(cfg)
     check_model_and_sampling(cfg)
     check_checkpoint_schedule(cfg.checkpoint_every, cfg.algo.get("num_iterations", 1))
@@ -21,6 +34,23 @@ def check_config(cfg: DictConfig) -> None:
     check_processes(cfg)
     check_eval_config(cfg)
     check_export_config(cfg)
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    """Counts of at least 1, and an optimizer that can step."""
+    for key, example in AT_LEAST_ONE.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ValueError(f"{key}={value} must be at least 1, e.g. {key}={example}")
+    optim = cfg.optim
+    if not optim.lr > 0:  # also NaN
+        raise ValueError(f"optim.lr={optim.lr} must be > 0, e.g. optim.lr=1e-6 (full fine-tune) or 1e-5 (LoRA)")
+    for key in ("warmup_steps", "weight_decay", "max_grad_norm"):
+        if optim[key] < 0:
+            raise ValueError(f"optim.{key}={optim[key]} must be >= 0 (max_grad_norm=0: no clipping)")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= optim[key] < 1:
+            raise ValueError(f"optim.{key}={optim[key]} must be in [0, 1), e.g. optim.{key}=0.9")
 
 
 def check_algorithm(cfg: DictConfig) -> None:

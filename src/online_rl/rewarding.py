@@ -13,6 +13,7 @@ import functools
 import importlib
 import logging
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +69,19 @@ def check_scores(
         )
     checked: list[float | None] = []
     for i, score in enumerate(scores):
+        sample = f"\n  prompt: {prompts[i][:200]!r}\n  completion: {completions[i][:200]!r}"
         if score is not None:
+            # numbers.Real: int, float, bool and numpy's scalars; a string, even '1.0', is a bug in the function
+            if not isinstance(score, numbers.Real):
+                raise RewardError(
+                    f"reward '{name}' returned {score!r} ({type(score).__name__}) for completion {i}: return a "
+                    f"number (int, float or bool) or None for no opinion, one per completion.{sample}"
+                )
             score = float(score)
             if not math.isfinite(score):
                 raise RewardError(
                     f"reward '{name}' returned {score} for completion {i}; return a finite float, or None for "
-                    f"no opinion.\n  prompt: {prompts[i][:200]!r}\n  completion: {completions[i][:200]!r}"
+                    f"no opinion.{sample}"
                 )
         checked.append(score)
     return checked
