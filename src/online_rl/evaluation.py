@@ -1,4 +1,7 @@
-"""Held-out evaluation: greedy and sampled completions of the eval split, scored by the configured rewards.
+"""Held-out evaluation: greedy and sampled completions of the eval set, scored by the configured rewards.
+
+The eval set is eval.split, or for data without that split eval.holdout_size rows held out of data.split
+(data.training_and_eval_prompts).
 
 What "pass" means: a completion passes when its score is >= `eval.pass_threshold`, where the score is
 the reward named by `eval.pass_reward` (a None score fails), or the weighted total of all rewards when
@@ -22,10 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from online_rl.data import load_eval_prompts, load_prompts, tokenize_prompts, tokenizer_corpus
+from online_rl.data import load_prompts, tokenize_prompts, tokenizer_corpus, training_and_eval_prompts
 from online_rl.engines import make_engine, resolve_mode
 from online_rl.models import load_tokenizer, load_trained_model, resolve_model_path, torch_dtype
 from online_rl.rewarding import RewardFunction, load_reward_functions, score_completions, total_reward
@@ -63,12 +67,13 @@ def pass_scores(
 
 
 class Evaluator:
-    """Scores a model on the eval split through the run's engine; logs what it finds under `eval/`."""
+    """Scores a model on the eval set through the run's engine; logs what it finds under `eval/`."""
 
     def __init__(
         self,
         eval_cfg: DictConfig,
         data_cfg: DictConfig,
+        prompts: datasets.Dataset,
         sampling: DictConfig,
         engine: Any,
         tokenizer: Any,
@@ -77,12 +82,12 @@ class Evaluator:
         metrics_path: Path,
         device: torch.device,
     ):
-        """eval_cfg: the `eval` group; data_cfg: the `data` group (its eval split, prompt format); sampling:
-        the training's, whose temperature eval.temperature may replace."""
+        """eval_cfg: the `eval` group; data_cfg: the `data` group (its prompt format); prompts: the eval set's
+        rows (training_and_eval_prompts); sampling: the training's, whose temperature eval.temperature may replace."""
         self.engine, self.tokenizer, self.reward_functions = engine, tokenizer, reward_functions
         self.tracker, self.metrics_path, self.device = tracker, metrics_path, device
         self.eval_cfg = eval_cfg
-        self.rows = list(load_eval_prompts(data_cfg, eval_cfg.split))
+        self.rows = list(prompts)
         self.prompt_ids = tokenize_prompts(
             tokenizer,
             [row["prompt"] for row in self.rows],
@@ -92,7 +97,6 @@ class Evaluator:
         temperature = eval_cfg.temperature if eval_cfg.temperature is not None else sampling.temperature
         self.sampled = OmegaConf.merge(sampling, {"temperature": temperature})
         self.greedy = OmegaConf.merge(sampling, {"temperature": 0.0, "top_p": 1.0, "top_k": 0})
-        log.info("Evaluation set: %d prompts of eval.split=%s", len(self.rows), eval_cfg.split)
 
     def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Evaluate `model` now, log the metrics at `step` (tracker, metrics.jsonl, console) and return them."""
@@ -174,13 +178,16 @@ def console_line(step: int, metrics: dict[str, float]) -> str:
 
 
 def run_eval_only(cfg: DictConfig, output_dir: Path, run_name: str, tracking_dir: Path) -> dict[str, float]:
-    """`eval_only=true`: load eval.model (or the model group's), score it on eval.split with the configured
+    """`eval_only=true`: load eval.model (or the model group's), score it on the eval set with the configured
     engine, write eval.json, and return the metrics. No optimizer, no reference, no training."""
     device = torch.device(cfg.hardware.device)
+    dataset = load_prompts(cfg.data)
+    # the rows a training run on this config evaluates on (held out of data.split when it has no eval.split)
+    _, prompts = training_and_eval_prompts(dataset, cfg.data, cfg.eval, cfg.prompts_per_step)
     if cfg.eval.model:
         model_path = cfg.eval.model
     else:
-        corpus = tokenizer_corpus(load_prompts(cfg.data), cfg.data.system_prompt)
+        corpus = tokenizer_corpus(dataset, cfg.data.system_prompt)
         model_path = resolve_model_path(cfg.model, corpus, output_dir)
     model, base_path = load_trained_model(
         model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device
@@ -204,10 +211,11 @@ def run_eval_only(cfg: DictConfig, output_dir: Path, run_name: str, tracking_dir
     dashboard = tracker.dashboard_command()
     if dashboard:
         log.info("Dashboard: %s", dashboard)
-    log.info("Scoring %s on eval.split=%s (eval_only)", model_path, cfg.eval.split)
+    log.info("Scoring %s on the evaluation set (eval_only)", model_path)
     evaluator = Evaluator(
         cfg.eval,
         cfg.data,
+        prompts,
         cfg.sampling,
         engine,
         tokenizer,

@@ -21,7 +21,13 @@ from transformers import get_scheduler, set_seed
 from online_rl import distributed
 from online_rl.algorithms import make_algorithm
 from online_rl.checkpoint import prepare_output_dir, save_checkpoint
-from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenizer_corpus
+from online_rl.data import (
+    PromptSampler,
+    check_prompt_budget,
+    load_prompts,
+    tokenizer_corpus,
+    training_and_eval_prompts,
+)
 from online_rl.engines import SaveWhenUnavailable, make_engine, resolve_mode, share_gpu_with_engines
 from online_rl.evaluation import Evaluator
 from online_rl.gc_clock import CollectorClock
@@ -138,11 +144,17 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     algorithm = make_algorithm(cfg.algo, cfg.sampling.max_completion_length, is_cap)
 
     dataset = load_prompts(cfg.data)
+    training_rows, eval_prompts = dataset, None
+    if cfg.eval_every:  # data without eval.split: the eval rows are held out of data.split, not trained on
+        training_rows, eval_prompts = training_and_eval_prompts(
+            dataset, cfg.data, cfg.eval, cfg.prompts_per_step
+        )
+    # all of data.split, eval rows too: a random model's tokenizer is the same with evaluation and without
     corpus = tokenizer_corpus(dataset, cfg.data.system_prompt)
     model_path = distributed.on_main(lambda: resolve_model_path(cfg.model, corpus, output_dir))
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     check_prompt_budget(tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_length)
-    sampler = PromptSampler(dataset, cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    sampler = PromptSampler(training_rows, cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
     model = load_policy(model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
     model.train()
     # beta = 0 needs no reference; under LoRA the reference is the same model with its adapters off.
@@ -201,6 +213,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         Evaluator(
             cfg.eval,
             cfg.data,
+            eval_prompts,
             cfg.sampling,
             engine,
             tokenizer,
