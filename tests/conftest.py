@@ -59,6 +59,20 @@ def tiny_model_dir(tmp_path_factory):
     return build_random_model(cfg.model.random_init, texts, tmp_path_factory.mktemp("tiny"))
 
 
+def write_own_jsonl(path: Path, num_rows: int, copies: int = 1) -> Path:
+    """A user's own data file: arithmetic questions under `question`, answers under `answer` (no test split);
+    `copies` > 1 repeats every row that many times."""
+    from online_rl.data import synthetic_arithmetic
+
+    rows = synthetic_arithmetic(num_rows, seed=3)
+    lines = [json.dumps({"question": row["prompt"], "answer": row["solution"]}) for row in rows] * copies
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+OWN_DATA = ["data=jsonl", "data.prompt_column=question", "data.solution_column=answer"]
+
+
 def run_train(run_dir: Path, *overrides: str, timeout: float = 600) -> str:
     """`python train.py overrides` in a process of its own, as a user runs it, its outputs in run_dir: what it
     printed (stdout and stderr), once it has succeeded."""

@@ -57,6 +57,21 @@ def test_the_readme_command_parses():
     assert cfg.vllm.mode == "colocate" and cfg.vllm.sleep_level == 2
 
 
+def test_the_readme_own_data_command_composes():
+    cfg = compose_config(
+        [
+            "data=jsonl",
+            "data.data_files=my.jsonl",
+            "data.prompt_column=question",
+            "data.solution_column=answer",
+        ]
+    )
+    assert (cfg.data.path, cfg.data.data_files, cfg.data.synthetic_rows) == ("json", "my.jsonl", None)
+    assert (cfg.data.prompt_column, cfg.data.solution_column) == ("question", "answer")
+    assert (cfg.eval.split, cfg.eval.holdout_size) == ("test[:64]", 64)  # no test split: 64 rows held out
+    assert "data=jsonl data.data_files=my.jsonl" in (ROOT / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -68,6 +83,7 @@ def test_the_readme_command_parses():
         ("model.lora.r=eight", "could not be converted to Integer"),
         ("rewards.digits.wieght=2", "Key 'wieght' not in 'RewardConfig'"),
         ("optim.lr_scheduler=exponential", "Invalid value 'exponential'"),
+        ("eval.holdout_size=all", "could not be converted to Integer"),
     ],
 )
 def test_bad_override_names_the_key(override, message):

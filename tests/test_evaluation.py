@@ -1,20 +1,23 @@
 """Evaluation: the pass@k maths on hand-computed values, the eval split, greedy decoding, and real tiny runs
-(evaluation during training, and eval_only on the exported model and on a LoRA adapter)."""
+(evaluation during training, on a user's own JSONL file too, and eval_only on the exported model and on a
+LoRA adapter)."""
 
 import json
+import logging
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.data import held_out_arithmetic, load_eval_prompts, synthetic_arithmetic
+from online_rl.data import held_out_arithmetic, load_prompts, synthetic_arithmetic, training_and_eval_prompts
 from online_rl.engines.transformers_engine import TransformersEngine
 from online_rl.evaluation import k_values, mean_pass_at_k, pass_at_k
 from online_rl.loop import run
 
-from .conftest import DATA, compose_config
+from .conftest import DATA, OWN_DATA, compose_config, write_own_jsonl
 
-SMALL = ["data.synthetic_rows=64", "prompts_per_step=4", "algo.num_generations=4", "micro_batch_size=8"]
+SMALL_ROLLOUT = ["prompts_per_step=4", "algo.num_generations=4", "micro_batch_size=8"]
+SMALL = ["data.synthetic_rows=64", *SMALL_ROLLOUT]
 EVAL = ["eval.split='test[:8]'", "eval.num_generations=4", "eval.batch_size=4"]
 
 
@@ -65,12 +68,20 @@ def test_synthetic_eval_split_is_held_out_and_sliced_like_load_dataset():
 
 
 def test_eval_split_of_a_real_dataset_and_a_missing_split():
-    cfg = compose_config(
-        ["data=gsm8k", "data.path=json", f"data.data_files={DATA / 'gsm8k_sample.jsonl'}", "data.subset=null"]
-    ).data
-    assert load_eval_prompts(cfg, "train[:2]")["solution"] == ["6", "210"]
-    with pytest.raises(ValueError, match=r"eval.split='test' does not name a split.*\['train'\]"):
-        load_eval_prompts(cfg, "test")
+    """A split the data has is the eval set, and training keeps every row; a missing one is held out of them."""
+    gsm8k = [
+        "data=gsm8k",
+        "data.path=json",
+        f"data.data_files={DATA / 'gsm8k_sample.jsonl'}",
+        "data.subset=null",
+    ]
+    cfg = compose_config([*gsm8k, "eval.split='train[:2]'"])
+    training, held_out = training_and_eval_prompts(load_prompts(cfg.data), cfg.data, cfg.eval, 2)
+    assert held_out["solution"] == ["6", "210"] and len(training) == 4
+    cfg = compose_config([*gsm8k, "eval.split=test", "eval.holdout_size=1"])
+    training, held_out = training_and_eval_prompts(load_prompts(cfg.data), cfg.data, cfg.eval, 2)
+    assert len(held_out) == 1 and len(training) == 3
+    assert held_out["prompt"][0] not in training["prompt"]
 
 
 def test_greedy_decoding_picks_the_argmax_token(tiny_model_dir):
@@ -94,6 +105,7 @@ def test_greedy_decoding_picks_the_argmax_token(tiny_model_dir):
         (["eval.pass_reward=accuracy"], "eval.pass_reward=accuracy is not one of the configured rewards"),
         (["eval.temperature=0"], "eval.greedy=true"),
         (["eval.num_generations=0"], "eval.num_generations=0"),
+        (["eval.holdout_size=0"], "eval.holdout_size=0: .* use >= 1, e.g. eval.holdout_size=64"),
         (["save_merged=true"], "model.lora.enabled=false"),
     ],
 )
@@ -155,3 +167,40 @@ def test_eval_only_scores_a_lora_adapter_and_the_built_base_model(make_config, t
     base = run(make_config("eval_only=true", f"output_dir={tmp_path}/base", *SMALL, *EVAL))
     assert base.evals[0]["eval/prompts"] == 8
     assert (tmp_path / "base" / "random_init" / "tiny-random-qwen2" / "model.safetensors").exists()
+
+
+def test_own_jsonl_trains_and_evaluates_on_rows_held_out_of_it(make_config, tmp_path, caplog):
+    """A user's file has no test split: with the default eval.split the run used to stop ("does not name a
+    split of json"); now it evaluates on eval.holdout_size rows held out of the file, logged, and eval_only on
+    its model scores those same rows. eval_every=0 holds nothing out (here 64 rows would not even fit)."""
+    data_file = write_own_jsonl(tmp_path / "own.jsonl", 40)
+    own = [*OWN_DATA, f"data.data_files={data_file}", "model=tiny", "vllm=off", *SMALL_ROLLOUT]
+    own += ["rewards=[digits]", "sampling.max_completion_length=8"]
+    small_eval = ["eval.holdout_size=8", "eval.num_generations=2", "eval.batch_size=8"]
+    with caplog.at_level(logging.INFO, logger="online_rl"):
+        trained = run(make_config(*own, "max_steps=2", "eval_every=2", *small_eval))
+    [held_out_line] = [r.getMessage() for r in caplog.records if "held out of data.split" in r.getMessage()]
+    assert held_out_line.startswith("Evaluation set: 8 rows held out of data.split=train")
+    assert [m["eval/prompts"] for m in trained.evals] == [8]
+    assert any("eval at step 2 on 8 prompts" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="online_rl"):
+        scored = run(
+            make_config(
+                *own,
+                "eval_only=true",
+                f"eval.model={trained.model_dir}",
+                f"output_dir={tmp_path}/e",
+                *small_eval,
+            )
+        )
+    assert [r.getMessage() for r in caplog.records if "held out of data.split" in r.getMessage()] == [
+        held_out_line
+    ]
+    assert scored.evals[0]["eval/pass@1_greedy"] == trained.evals[-1]["eval/pass@1_greedy"]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="online_rl"):
+        plain = run(make_config(*own, "max_steps=1", "eval_every=0", f"output_dir={tmp_path}/plain"))
+    assert not plain.evals and not [r for r in caplog.records if "Evaluation set" in r.getMessage()]

@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from online_rl.algorithms import POLICY_GRADIENT, PREFERENCE
 from online_rl.models import DTYPES
 
+FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders of local files
+
 
 # Counts that must be at least 1, each with a value that works (0 or less ends in an IndexError or a library's
 # message that names no key, long after the run started).
@@ -32,6 +34,7 @@ def check_config(cfg: DictConfig) -> None:
     check_checkpoint_schedule(cfg.checkpoint_every, cfg.algo.get("num_iterations", 1))
     check_off_policy(cfg)
     check_processes(cfg)
+    check_data(cfg.data)
     check_eval_config(cfg)
     check_export_config(cfg)
 
@@ -44,7 +47,9 @@ def check_sizes(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={value} must be at least 1, e.g. {key}={example}")
     optim = cfg.optim
     if not optim.lr > 0:  # also NaN
-        raise ValueError(f"optim.lr={optim.lr} must be > 0, e.g. optim.lr=1e-6 (full fine-tune) or 1e-5 (LoRA)")
+        raise ValueError(
+            f"optim.lr={optim.lr} must be > 0, e.g. optim.lr=1e-6 (full fine-tune) or 1e-5 (LoRA)"
+        )
     for key in ("warmup_steps", "weight_decay", "max_grad_norm"):
         if optim[key] < 0:
             raise ValueError(f"optim.{key}={optim[key]} must be >= 0 (max_grad_norm=0: no clipping)")
@@ -141,6 +146,21 @@ def check_off_policy(cfg: DictConfig) -> None:
         raise ValueError("off_policy_steps=1 runs on one process for now: use hardware with num_processes: 1")
 
 
+def check_data(data: DictConfig) -> None:
+    """Synthetic data or a dataset, not both (data.path would go unread, silently); a file builder needs files."""
+    if data.synthetic_rows and data.path:
+        raise ValueError(
+            f"data.synthetic_rows={data.synthetic_rows} makes arithmetic problems in code, so data.path would "
+            "not be read: for your own JSONL file use data=jsonl data.data_files=<file>, else set "
+            "data.synthetic_rows=null"
+        )
+    if data.path in FILE_BUILDERS and not data.data_files:
+        raise ValueError(
+            f"data.path={data.path} reads local files, and data.data_files is empty: set it, "
+            "e.g. data.data_files=my.jsonl"
+        )
+
+
 def check_eval_config(cfg: DictConfig) -> None:
     """eval_every and the eval group."""
     if cfg.eval_every < 0:
@@ -153,6 +173,11 @@ def check_eval_config(cfg: DictConfig) -> None:
         )
     if cfg.eval.num_generations < 1:
         raise ValueError(f"eval.num_generations={cfg.eval.num_generations}: sample at least 1 per prompt")
+    if cfg.eval.holdout_size < 1:
+        raise ValueError(
+            f"eval.holdout_size={cfg.eval.holdout_size}: data without eval.split evaluates on this many rows "
+            "held out of data.split; use >= 1, e.g. eval.holdout_size=64"
+        )
     if cfg.eval.batch_size < 1:
         raise ValueError(f"eval.batch_size={cfg.eval.batch_size}: use >= 1 prompts per engine call")
     if cfg.eval.temperature is not None and cfg.eval.temperature <= 0:

@@ -241,8 +241,12 @@ class EvalConfig:
     """Held-out evaluation (every `eval_every` steps, at the end, or alone with `eval_only=true`)."""
 
     # the held-out split, sliced as in datasets.load_dataset (`test`, `test[:200]`, `test[:10%]`); with
-    # data=synthetic the slice applies to 500 problems made with another seed, none of them a training prompt
+    # data=synthetic the slice applies to 500 problems made with another seed, none of them a training prompt;
+    # data without that split (your own JSONL file) evaluates on holdout_size rows held out of data.split
     split: str = "test[:64]"
+    # rows of data.split held out for evaluation when the data has no eval.split: drawn with a fixed seed
+    # (the same every run), logged by index, never trained on; eval_every=0 (no evaluation) holds none out
+    holdout_size: int = 64
     num_generations: int = 4  # n samples per prompt; pass@k is estimated for k = 1, 2, 4, ..., n
     temperature: float | None = None  # temperature of those n samples; null = sampling.temperature
     greedy: bool = True  # also one greedy (temperature 0) completion per prompt: eval/pass@1_greedy

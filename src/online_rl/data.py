@@ -2,10 +2,13 @@
 
 Every row leaves `load_prompts` with a `prompt` (the question) and, when the data has one, a
 `solution` (the reference answer); the dataset's other columns stay and reach the reward functions.
+A run that evaluates takes its eval rows from `training_and_eval_prompts`: eval.split when the data has
+that split, else a seeded slice of data.split held out of training (a user's own JSONL file has one split).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from typing import Any
@@ -15,6 +18,11 @@ import torch
 
 SYNTHETIC_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 SYNTHETIC_HELD_OUT_ROWS = 500  # the synthetic data's eval split, before eval.split's slice
+# the seed that draws the eval rows held out of data.split: fixed, not `seed`, so that every run on the same
+# data (a resume, a sweep over seeds, eval_only on the exported model) evaluates on the same rows
+HOLDOUT_SEED = 0
+
+log = logging.getLogger(__name__)
 
 
 def synthetic_arithmetic(num_rows: int, seed: int = 0) -> datasets.Dataset:
@@ -89,11 +97,86 @@ def load_prompts(data_cfg: Any) -> datasets.Dataset:
     return load_split(data_cfg, data_cfg.split, "data.split")
 
 
-def load_eval_prompts(data_cfg: Any, split: str) -> datasets.Dataset:
-    """The held-out prompts of eval.split, with the same columns as the training prompts."""
+def training_and_eval_prompts(
+    dataset: datasets.Dataset, data_cfg: Any, eval_cfg: Any, min_training_rows: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rows to train on, rows to evaluate on), both with the columns of `dataset` (data.split's rows).
+
+    The eval rows are eval.split's when the data has that split (synthetic data: problems unseen in training)
+    and the training rows all of `dataset`. Data without it, such as a user's own JSONL file, gets
+    eval.holdout_size rows of `dataset` held out instead (see hold_out), which then trains on the rest; it
+    must keep `min_training_rows` (prompts_per_step) to train on.
+    """
     if data_cfg.synthetic_rows:
-        return held_out_arithmetic(data_cfg.synthetic_rows, split)
-    return load_split(data_cfg, split, "eval.split")
+        held_out = held_out_arithmetic(data_cfg.synthetic_rows, eval_cfg.split)
+    else:
+        splits = dataset_splits(data_cfg)
+        missing = [name for name in split_names(eval_cfg.split) if name not in splits]
+        if missing:
+            training, held_out, rows = hold_out(dataset, eval_cfg.holdout_size, min_training_rows)
+            log.info(
+                "Evaluation set: %d rows held out of data.split=%s and never trained on, as the data has no "
+                "split %s (eval.split=%s; its splits: %s). eval.holdout_size=%d rows drawn with seed %d; their "
+                "indices in data.split: %s.%s",
+                len(rows), data_cfg.split, " or ".join(map(repr, missing)), eval_cfg.split, splits,
+                eval_cfg.holdout_size, HOLDOUT_SEED, index_list(rows),
+                shared_prompts_note(len(dataset) - len(training) - len(rows)),
+            )  # fmt: skip
+            return training, held_out
+        held_out = load_split(data_cfg, eval_cfg.split, "eval.split")
+    log.info("Evaluation set: %d prompts of eval.split=%s", len(held_out), eval_cfg.split)
+    return dataset, held_out
+
+
+def split_names(split: str) -> list[str]:
+    """The splits a load_dataset split spec reads: 'test[:64]' -> ['test'], 'train[:10]+test' -> both."""
+    return [part.split("[", 1)[0].strip() for part in split.split("+")]
+
+
+def dataset_splits(data_cfg: Any) -> list[str]:
+    """The names of data.path's splits (read from the cache that loading data.split filled)."""
+    return list(datasets.load_dataset(data_cfg.path, data_cfg.subset, data_files=data_cfg.data_files))
+
+
+def holdout_indices(num_rows: int, size: int) -> list[int]:
+    """The indices of the `size` rows of `num_rows` held out for evaluation, in order: drawn with
+    HOLDOUT_SEED, so the same on every run (and resume) over the same rows."""
+    return sorted(random.Random(HOLDOUT_SEED).sample(range(num_rows), size))
+
+
+def hold_out(
+    dataset: datasets.Dataset, size: int, min_training_rows: int
+) -> tuple[datasets.Dataset, datasets.Dataset, list[int]]:
+    """(training rows, held-out rows, the held-out rows' indices in `dataset`). The training rows are the
+    others, less any whose prompt is also a held-out row's (a duplicate), so no eval prompt is trained on."""
+    num_rows = len(dataset)
+    if size < num_rows:
+        held = holdout_indices(num_rows, size)
+        prompts = list(dataset["prompt"])
+        held_prompts = {prompts[i] for i in held}
+        training = [i for i, prompt in enumerate(prompts) if prompt not in held_prompts]
+        if len(training) >= min_training_rows:
+            return dataset.select(training), dataset.select(held), held
+    room = num_rows - min_training_rows
+    fix = (
+        f"use e.g. eval.holdout_size={max(1, min(num_rows // 5, room))}"
+        if room >= 1
+        else "add rows to the data, set eval.split to a split the data has, or eval_every=0 (no evaluation)"
+    )
+    raise ValueError(
+        f"eval.holdout_size={size}: holding out that many of data.split's {num_rows} rows for evaluation leaves "
+        f"fewer than prompts_per_step={min_training_rows} to train on; {fix}"
+    )
+
+
+def index_list(indices: list[int], shown: int = 64) -> str:
+    """'3, 17, 25' or, past `shown` of them, '3, 17, ... (100 in all)'."""
+    text = ", ".join(map(str, indices[:shown]))
+    return text if len(indices) <= shown else f"{text}, ... ({len(indices)} in all)"
+
+
+def shared_prompts_note(count: int) -> str:
+    return f" {count} other rows repeat a held-out prompt and are not trained on either." if count else ""
 
 
 def normalise_columns(

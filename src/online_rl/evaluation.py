@@ -1,4 +1,7 @@
-"""Held-out evaluation: greedy and sampled completions of the eval split, scored by the configured rewards.
+"""Held-out evaluation: greedy and sampled completions of the eval set, scored by the configured rewards.
+
+The eval set is eval.split, or for data without that split eval.holdout_size rows held out of data.split
+(data.training_and_eval_prompts).
 
 What "pass" means: a completion passes when its score is >= `eval.pass_threshold`, where the score is
 the reward named by `eval.pass_reward` (a None score fails), or the weighted total of all rewards when
@@ -21,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from online_rl.data import load_eval_prompts, tokenize_prompts
+from online_rl.data import tokenize_prompts
 from online_rl.rewarding import RewardFunction, score_completions, total_reward
 from online_rl.tracking import append_metrics
 
@@ -60,12 +64,13 @@ def pass_scores(
 
 
 class Evaluator:
-    """Scores a model on the eval split through the run's engine; logs what it finds under `eval/`."""
+    """Scores a model on the eval set through the run's engine; logs what it finds under `eval/`."""
 
     def __init__(
         self,
         eval_cfg: DictConfig,
         data_cfg: DictConfig,
+        prompts: datasets.Dataset,
         sampling: DictConfig,
         engine: Any,
         tokenizer: Any,
@@ -74,12 +79,12 @@ class Evaluator:
         metrics_path: Path,
         device: torch.device,
     ):
-        """eval_cfg: the `eval` group; data_cfg: the `data` group (its eval split, prompt format); sampling:
-        the training's, whose temperature eval.temperature may replace."""
+        """eval_cfg: the `eval` group; data_cfg: the `data` group (its prompt format); prompts: the eval set's
+        rows (training_and_eval_prompts); sampling: the training's, whose temperature eval.temperature may replace."""
         self.engine, self.tokenizer, self.reward_functions = engine, tokenizer, reward_functions
         self.tracker, self.metrics_path, self.device = tracker, metrics_path, device
         self.eval_cfg = eval_cfg
-        self.rows = list(load_eval_prompts(data_cfg, eval_cfg.split))
+        self.rows = list(prompts)
         self.prompt_ids = tokenize_prompts(
             tokenizer,
             [row["prompt"] for row in self.rows],
@@ -89,7 +94,6 @@ class Evaluator:
         temperature = eval_cfg.temperature if eval_cfg.temperature is not None else sampling.temperature
         self.sampled = OmegaConf.merge(sampling, {"temperature": temperature})
         self.greedy = OmegaConf.merge(sampling, {"temperature": 0.0, "top_p": 1.0, "top_k": 0})
-        log.info("Evaluation set: %d prompts of eval.split=%s", len(self.rows), eval_cfg.split)
 
     def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Evaluate `model` now, log the metrics at `step` (tracker, metrics.jsonl, console) and return them."""

@@ -22,7 +22,13 @@ from transformers import get_scheduler, set_seed
 from online_rl import distributed
 from online_rl.algorithms import make_algorithm
 from online_rl.checkpoint import prepare_output_dir, save_checkpoint
-from online_rl.data import PromptSampler, check_prompt_budget, load_prompts, tokenizer_corpus
+from online_rl.data import (
+    PromptSampler,
+    check_prompt_budget,
+    load_prompts,
+    tokenizer_corpus,
+    training_and_eval_prompts,
+)
 from online_rl.engines import SaveWhenUnavailable, make_engine, resolve_mode, share_gpu_with_engines
 from online_rl.evaluation import Evaluator
 from online_rl.gc_clock import CollectorClock
@@ -141,11 +147,17 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     algorithm = make_algorithm(cfg.algo, cfg.sampling.max_completion_length, is_cap)
 
     dataset = load_prompts(cfg.data)
+    training_rows, eval_prompts = dataset, None
+    if cfg.eval_every:  # data without eval.split: the eval rows are held out of data.split, not trained on
+        training_rows, eval_prompts = training_and_eval_prompts(
+            dataset, cfg.data, cfg.eval, cfg.prompts_per_step
+        )
+    # all of data.split, eval rows too: a random model's tokenizer is the same with evaluation and without
     corpus = tokenizer_corpus(dataset, cfg.data.system_prompt)
     model_path = distributed.on_main(lambda: resolve_model_path(cfg.model, corpus, output_dir))
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     check_prompt_budget(tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_length)
-    sampler = PromptSampler(dataset, cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    sampler = PromptSampler(training_rows, cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
     model = load_policy(model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
     model.train()
     # beta = 0 needs no reference; under LoRA the reference is the same model with its adapters off.
@@ -203,6 +215,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         Evaluator(
             cfg.eval,
             cfg.data,
+            eval_prompts,
             cfg.sampling,
             engine,
             tokenizer,
@@ -248,7 +261,7 @@ class EvalOnly:
 
     def run(self) -> dict[str, float]:
         """Score the model, write eval.json beside the run's metrics, and return the metrics."""
-        log.info("Scoring %s on eval.split=%s (eval_only)", self.model_path, self.evaluator.eval_cfg.split)
+        log.info("Scoring %s on the evaluation set (eval_only)", self.model_path)
         metrics = self.evaluator.run(self.model, step=0)
         path = self.output_dir / "eval.json"
         path.write_text(json.dumps({"model": str(self.model_path), **metrics}, indent=2) + "\n")
@@ -262,10 +275,14 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
     output_dir, run_name, tracking_dir = prepare_outputs(cfg)
     set_seed(cfg.seed)
     device = torch.device(cfg.hardware.device)
+    dataset = load_prompts(cfg.data)
+    # the rows a training run on this config evaluates on (held out of data.split when it has no eval.split)
+    _, eval_prompts = training_and_eval_prompts(dataset, cfg.data, cfg.eval, cfg.prompts_per_step)
     model_path = cfg.eval.model
     if not model_path:
-        corpus = tokenizer_corpus(load_prompts(cfg.data), cfg.data.system_prompt)
-        model_path = resolve_model_path(cfg.model, corpus, output_dir)
+        model_path = resolve_model_path(
+            cfg.model, tokenizer_corpus(dataset, cfg.data.system_prompt), output_dir
+        )
     model, base_path = load_trained_model(
         model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device
     )
@@ -292,6 +309,7 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
     evaluator = Evaluator(
         cfg.eval,
         cfg.data,
+        eval_prompts,
         cfg.sampling,
         engine,
         tokenizer,
