@@ -1,7 +1,7 @@
 """Rewards on tables of realistic completions, and the checks that guard the loop from bad rewards."""
 
 import math
-import time
+import threading
 
 import pytest
 
@@ -19,63 +19,218 @@ from rewards.length import overlong_penalty
 from rewards.math_accuracy import math_accuracy
 
 FORMAT_TABLE = [
-    ("<think>2 + 2 is 4.</think><answer>4</answer>", 1.0),
-    ("<think>\nLet x = 3.\nThen 2x = 6.\n</think>\n<answer>\n6\n</answer>\n", 1.0),
-    ("  <think>ok</think> <answer>$\\frac{1}{2}$</answer>", 1.0),
-    ("<answer>4</answer>", 0.0),  # no reasoning block
-    ("<think>4</think>", 0.0),  # no answer block
-    ("<answer>4</answer><think>because</think>", 0.0),  # wrong order
-    ("<think>a</think><answer>4</answer> and some trailing chatter", 0.0),
-    ("<think>unclosed <answer>4</answer>", 0.0),
-    ("The answer is 4.", 0.0),
-    ("", 0.0),
+    # (completion, expected, why)
+    ("<think>2 + 2 is 4.</think><answer>4</answer>", 1.0, "one think block, then one answer block"),
+    (
+        "<think>\nLet x = 3.\nThen 2x = 6.\n</think>\n<answer>\n6\n</answer>\n",
+        1.0,
+        "newlines between and inside",
+    ),
+    ("  <think>ok</think> <answer>$\\frac{1}{2}$</answer>", 1.0, "surrounding whitespace"),
+    ("<think></think><answer>4</answer>", 1.0, "an empty think block is still the R1 format"),
+    ("<answer>4</answer>", 0.0, "no reasoning block"),
+    ("<think>4</think>", 0.0, "no answer block"),
+    ("<answer>4</answer><think>because</think>", 0.0, "wrong order"),
+    ("<think>a</think><answer>4</answer> and some trailing chatter", 0.0, "text after the answer"),
+    ("<think>unclosed <answer>4</answer>", 0.0, "think never closed"),
+    ("<think>a</think><answer>4", 0.0, "answer never closed (truncated)"),
+    ("<think>a</think><answer>3</answer><think>b</think><answer>4</answer>", 0.0, "two think/answer pairs"),
+    ("<think>a</think><answer>3</answer><answer>4</answer>", 0.0, "two answer blocks"),
+    ("<think>a</think><think>b</think><answer>4</answer>", 0.0, "two think blocks"),
+    (
+        "<think>maybe <answer>3</answer>?</think><answer>4</answer>",
+        0.0,
+        "an answer block inside the reasoning",
+    ),
+    ("<think>a <think>b</think></think><answer>4</answer>", 0.0, "nested think blocks"),
+    ("The answer is 4.", 0.0, "no tags at all"),
+    ("", 0.0, "empty completion"),
 ]
 
 
-@pytest.mark.parametrize("completion, expected", FORMAT_TABLE)
+@pytest.mark.parametrize(
+    "completion, expected", [row[:2] for row in FORMAT_TABLE], ids=[r[2] for r in FORMAT_TABLE]
+)
 def test_think_answer_format(completion, expected):
     assert think_answer_format(["What is 2 + 2?"], [completion]) == [expected]
 
 
+# Reference solutions as the datasets give them: GSM8K's after `solution_regex` ('####\s*(.+?)\s*$'),
+# NuminaMath-TIR's whole worked solution (code, its output, a boxed answer in \(...\)).
+def numina(answer: str) -> str:
+    return (
+        "Let's reason step by step and check with code.\n\n```python\nimport sympy as sp\nx = sp.symbols('x')\n"
+        f"print(sp.solve(x**2 - 5*x + 6, x))\n```\n```output\n[2, 3]\n```\nSo the answer is \\(\\boxed{{{answer}}}\\)."
+    )
+
+
+def tagged(answer: str, reasoning: str = "Let me work it out step by step.") -> str:
+    return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>"
+
+
+EGGS = "Janet's ducks lay 16 eggs. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs are sold at $2: 9 * 2 = 18."
+TAIL = " Wait, let me double-check the 3 eggs and the 4 muffins once more." * 120  # ~8,000 characters
+
 MATH_TABLE = [
-    # (completion, reference solution, expected)
-    ("<think>7 * 6 = 42</think><answer>42</answer>", "42", 1.0),
-    ("<think>...</think><answer>41</answer>", "42", 0.0),
-    ("<think>half</think><answer>\\frac{1}{2}</answer>", "The answer is $\\boxed{\\frac{1}{2}}$.", 1.0),
-    ("<think>half</think><answer>0.5</answer>", "$\\boxed{\\frac{1}{2}}$", 1.0),
-    ("<think>..</think><answer>$2\\sqrt{2}$</answer>", "\\sqrt{8}", 1.0),
-    ("<think>..</think><answer>2\\sqrt{2}</answer>", "\\sqrt{8}", 1.0),
-    ("<think>..</think><answer>\\sqrt{2}</answer>", "\\sqrt{8}", 0.0),
-    ("So the total is \\boxed{18}.", "Janet sells 16 - 3 - 4 = 9 eggs ... #### 18", 1.0),
-    ("<think>x</think><answer>x = 3</answer>", "3", 1.0),
-    ("<think>I am not sure</think><answer>I don't know</answer>", "42", 0.0),
-    ("", "42", 0.0),
-    # an unparsable reference says nothing about the model: None, not 0 and not a crash
-    ("<answer>4</answer>", "see the figure in the appendix", None),
+    # (completion, reference solution, expected, why)
+    # truncated: the tags never close, and the last number is the gold's
+    (
+        "<think>The digits of 1966 sum to 1+9+6+6 = 22, so the age",
+        "22",
+        0.0,
+        "cut off, last number is the gold",
+    ),
+    (f"<think>{EGGS} So she makes $18", "18", 0.0, "cut off after the right amount, no tag"),
+    (f"<think>{EGGS}</think>\n<answer>18", "18", 0.0, "cut off inside the answer block"),
+    (f"<think>{EGGS}</think>\n<answer>\\boxed{{1", "18", 0.0, "cut off inside a box"),
+    (f"<think>{EGGS} So \\boxed{{18}}. Checking: 16 - 3", "18", 1.0, "cut off after a complete box"),
+    # plain answers, as GSM8K-style models write them
+    (tagged("42", "7 * 6 = 42"), "42", 1.0, "plain number"),
+    (tagged("41"), "42", 0.0, "wrong number"),
+    ("<think>\nsum\n</think>\n<answer>\n42\n</answer>\n", "42", 1.0, "multi-line answer block"),
+    (tagged("The answer is 42."), "42", 1.0, "a sentence around one number"),
+    (tagged("x = 3"), "3", 1.0, "an equation giving the value"),
+    (tagged("1,000"), "1000", 1.0, "thousands separator"),
+    (tagged("1000"), "1,000", 1.0, "thousands separator in the gold"),
+    (tagged("-3"), "-3", 1.0, "negative number"),
+    (tagged("3"), "-3", 0.0, "sign matters"),
+    (tagged("**42**"), "42", 1.0, "markdown bold"),
+    (tagged("I don't know"), "42", 0.0, "no number"),
+    (tagged("x + 3"), "3", 0.0, "an expression that contains the gold is not the gold"),
+    (tagged("The answer is x + 3"), "3", 0.0, "prose with an expression is not a lone number"),
+    (tagged("It is 40 or 42"), "42", 0.0, "two candidates in prose: no guess"),
+    (tagged("1+9+6+6 = 22"), "22", 1.0, "a computation ending in the value"),
+    # LaTeX
+    (tagged("\\frac{1}{2}"), numina("\\frac{1}{2}"), 1.0, "bare LaTeX fraction"),
+    (tagged("$\\dfrac{3}{4}$"), "0.75", 1.0, "dfrac against a decimal gold"),
+    (tagged("0.5"), "$\\boxed{\\frac{1}{2}}$", 1.0, "decimal against a fraction gold"),
+    (tagged("\\(\\frac{\\pi}{3}\\)"), numina("\\frac{\\pi}{3}"), 1.0, "inline math delimiters"),
+    (tagged("2\\sqrt{2}"), "\\sqrt{8}", 1.0, "bare surd, simplified"),
+    (tagged("\\sqrt{2}"), "\\sqrt{8}", 0.0, "a different surd"),
+    (tagged("$x^2 - 1$"), numina("(x-1)(x+1)"), 1.0, "symbolically equal polynomial"),
+    (tagged("\\boxed{18}"), "18", 1.0, "a box inside the answer block"),
+    (tagged("The final answer is $\\boxed{7}$."), "7", 1.0, "a sentence with a boxed answer"),
+    # boxed, without tags
+    (f"{EGGS} So the total is \\boxed{{18}}.", f"{EGGS} #### 18", 1.0, "box without tags, prose gold"),
+    (f"{EGGS} So the answer is $\\boxed{{17}}$.", "18", 0.0, "wrong box without tags"),
+    (f"{EGGS} The answer is 18.", "18", 0.0, "no tag and no box: nothing to credit"),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", numina("\\frac{\\sqrt{3}}{2}"), 1.0, "nested braces in a box"),
+    ("First \\boxed{3}, but I misread; corrected: \\boxed{4}", "4", 1.0, "the last box counts"),
+    ("First \\boxed{3}, but I misread; corrected: \\boxed{4}", "3", 0.0, "an earlier box does not"),
+    # sets
+    (tagged("2, 3"), numina("2, 3"), 1.0, "plain set"),
+    (tagged("\\{2,3\\}"), numina("2, 3"), 1.0, "LaTeX set"),
+    (tagged("3, 2"), numina("\\{2, 3\\}"), 1.0, "a set has no order"),
+    (tagged("2, 3"), "3", 0.0, "a set is not its last element"),
+    (tagged("2"), numina("2, 3"), 0.0, "one element of the set"),
+    (tagged("x = 2 \\text{ or } x = 3"), numina("2, 3"), 1.0, "roots given as equations"),
+    # intervals
+    (tagged("(2, 5]"), numina("(2, 5]"), 1.0, "half-open interval"),
+    (tagged("(2, 5)"), numina("(2, 5]"), 0.0, "open is not half-open"),
+    (tagged("(2, 5]"), "5", 0.0, "an interval is not its end point"),
+    (tagged("x \\in (-\\infty, 3)"), numina("(-\\infty, 3)"), 1.0, "membership in an unbounded interval"),
+    # tuples
+    (tagged("(1, 2)"), numina("(1, 2)"), 1.0, "ordered pair"),
+    (tagged("(2, 1)"), numina("(1, 2)"), 0.0, "a pair has an order"),
+    (tagged("(1, 2)"), "2", 0.0, "a pair is not its last element"),
+    # surds
+    (tagged("5\\sqrt{2}"), numina("5\\sqrt{2}"), 1.0, "LaTeX surd"),
+    (tagged("5√2"), numina("5\\sqrt{2}"), 1.0, "unicode surd"),
+    (tagged("√50"), numina("5\\sqrt{2}"), 1.0, "unsimplified unicode surd"),
+    (tagged("5√2"), "5", 0.0, "a surd is not its coefficient"),
+    (tagged("5"), numina("5\\sqrt{2}"), 0.0, "nor the coefficient the surd"),
+    # percents: 25% is 25 * 1/100, which math-verify counts equal to 25, 0.25 and 1/4
+    (tagged("25\\%"), numina("25\\%"), 1.0, "LaTeX percent against a boxed percent"),
+    (tagged("25%"), numina("25\\%"), 1.0, "plain percent"),
+    (tagged("25 percent"), numina("25\\%"), 1.0, "percent in words"),
+    (tagged("25"), numina("25\\%"), 1.0, "the number of percent"),
+    (tagged("0.25"), numina("25\\%"), 1.0, "the fraction the percent is"),
+    (tagged("100"), numina("25\\%"), 0.0, "the code's 100 is not the answer"),
+    (tagged("20\\%"), numina("25\\%"), 0.0, "wrong percent"),
+    (tagged("25%"), "25\\%", 1.0, "bare percent gold"),
+    # units and currency
+    (tagged("22 years"), "22", 1.0, "unit word"),
+    (tagged("21 years"), "22", 0.0, "wrong number with a unit"),
+    (tagged("$18"), "18", 1.0, "dollar sign"),
+    (tagged("\\$18.00"), "18", 1.0, "escaped dollar and cents"),
+    (tagged("18 dollars"), "18", 1.0, "currency word"),
+    (tagged("6 \\text{ cm}^2"), "6", 1.0, "LaTeX unit with a power"),
+    (tagged("6 cm^2"), "6", 1.0, "plain unit with a power"),
+    (tagged("30°"), numina("30^\\circ"), 1.0, "degrees"),
+    # long tails
+    (f"{EGGS} So \\boxed{{18}}.{TAIL}", "18", 1.0, "an early box before a long tail"),
+    (f"{EGGS} So \\boxed{{17}}.{TAIL}", "18", 0.0, "an early wrong box before a long tail"),
+    (tagged("18", EGGS + TAIL), "18", 1.0, "a long reasoning block"),
+    (tagged("18 " + "and so on " * 200), "18", 0.0, "an answer longer than max_answer_chars"),
+    # two blocks: the last answer is the one given (the format reward pays 0)
+    (
+        "<think>a</think><answer>17</answer><think>b</think><answer>18</answer>",
+        "18",
+        1.0,
+        "two blocks, last right",
+    ),
+    (
+        "<think>a</think><answer>18</answer><think>b</think><answer>17</answer>",
+        "18",
+        0.0,
+        "two blocks, last wrong",
+    ),
+    # empty
+    ("", "18", 0.0, "empty completion"),
+    (tagged(""), "18", 0.0, "empty answer block"),
+    (tagged("   \n "), "18", 0.0, "blank answer block"),
+    # an unreadable gold says nothing about the model: None, not 0 and not a crash
+    (tagged("4"), "see the figure in the appendix", None, "unreadable gold"),
+    ("", "see the figure in the appendix", None, "unreadable gold, empty completion"),
 ]
 
 
-@pytest.mark.parametrize("completion, solution, expected", MATH_TABLE)
+@pytest.mark.parametrize(
+    "completion, solution, expected", [row[:3] for row in MATH_TABLE], ids=[row[3] for row in MATH_TABLE]
+)
 def test_math_accuracy(completion, solution, expected):
     assert math_accuracy(["q"], [completion], solution=[solution]) == [expected]
 
 
-@pytest.mark.parametrize(
-    "completion",
-    [
-        "<answer>" + "{" * 20000 + "</answer>",
-        "1" * 500_000,
-        "<answer>" + "\\frac{" * 3000 + "</answer>",
-        "<answer>" + "(" * 10000 + "x" + ")" * 10000 + "</answer>",
-    ],
-)
-def test_math_accuracy_time_is_bounded_on_adversarial_strings(completion):
-    started = time.perf_counter()
-    scores = math_accuracy(["q"], [completion], solution=["3"], timeout_s=2)
-    elapsed = time.perf_counter() - started
-    assert scores == [0.0]
-    # the 1000-character cap and math-verify's 2 s alarm per call bound it (parse + verify: a few calls)
-    assert elapsed < 10, elapsed
+def test_math_accuracy_table_in_one_batch():
+    """The same table as one call, as the loop makes it: a gold shared by many rows is read once."""
+    completions, solutions, expected, _ = zip(*MATH_TABLE)
+    assert math_accuracy(["q"] * len(MATH_TABLE), list(completions), solution=list(solutions)) == list(
+        expected
+    )
+
+
+HOSTILE = [
+    tagged("{" * 20000),
+    "1" * 500_000,
+    tagged("\\frac{" * 3000),
+    tagged("(" * 10000 + "x" + ")" * 10000),
+    "\\boxed{" * 100_000,
+    "<answer>" * 60_000,
+    tagged("10^{10^{10}}"),  # math-verify computes for minutes without a timeout
+    tagged("100000000!"),
+    tagged("9^{9^{9^{9}}}"),
+]
+
+
+@pytest.mark.parametrize("completion", HOSTILE, ids=[repr(c[:24]) for c in HOSTILE])
+def test_math_accuracy_scores_hostile_strings_zero(completion):
+    assert math_accuracy(["q"], [completion], solution=["3"]) == [0.0]
+
+
+def test_math_accuracy_off_the_main_thread():
+    """The loop may score in a background thread, where math-verify's SIGALRM timeouts cannot be set; a
+    hostile answer must still end, and a late worker is replaced."""
+    results = []
+    completions = [tagged("9^{9^{9^{9}}}"), tagged("3")]
+    worker = threading.Thread(
+        target=lambda: results.append(
+            math_accuracy(["q"] * 2, completions, solution=["3"] * 2, timeout_s=0.5)
+        )
+    )
+    worker.start()
+    worker.join()
+    assert results == [[0.0, 1.0]]
 
 
 def test_digit_fraction():
@@ -110,7 +265,7 @@ def test_weighted_total_and_none_handling():
             accuracy={"fn": "rewards.math_accuracy.math_accuracy", "weight": 2.0, "kwargs": {"timeout_s": 3}},
         )
     )
-    completions = ["<think>a</think><answer>4</answer>", "4", "<think>a</think><answer>5</answer>"]
+    completions = ["<think>a</think><answer>4</answer>", "\\boxed{4}", "<think>a</think><answer>5</answer>"]
     scores = score_completions(functions, ["q"] * 3, completions, {"solution": ["4", "4", "not math at all"]})
     assert scores == {"format": [1.0, 0.0, 1.0], "accuracy": [1.0, 1.0, None]}
     assert total_reward(functions, scores).tolist() == [2.5, 2.0, 0.5]  # None adds nothing
