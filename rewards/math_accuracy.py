@@ -124,9 +124,8 @@ def normalise(answer: str) -> tuple[str, bool]:
     percent = PERCENT.search(text) is not None
     text = PERCENT.sub("", text)
     text = TRAILING_UNIT.sub("", text).strip()
-    if has_prose(
-        text
-    ):  # prose: its answer is a lone number, with nothing else but words and punctuation beside it
+    # prose: its answer is a lone number, with nothing else but words and punctuation beside it
+    if has_prose(text):
         numbers = NUMBER.findall(text)
         rest = WORD.sub("", NUMBER.sub("", text)).strip(" .,:;!?'\"")
         text = numbers[0] if len(numbers) == 1 and not rest else ""

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from online_rl.algorithms import POLICY_GRADIENT, PREFERENCE
-from online_rl.models import DTYPES
+from online_rl.models import DTYPES, check_model_available
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders of local files
 
@@ -37,6 +37,7 @@ def check_config(cfg: DictConfig) -> None:
     check_data(cfg.data)
     check_eval_config(cfg)
     check_export_config(cfg)
+    check_models_available(cfg)
 
 
 def check_sizes(cfg: DictConfig) -> None:
@@ -199,6 +200,14 @@ def check_export_config(cfg: DictConfig) -> None:
             "save_merged=true merges a LoRA adapter, but model.lora.enabled=false: a full fine-tune's "
             "model/ is already full weights; drop save_merged"
         )
+
+
+def check_models_available(cfg: DictConfig) -> None:
+    """Offline, a hub model must already be in the local cache (the config and the environment tell)."""
+    if cfg.eval_only and cfg.eval.model:
+        check_model_available("eval.model", cfg.eval.model)
+    elif cfg.model.random_init is None:
+        check_model_available("model.name_or_path", cfg.model.name_or_path)
 
 
 def check_checkpoint_schedule(checkpoint_every: int, num_iterations: int) -> None:

@@ -315,6 +315,8 @@ class TrainConfig:
     max_consecutive_nonfinite: int = (
         3  # non-finite updates (skipped) in a row before the run stops; 0 = never
     )
+    # steps in a row in which no trained reward scored any completion before the run stops; 0 = never
+    max_unscored_steps: int = 10
     watchdog_seconds: WatchdogConfig = field(default_factory=WatchdogConfig)  # per-phase time limits
 
 

@@ -227,6 +227,14 @@ def tokenize_prompts(
     """Token ids per prompt, left-truncated to max_prompt_length (the end, where the question is, stays)."""
     texts = [prompt_text(tokenizer, q, system_prompt) for q in questions]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for question, row in zip(questions, ids):
+        if not row:  # an engine cannot continue nothing (vLLM: "decoder prompt cannot be empty")
+            raise ValueError(
+                f"the prompt {question!r} is no tokens at all with this tokenizer (it has no chat template, or "
+                "drops these characters): check that data.prompt_column names the question column and that its "
+                "rows are not empty, use a model whose tokenizer has a chat template, or frame the prompts with "
+                "data.system_prompt=..."
+            )
     return [row[-max_prompt_length:] for row in ids]
 
 

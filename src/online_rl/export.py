@@ -12,7 +12,6 @@ ones serve with `vllm serve dir`. Unlike checkpoints/, they carry no optimizer s
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from online_rl.engines.weights import inference_weights
-from online_rl.models import is_lora
+from online_rl.models import hub_offline, is_lora
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +159,6 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
-
-
-def hub_offline() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    from huggingface_hub.constants import is_offline_mode
-
-    return flag or is_offline_mode()
 
 
 def push_to_hub_repo(repo_id: str, directory: Path) -> bool:

@@ -77,6 +77,11 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
             samples.scores = score_completions(
                 run.reward_functions, samples.prompts, samples.completions, samples.columns
             )
+            run.unscored.observe(
+                samples.scores, run.step + 1
+            )  # a reward that scored nothing: warned, counted
+            if run.unscored.must_stop:  # no trained reward scored anything for max_unscored_steps steps
+                raise run.unscored.error(run.checkpoint())
             samples.rewards = total_reward(run.reward_functions, samples.scores)  # (N,)
             samples.ranking_scores = (  # (N,) what ranks a preference pair
                 run.reward_model.score(samples.prompts, samples.completions)
@@ -205,6 +210,7 @@ def log_step(run: Run, cfg, step: int, samples, generated, micro_batches, signal
                         "gc/full_collected": collected.full_collected})  # fmt: skip
     metrics.update(run.nonfinite.metrics())
     metrics.update(reward_error_metrics(run.reward_functions))
+    metrics.update(run.unscored.metrics())
     metrics = distributed.reduce_metrics(  # several ranks: one set of metrics for the run
         metrics,
         samples=int(samples.from_engine.sum()),

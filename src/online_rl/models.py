@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,40 @@ def build_random_model(spec: Any, texts: Iterable[str], directory: Path) -> Path
     return directory
 
 
+class ModelUnavailable(ValueError):
+    """A hub model that is neither a local directory nor in the local cache, where the hub cannot be reached."""
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or huggingface_hub's own offline switch) is set: nothing is fetched from the hub."""
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    from huggingface_hub.constants import is_offline_mode
+
+    return flag or is_offline_mode()
+
+
+def unavailable_model(key: str, name: str, why: str) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"{key}={name} is not a local directory and not in the Hugging Face cache, and {why}. Pass a local "
+        f"directory ({key}=/path/to/model), download it once where there is network (`hf download {name}`, "
+        "then HF_HUB_OFFLINE=1 reads the cache), or train a random-weight model offline (model=qwen2_0.5b_random)"
+    )
+
+
+def check_model_available(key: str, name: str) -> None:
+    """Before anything loads: offline, a hub id must already be in the local cache (a directory always is)."""
+    if Path(name).exists() or not hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a repo id either (a mistyped path, say)
+        cached = None
+    if not isinstance(cached, str):
+        raise unavailable_model(key, name, "HF_HUB_OFFLINE is set, so it cannot be downloaded")
+
+
 def resolve_model_path(model_cfg: Any, texts: Iterable[str], output_dir: Path) -> str:
     """The path or hub id to load: a freshly built random model, or model.name_or_path."""
     if model_cfg.random_init is None:
@@ -90,8 +125,16 @@ def resolve_model_path(model_cfg: Any, texts: Iterable[str], output_dir: Path) -
     return str(build_random_model(model_cfg.random_init, texts, directory))
 
 
-def load_tokenizer(path: str, trust_remote_code: bool) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def load_tokenizer(path: str, trust_remote_code: bool, key: str = "model.name_or_path") -> Any:
+    """The tokenizer of `path` (the first file a run reads from the hub: the place to say it cannot be had)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if Path(path).exists():
+            raise
+        raise unavailable_model(
+            key, path, f"the hub could not be reached ({str(error).splitlines()[0]})"
+        ) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # only pads; padded positions are masked everywhere
     return tokenizer

@@ -16,6 +16,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,6 +145,48 @@ def score_one_by_one(
         first,
     )
     return scores
+
+
+class UnscoredRewards:
+    """Rewards that score no completion of a step (every score None) teach nothing that step, silently: a
+    dataset without the column a reward needs, say. Each such reward is named in a warning the first time and
+    counted after (reward/<name>_unscored_steps); when every trained reward (weight != 0) is silent for
+    `max_in_a_row` steps in a row, the run stops with a checkpoint (0 = never)."""
+
+    def __init__(self, reward_functions: list[RewardFunction], max_in_a_row: int):
+        self.trained = [r.name for r in reward_functions if r.weight != 0]
+        self.steps = {r.name: 0 for r in reward_functions}  # steps each reward scored nothing, so far
+        self.max_in_a_row, self.in_a_row = max_in_a_row, 0
+
+    def observe(self, scores: dict[str, list[float | None]], step: int) -> None:
+        silent = {name for name, values in scores.items() if all(value is None for value in values)}
+        for name in sorted(silent):
+            if self.steps[name] == 0:
+                log.warning(
+                    "step %d: reward '%s' scored every completion None (no opinion), so it teaches nothing this "
+                    "step. Does the data have the column it reads (data.solution_column)? Does it return None "
+                    "where it should score? Counted from now on as reward/%s_unscored_steps",
+                    step,
+                    name,
+                    name,
+                )
+            self.steps[name] += 1
+        self.in_a_row = self.in_a_row + 1 if silent.issuperset(self.trained) else 0
+
+    @property
+    def must_stop(self) -> bool:
+        return 0 < self.max_in_a_row <= self.in_a_row
+
+    def metrics(self) -> dict[str, float]:
+        return {f"reward/{name}_unscored_steps": float(count) for name, count in self.steps.items()}
+
+    def error(self, checkpoint: Path) -> RewardError:
+        return RewardError(
+            f"no trained reward ({', '.join(self.trained)}) scored any completion for {self.in_a_row} steps in a "
+            f"row (max_unscored_steps={self.max_in_a_row}): the run learns nothing. The weights are saved in "
+            f"{checkpoint}. Check that the data has the columns the rewards read (data.solution_column) and "
+            f"that the rewards return numbers; then resume with resume={checkpoint}"
+        )
 
 
 def reward_error_metrics(reward_functions: list[RewardFunction]) -> dict[str, float]:

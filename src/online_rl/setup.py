@@ -48,7 +48,7 @@ from online_rl.models import (
 from online_rl.redaction import redact_hydra_outputs, redact_override, redacted_container, save_config
 from online_rl.resume import find_checkpoint, load_weights, resume_training
 from online_rl.reward_model import RewardModel
-from online_rl.rewarding import load_reward_functions
+from online_rl.rewarding import UnscoredRewards, load_reward_functions
 from online_rl.tracking import ConsoleOnlyTracker, make_tracker
 from online_rl.watchdog import Watchdog
 
@@ -81,6 +81,7 @@ class Run:
     stop: StopOnSignal
     nonfinite: NonFiniteGuard
     collector: CollectorClock | None  # logger.lab_metrics: Python's garbage collector per step
+    unscored: UnscoredRewards  # rewards that score no completion of a step: warned, counted, stopped
     config: dict  # the resolved config, secrets redacted: what the tracker and the model card record
     step: int = 0
 
@@ -241,7 +242,8 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         output_dir, metrics_path, ranks.is_main, device, autocast_dtype, algorithm,
         tokenizer, model, reference, policy, trainable, optimizer, scheduler,
         rollouts, reward_functions, reward_model, tracker, evaluator,
-        watchdog, stop, NonFiniteGuard(cfg.max_consecutive_nonfinite), collector, config,
+        watchdog, stop, NonFiniteGuard(cfg.max_consecutive_nonfinite), collector,
+        UnscoredRewards(reward_functions, cfg.max_unscored_steps), config,
     )  # fmt: skip
     # Last before the first step: a resume restores the RNG states here, after setup's random draws.
     if checkpoint is not None:
