@@ -87,7 +87,7 @@ def test_sigterm_checkpoints_and_prints_the_command_that_resumes_exactly(tmp_pat
     """A real `python train.py` gets SIGTERM after step 2: it finishes its step, writes a checkpoint, exits 143
     and prints the resume command; that command (run as printed) continues to step 5 in the same directory,
     one metrics.jsonl, and ends with the weights of an uninterrupted run."""
-    overrides = ["max_steps=5", *EXACT]
+    overrides = ["max_steps=5", "logger.log_every=1", *EXACT]  # a console line per step: SIGTERM after step 2
     run_dir = tmp_path / "interrupted"
     process = subprocess.Popen(
         [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"],

@@ -211,6 +211,7 @@ def test_command_line_quickstart_logs_to_trackio(tmp_path):
     """`python train.py` as a user runs it (3 steps): progress bar, log lines, trackio data, dashboard hint."""
     output = run_train(tmp_path, "max_steps=3")
     assert "step 3/3 | reward" in output and "grpo: 100%" in output
+    assert "step 2/3 | reward" not in output  # a line every logger.log_every=10 steps, and the first and last
     dashboard = f"Dashboard: TRACKIO_DIR={tmp_path}/trackio trackio show"
     assert output.count(dashboard) == 2 and output.index(dashboard) < output.index(
         "step 1/3"

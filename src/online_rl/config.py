@@ -209,7 +209,7 @@ class DataConfig:
 class LoggerConfig:
     backend: LoggerBackend = LoggerBackend.trackio  # trackio (local, offline) | none
     project: str = "online-rl"  # trackio project name
-    log_every: int = 1  # steps between log lines on the console
+    log_every: int = 10  # steps between log lines on the console; the first and the last step always log
     sample_table_every: int = 10  # steps between tables of sample prompts / completions / rewards
     sample_table_rows: int = 8
     # the speed lab's per-step diagnostics: Python's garbage collector (time/gc_s, time/gc_full_s,

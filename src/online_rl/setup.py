@@ -84,6 +84,7 @@ class Run:
     unscored: UnscoredRewards  # rewards that score no completion of a step: warned, counted, stopped
     config: dict  # the resolved config, secrets redacted: what the tracker and the model card record
     step: int = 0
+    first_step: int = 1  # this process's first step (a resumed run: the one after its checkpoint)
 
     def checkpoint(self) -> Path:
         """Save the run at its current step (output_dir/checkpoints/step_NNNNNN, written atomically)."""
@@ -248,6 +249,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     # Last before the first step: a resume restores the RNG states here, after setup's random draws.
     if checkpoint is not None:
         run.step = resume_training(checkpoint, optimizer, scheduler, sampler, cfg.max_steps, output_dir)
+        run.first_step = run.step + 1
     distributed.seed_ranks(cfg.seed, run.step)  # several ranks: each samples with a seed of its own
     return run
 
