@@ -153,5 +153,5 @@ def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature):
     )
     with torch.no_grad():
         logp, _ = completion_logprobs(model, batch, temperature)
-    total, peak = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
+    total, peak, _ = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
     return float(total) / float(batch.completion_mask.sum()), float(peak)

@@ -87,7 +87,7 @@ def gap(model, tokenizer, prompt_ids, rollout, n=G):
     ).to(TRAINER)
     with torch.no_grad():
         logp, _ = completion_logprobs(model, batch, 1.0)
-    total, _ = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
+    total, _, _ = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
     return float(total) / float(batch.completion_mask.sum())
 
 

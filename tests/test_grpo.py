@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from online_rl.algorithms import grpo
+from online_rl.algorithms.sampler_correction import logp_gap
+from online_rl.update import SyncError, check_sync
 
 
 def test_group_advantages_group_scaling():
@@ -133,3 +135,50 @@ def test_policy_gradient_loss_weights_tokens_adds_the_kl_and_sums_its_stats():
         "clip_high",
         "clip_region",
     }
+
+
+@pytest.mark.parametrize("on_policy", [True, False], ids=["on-policy", "pi_old != pi"])
+def test_the_ratio_weighted_kl_term_has_the_gradient_of_the_kl_it_estimates(on_policy):
+    """Over a 5-token vocabulary, exactly: E_{y ~ pi_old}[grad term(y)] against autograd of
+    KL(pi || pi_ref) = sum_y pi(y) (log pi(y) - log pi_ref(y)). The weighted term matches; plain k3 does not."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(5, dtype=torch.float64), dim=0)
+    logp = torch.log_softmax(logits, dim=0)
+    old = logp.detach() if on_policy else torch.log_softmax(torch.randn(5, dtype=torch.float64), dim=0)
+    (exact,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits, retain_graph=True)
+
+    def expected_gradient(weighted: bool) -> torch.Tensor:
+        term = grpo.kl_penalty(logp[None], old[None], ref[None], weighted)[0]  # (V,): one token y each
+        (gradient,) = torch.autograd.grad((old.exp() * term).sum(), logits, retain_graph=True)
+        return gradient
+
+    assert torch.allclose(expected_gradient(weighted=True), exact, atol=1e-12)
+    assert not torch.allclose(expected_gradient(weighted=False), exact, atol=1e-3)
+
+
+def test_non_finite_sampler_log_probs_never_reach_the_loss_and_fail_the_sync_check():
+    """Two real tokens with NaN and inf sampler log-probs, and a NaN on padding: the loss stays finite (those
+    weights are 1, padding is selected out, not multiplied), and the gap check counts them and stops."""
+    logp = torch.tensor([[-1.0, -2.0, -1.5], [-0.5, -1.0, float("nan")]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2's last position is padding
+    sampler = torch.tensor([[float("nan"), -2.0, -1.5], [-0.5, float("-inf"), float("nan")]])
+    loss, stats = grpo.policy_gradient_loss(
+        logp, logp.detach(), torch.tensor([1.0, -1.0]), mask,
+        epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", num_micro_batches=1, rollout_token_count=5,
+        max_completion_length=3, ref_logp=torch.full((2, 3), -1.0), beta=0.1, sampler_logp=sampler,
+        importance_sampling_cap=2.0,
+    )  # fmt: skip
+    assert torch.isfinite(loss) and all(torch.isfinite(value) for value in stats.values())
+    loss.backward()
+    assert torch.isfinite(logp.grad[mask.bool()]).all() and (logp.grad[~mask.bool()] == 0).all()
+    assert stats["is_weight"].item() == pytest.approx(5.0)  # every weight 1: equal log-probs, or not finite
+
+    total, peak, bad = logp_gap(logp, sampler, mask)
+    assert (total.item(), peak.item(), bad.item()) == (0.0, 0.0, 2)  # the padded NaN is not counted
+    with pytest.raises(
+        SyncError, match=r"before step 4, 2 of the sampled tokens have a NaN or infinite log-prob"
+    ):
+        check_sync(total.item() / 5, peak.item(), threshold=0.1, step=3, nonfinite=int(bad))
+    with pytest.raises(SyncError, match="differ from the trainer's by nan"):
+        check_sync(float("nan"), 0.0, threshold=0.1, step=3)  # a NaN mean no longer passes as "below"

@@ -217,7 +217,7 @@ TOKEN_MEANS = (  # per-token means: weighted by the rank's completion tokens
 )
 MAXIMA = ("rollout/len_max", "adv/abs_max", "sync/logp_gap_max", "gc/full_collections", "gc/full_collected")
 MAXIMUM_PREFIXES = ("time/", "memory/")  # the slowest rank sets the pace; the fullest GPU the limit
-SUMS = ("perf/completion_tokens_per_s", "rollout/server_retries")
+SUMS = ("perf/completion_tokens_per_s", "rollout/server_retries", "sync/logp_nonfinite_tokens")
 STD_OF = {"reward/total_std": "reward/total_mean", "adv/std": "adv/mean"}  # pooled from the ranks' moments
 
 

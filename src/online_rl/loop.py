@@ -127,6 +127,7 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
                         totals["gap_max"],
                         cfg.vllm.max_logp_gap,
                         run.step,
+                        int(totals.get("gap_nonfinite", 0)),
                     )
                 update = optimizer_step(run, totals, cfg.optim.max_grad_norm)
                 update["time/train_s"] = time.perf_counter() - phase_started

@@ -61,6 +61,7 @@ def step_metrics(
     if generated.rollout.sampler_logprobs is not None:
         metrics["sync/logp_gap_mean"] = totals.get("gap", 0.0) / max(totals.get("engine_tokens", 0.0), 1)
         metrics["sync/logp_gap_max"] = totals.get("gap_max", 0.0)
+        metrics["sync/logp_nonfinite_tokens"] = totals.get("gap_nonfinite", 0.0)  # left out of the gap
     return metrics
 
 

@@ -66,9 +66,10 @@ def train_pass(policy, micro_batches: list[MicroBatch], algorithm, signal, tempe
         if micro_batch.packed.sampler_logp is not None:  # the rollout policy vs the engine that sampled it
             rollout_logp = micro_batch.old_logp if micro_batch.old_logp is not None else logp
             engine_mask = mask * micro_batch.from_engine.unsqueeze(1)
-            gap_sum, gap_peak = logp_gap(rollout_logp, micro_batch.packed.sampler_logp, engine_mask)
+            gap_sum, gap_peak, bad = logp_gap(rollout_logp, micro_batch.packed.sampler_logp, engine_mask)
             sums.add("gap", gap_sum)
             sums.peak("gap_max", gap_peak)
+            sums.add("gap_nonfinite", bad)
             sums.add("engine_tokens", engine_mask.sum())
     return sums.read()
 
@@ -97,8 +98,15 @@ class SyncError(RuntimeError):
     """The engine's log-probs say it is not generating with the trainer's weights."""
 
 
-def check_sync(gap_mean: float, gap_max: float, threshold: float, step: int) -> None:
-    if gap_mean > threshold:
+def check_sync(gap_mean: float, gap_max: float, threshold: float, step: int, nonfinite: int = 0) -> None:
+    """Stop when the engine's log-probs of its samples are far from the trainer's, or not numbers at all."""
+    if nonfinite:
+        raise SyncError(
+            f"before step {step + 1}, {nonfinite} of the sampled tokens have a NaN or infinite log-prob (the "
+            "engine's or the trainer's): the engine or the trainer is producing garbage. Look for inf/nan in the "
+            "weights (a diverged update: lower optim.lr) or a broken weight sync; this step is not trained on."
+        )
+    if not gap_mean <= threshold:
         raise SyncError(
             f"before step {step + 1}, vLLM's log-probs of its own samples differ from the trainer's by "
             f"{gap_mean:.4f} nats per token on average (max {gap_max:.3f}; threshold vllm.max_logp_gap={threshold}): "

@@ -65,6 +65,8 @@ class PolicyGradientConfig:
     num_iterations: int = 1  # mu: optimizer passes over one rollout, each against the rollout's old log-probs
     loss_type: LossType = LossType.dapo  # grpo | bnpo | dr_grpo | dapo (how token losses are averaged)
     beta: float = 0.0  # KL weight to the reference model (k3 estimator); 0 loads no reference model
+    # the KL term weighted by pi/pi_old so its gradient is KL(pi||pi_ref)'s; false: the GRPO paper's plain k3
+    kl_ratio_weighted: bool = True
     mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
 
 
@@ -121,6 +123,7 @@ class PolicyGradient:
             max_completion_length=self.max_completion_length,
             ref_logp=micro_batch.ref_logp,
             beta=self.cfg.beta,
+            kl_ratio_weighted=self.cfg.kl_ratio_weighted,
             sampler_logp=micro_batch.packed.sampler_logp,
             importance_sampling_cap=self.importance_sampling_cap,
         )

@@ -45,6 +45,22 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def kl_penalty(
+    logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, ratio_weighted: bool
+) -> torch.Tensor:
+    """The KL term of the per-token loss, (B, T): k3, or r * k3 with r = pi / pi_old (gradient through r).
+
+    The tokens were sampled from pi_old, and k3's value estimates KL(pi || pi_ref), but its gradient does not
+    follow that KL's: grad k3 = (1 - pi_ref/pi) grad log pi, whose expectation is sum_y (pi - pi_ref) grad log pi.
+    Weighted by r it does, at any pi_old: grad (r k3) = r (k3 + 1 - pi_ref/pi) grad log pi = r log(pi/pi_ref)
+    grad log pi, and E_pi_old[r log(pi/pi_ref) grad log pi] = grad KL(pi || pi_ref) (DeepSeek-V3.2's unbiased
+    KL; "On the design of KL-regularized policy gradient algorithms", 2025). ratio_weighted=False is the
+    GRPO paper's literal form.
+    """
+    kl = k3_kl(logp, ref_logp)
+    return torch.exp(logp - old_logp) * kl if ratio_weighted else kl
+
+
 def clipped_token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -81,7 +97,7 @@ def aggregate_loss(
     - dr_grpo: token sum / (B x max_completion_length), averaged over micro-batches;
     - dapo:    token sum / rollout_token_count, the token mean over the whole rollout.
     """
-    masked = token_loss * mask
+    masked = torch.where(mask.bool(), token_loss, 0.0)  # a NaN on a padded position stays out (NaN * 0 = NaN)
     if loss_type == "grpo":
         per_sequence = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         return per_sequence.mean() / num_micro_batches
@@ -99,14 +115,19 @@ def clip_fractions(
 ) -> dict[str, torch.Tensor]:
     """Share of tokens whose gradient the clip removed: below 1-eps with A<0 (low), above 1+eps with A>0 (high)."""
     adv = advantages.unsqueeze(1)
-    low = (ratio < 1 - epsilon_low) & (adv < 0)
-    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    low = (ratio < 1 - epsilon_low) & (adv < 0) & mask.bool()
+    high = (ratio > 1 + epsilon_high) & (adv > 0) & mask.bool()
     tokens = mask.sum().clamp(min=1)
     return {
-        "clip_low": (low * mask).sum() / tokens,
-        "clip_high": (high * mask).sum() / tokens,
-        "clip_region": ((low | high) * mask).sum() / tokens,
+        "clip_low": low.sum() / tokens,
+        "clip_high": high.sum() / tokens,
+        "clip_region": (low | high).sum() / tokens,
     }
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` over the real tokens; what sits on padding (even NaN or inf) is left out."""
+    return torch.where(mask.bool(), values, 0.0).sum()
 
 
 def policy_gradient_loss(
@@ -123,12 +144,14 @@ def policy_gradient_loss(
     max_completion_length: int,
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
+    kl_ratio_weighted: bool = True,
     sampler_logp: torch.Tensor | None = None,
     importance_sampling_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A micro-batch's share of the step's clipped policy-gradient loss (GRPO, RLOO), and its token sums.
 
-        loss_t = w_t * -min(r_t A, clip(r_t, 1-eps_low, 1+eps_high) A) + beta * k3_t,   r_t = pi / pi_old
+        loss_t = w_t * -min(r_t A, clip(r_t, 1-eps_low, 1+eps_high) A) + beta * r_t * k3_t,   r_t = pi / pi_old
+        (kl_ratio_weighted=False: beta * k3_t, the GRPO paper's form; see kl_penalty)
         w_t    = min(pi_old / pi_sampler, cap)   (truncated importance sampling, when the engine's log-probs
                                                   and a cap are given; else 1)
     then reduced by `aggregate_loss` (loss_type).
@@ -138,17 +161,22 @@ def policy_gradient_loss(
     Returns (loss, sums over the real tokens of kl, clip_low/high/region, is_weight, is_weight_deviation),
     each a 0-dim tensor: the caller divides by the rollout's tokens.
     """
+    # padding selected out before any arithmetic: a NaN there (NaN * 0 = NaN) would reach the loss or, through
+    # a later `where`, the gradient (0 * d exp(NaN) = NaN)
+    real = mask.bool()
+    logp, old_logp = torch.where(real, logp, 0.0), torch.where(real, old_logp, 0.0)
+    ref_logp = torch.where(real, ref_logp, 0.0) if ref_logp is not None else None
+    sampler_logp = torch.where(real, sampler_logp, 0.0) if sampler_logp is not None else None
     token_loss, ratio = clipped_token_loss(logp, old_logp, advantages, epsilon_low, epsilon_high)
     stats = {}
     if sampler_logp is not None and importance_sampling_cap is not None:
         weights = truncated_importance_weights(old_logp, sampler_logp, importance_sampling_cap)
         token_loss = token_loss * weights
-        stats["is_weight"] = (weights * mask).sum()
-        stats["is_weight_deviation"] = ((weights - 1).abs() * mask).sum()
+        stats["is_weight"] = masked_sum(weights, mask)
+        stats["is_weight_deviation"] = masked_sum((weights - 1).abs(), mask)
     if ref_logp is not None:
-        kl = k3_kl(logp, ref_logp)
-        token_loss = token_loss + beta * kl
-        stats["kl"] = (kl * mask).sum()
+        token_loss = token_loss + beta * kl_penalty(logp, old_logp, ref_logp, kl_ratio_weighted)
+        stats["kl"] = masked_sum(k3_kl(logp, ref_logp).detach(), mask)  # the KL's estimate, logged
     loss = aggregate_loss(
         token_loss, mask, loss_type, num_micro_batches, rollout_token_count, max_completion_length
     )

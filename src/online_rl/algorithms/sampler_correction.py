@@ -13,10 +13,15 @@ import torch
 
 def logp_gap(
     trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, max) of |trainer - sampler| over the real tokens, as device scalars; (B, T) inputs, T >= 1."""
-    gap = (trainer_logp.detach() - sampler_logp).abs() * mask
-    return gap.sum(), gap.max()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, max, non-finite count) of |trainer - sampler| over the real tokens, as device scalars; (B, T)
+    inputs, T >= 1. A NaN or inf log-prob (either side) is counted, not summed: a NaN would make the sum NaN,
+    and `NaN > threshold` is False, so the sync check would pass it."""
+    real = mask.bool()
+    gap = (trainer_logp.detach() - sampler_logp).abs()
+    finite = torch.isfinite(gap)
+    kept = torch.where(real & finite, gap, 0.0)
+    return kept.sum(), kept.max(), (real & ~finite).sum()
 
 
 def truncated_importance_weights(
@@ -24,6 +29,8 @@ def truncated_importance_weights(
 ) -> torch.Tensor:
     """min(pi_trainer / pi_sampler, cap) per token, (B, T): reweights tokens the sampler over-sampled.
 
-    trainer_logp is the rollout policy as the trainer computes it (no gradient flows through it).
+    trainer_logp is the rollout policy as the trainer computes it (no gradient flows through it). Where
+    either log-prob is not finite the weight is 1 (no correction): the sync check reports such tokens.
     """
-    return torch.exp(trainer_logp.detach() - sampler_logp).clamp(max=cap)
+    log_ratio = trainer_logp.detach() - sampler_logp
+    return torch.where(torch.isfinite(log_ratio), torch.exp(log_ratio).clamp(max=cap), 1.0)
