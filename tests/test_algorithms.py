@@ -315,6 +315,10 @@ def test_every_algorithm_option_trains(make_config, overrides):
         assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/grad_norm"])
     if "algo.beta_final=0.5" in overrides:
         assert [m["train/beta"] for m in summary.history] == pytest.approx([0.1, 0.3, 0.5])
+    if "algo=rloo" in overrides[0]:  # the KL went into the reward, logged per completion and per token; the
+        # first rollout (two steps at mu = 2) came from the reference itself
+        assert [m["train/sequence_kl_mean"] == 0 for m in summary.history] == [True, True, False]
+        assert all(math.isfinite(m["train/kl"]) for m in summary.history)
     if "algo=xpo" in overrides[0]:
         assert summary.history[0]["train/exploration_loss"] < 0  # alpha * log pi(y_ref), log pi < 0
 
@@ -324,7 +328,7 @@ def test_every_algorithm_option_trains(make_config, overrides):
     [  # each rollout in two micro-batches: 4 prompts x 8 samples, 4 pairs, Nash-MD's 4 own samples
         ["algo=grpo", "micro_batch_size=16"],
         ["algo=grpo", "algo.loss_type=grpo", "micro_batch_size=16"],
-        ["algo=rloo", "micro_batch_size=16"],
+        ["algo=rloo", "micro_batch_size=16", "algo.beta=0.04"],  # each row's KL finds its reward
         ["algo=dpo", "micro_batch_size=4"],
         ["algo=nash_md", "micro_batch_size=2"],
     ],
@@ -353,6 +357,8 @@ def test_micro_batches_by_length_change_the_padding_not_the_update(make_config, 
 
 LEARN = {
     "rloo": ["algo=rloo", "max_steps=40"],
+    # the KL in the reward and a second pass per rollout (the sequence ratio clipped)
+    "rloo-kl-mu2": ["algo=rloo", "algo.beta=0.04", "algo.num_iterations=2", "max_steps=40"],
     "dpo": ["algo=dpo", "prompts_per_step=16", "max_steps=40"],
     # beta 0.02: the preference signal P(y > y') - 0.5 is at most 0.38 here (rewards in [-1, 1]), and at the
     # default beta 0.1 the sequence KL (a few nats) soon outweighs it and pulls the policy back to the

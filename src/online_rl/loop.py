@@ -1,8 +1,9 @@
 """The training loop: one step per rollout, read top to bottom.
 
     prompts -> token ids -> weights pushed to the engine -> N = prompts x G completions (samples)
-    -> rewards -> the algorithm's learning signal (advantages, or ranked pairs)
-    -> update: num_iterations passes over the rollout in micro-batches, an optimizer step each
+    -> rewards -> micro-batches, their no-grad log-prob passes (rollout policy, reference)
+    -> the algorithm's learning signal (advantages, or ranked pairs; RLOO's reward needs the passes' KL)
+    -> update: num_iterations passes over the micro-batches, an optimizer step each
     -> sync check (the engine's log-probs against the trainer's) -> log, checkpoint, evaluate
 
 Everything the loop touches is built before the first step by `setup.build_run`; the algorithms are a
@@ -31,7 +32,7 @@ from online_rl.rewarding import reward_error_metrics, score_completions, total_r
 from online_rl.rollout import Samples
 from online_rl.setup import Run, build_eval_only, build_run
 from online_rl.tracking import append_metrics
-from online_rl.update import check_sync, logprob_passes, train_pass
+from online_rl.update import check_sync, logprob_passes, reference_log_ratios, train_pass
 
 log = logging.getLogger(__name__)
 register_configs()  # the config groups' schemas, in Hydra's store before train.py's @hydra.main composes
@@ -90,11 +91,8 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
             )
             reward_s = time.perf_counter() - phase_started
 
-            # 5. What the algorithm learns from: an advantage per row, or each pair's ranking.
-            signal = algorithm.learning_signal(samples, run.step, cfg.max_steps)
-            samples.signal = signal.per_row  # (N,) each
-
-            # 6. Update: micro-batches of rows of similar length (less padding), then num_iterations passes.
+            # 5. Micro-batches of rows of similar length (less padding), then the no-grad passes: the rollout
+            #    policy's log-probs (num_iterations > 1; RLOO's KL) and the reference's (beta > 0).
             phase_started = time.perf_counter()
             run.watchdog.start("train")
             micro_batches = samples.micro_batches(
@@ -106,6 +104,13 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
                 device=run.device,
                 mask_truncated=algorithm.masks_truncated,
             )
+            logprobs_s = logprob_passes(run, micro_batches, sampling.temperature)
+            samples.ref_log_ratio = reference_log_ratios(micro_batches, len(samples))  # (N,) or None
+
+            # 6. What the algorithm learns from (an advantage per row, or each pair's ranking), then
+            #    num_iterations passes over the micro-batches.
+            signal = algorithm.learning_signal(samples, run.step, cfg.max_steps)
+            samples.share_signal(signal.per_row, micro_batches)  # (N,) each, and (B,) to each micro-batch
             tokens = int(sum(mb.packed.completion_mask.sum() for mb in micro_batches))  # in the loss
             # DAPO's token mean over the whole rollout: DDP/FSDP2 average over ranks, so divide per rank
             signal.scalars.update(
@@ -113,8 +118,6 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
                 tokens=tokens,
                 rollout_tokens=distributed.mean_over_ranks(tokens),
             )
-            # no-grad passes: old log-probs (num_iterations > 1), reference log-probs (beta > 0)
-            logprobs_s = logprob_passes(run, micro_batches, sampling.temperature)
             updates = []
             for iteration in range(algorithm.passes):
                 totals = train_pass(

@@ -45,6 +45,9 @@ class Samples:
     scores: dict[str, list[float | None]] = field(default_factory=dict)  # per reward function, (N) each
     rewards: torch.Tensor | None = None  # (N,) their weighted total
     ranking_scores: torch.Tensor | None = None  # (N,) what ranks a preference pair: a reward model or rewards
+    # (N,) log pi_old(y|x) - log pi_ref(y|x) of each completion, once the no-grad passes measured both (RLOO's
+    # KL in the reward)
+    ref_log_ratio: torch.Tensor | None = None
     # the algorithm's learning signal, (N,) each: the advantage of every row, or the ranking of its pair
     signal: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -96,19 +99,14 @@ class Samples:
         """The `trained` rows ((N,) bool) packed into micro-batches on `device`, longest first when `by_length`.
 
         rows_per_unit: consecutive rows that share a micro-batch (2: a preference pair). Each micro-batch carries
-        its rows' share of `signal` (moved in one copy per key: a copy from pageable memory waits for the GPU's
-        queued work). mask_truncated: completions cut at max_completion_length leave the loss.
+        its rows' share of `signal` as it stands (see share_signal). mask_truncated: completions cut at
+        max_completion_length leave the loss.
         """
         lengths = [len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids)]
         rows = [i for i in range(len(self)) if trained[i]]
         groups = micro_batch_rows(rows, lengths, rows_per_micro_batch, by_length, rows_per_unit)
-        sizes = [len(index) for index in groups]
-        signals = {  # key -> one (B,) tensor per micro-batch
-            key: torch.cat([values[index] for index in groups]).to(device).split(sizes)
-            for key, values in self.signal.items()
-        }
         micro_batches = []
-        for i, index in enumerate(groups):
+        for index in groups:
             packed = pack(
                 [self.prompt_ids[row] for row in index],
                 [self.completion_ids[row] for row in index],
@@ -123,10 +121,23 @@ class Samples:
                 MicroBatch(
                     packed,
                     index,
-                    {key: parts[i] for key, parts in signals.items()},
+                    {},
                     self.from_engine[index].to(device),
                     tokens=sum(lengths[row] for row in index),
                     positions=positions,
                 )
             )
+        self.share_signal(self.signal, micro_batches)
         return micro_batches
+
+    def share_signal(self, signal: dict[str, torch.Tensor], micro_batches: list[MicroBatch]) -> None:
+        """Keep `signal` ((N,) per key) as the rollout's and give each micro-batch its rows' values on its
+        device, in one copy per key: a copy from pageable memory waits for the GPU's queued work."""
+        self.signal = signal
+        if not micro_batches:
+            return
+        device, sizes = micro_batches[0].from_engine.device, [len(mb.rows) for mb in micro_batches]
+        for key, values in signal.items():
+            parts = torch.cat([values[mb.rows] for mb in micro_batches]).to(device).split(sizes)
+            for micro_batch, part in zip(micro_batches, parts):
+                micro_batch.signal[key] = part

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from online_rl.algorithms.rloo import sequence_log_ratio
 from online_rl.algorithms.sampler_correction import logp_gap
 from online_rl.logprobs import completion_logprobs
 from online_rl.rollout import MicroBatch
@@ -38,6 +39,19 @@ def logprob_passes(run, micro_batches: list[MicroBatch], temperature: float) -> 
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # their kernels are this phase's (time/logprobs_s), not training's
     return time.perf_counter() - started
+
+
+def reference_log_ratios(micro_batches: list[MicroBatch], rows: int) -> torch.Tensor | None:
+    """(N,) on the CPU: log pi_old(y|x) - log pi_ref(y|x) of each trained row's completion (0 for rows not
+    trained), when the no-grad passes filled both log-probs; else None. One copy to the host for the rollout."""
+    if not micro_batches or micro_batches[0].old_logp is None or micro_batches[0].ref_logp is None:
+        return None
+    sums = torch.cat(
+        [sequence_log_ratio(mb.old_logp, mb.ref_logp, mb.packed.completion_mask) for mb in micro_batches]
+    )
+    ratios = torch.zeros(rows)
+    ratios[[row for mb in micro_batches for row in mb.rows]] = sums.float().cpu()
+    return ratios
 
 
 def reference_logprobs(model, reference, batch, temperature, autocast_dtype) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     name      samples per prompt        learning signal                   loss (a pure function in this package)
     grpo      G from the engine         group-normalised advantages       grpo.policy_gradient_loss
-    rloo      G from the engine         leave-one-out advantages          grpo.policy_gradient_loss
+    rloo      G from the engine         leave-one-out, KL in the reward   rloo.sequence_policy_loss
     dpo       2 from the engine         the pair ranked by its scores     preference.pair_loss
     nash_md   1 + 1 from pi^(1-c) ref^c P(y > y') (Bradley-Terry)         preference.nash_md_micro_batch_loss
     xpo       1 + 1 from the reference  the pair ranked by its scores     preference.pair_loss + exploration
@@ -154,16 +154,80 @@ class GRPO(PolicyGradient):
 
 
 @dataclass
-class RLOOConfig(PolicyGradientConfig):
+class RLOOConfig:
+    """RLOO's keys: the KL lives in the reward and each completion is one action, so GRPO's loss_type (how
+    token losses average) and kl_ratio_weighted (the KL term of the loss) have no meaning here."""
+
     name: str = "rloo"
+    num_generations: int = 8  # k: completions sampled per prompt; each is judged against the other k - 1
+    beta: float = 0.0  # KL weight in the reward: r - beta * log(pi_old / pi_ref) summed over the completion;
+    # 0 loads no reference model
     normalize_advantages: bool = False  # divide the leave-one-out advantages by their std over the rollout
+    num_iterations: int = 1  # mu: optimizer passes over one rollout; > 1 clips the sequence ratio pi / pi_old
+    epsilon: float = 0.2  # lower clip of the sequence ratio: rho >= 1 - epsilon
+    epsilon_high: float | None = None  # upper clip: rho <= 1 + epsilon_high; null = epsilon
+    mask_truncated_completions: bool = False  # drop completions that hit max_completion_length from the loss
 
 
 class RLOO(PolicyGradient):
+    """REINFORCE Leave-One-Out as published (Ahmadian et al. 2024): each completion is one action.
+
+        R_i   = r_i - beta * sum_t log(pi_old / pi_ref)(y_i,t)          the KL folded into the reward
+        A_i   = R_i - 1/(k-1) sum_{j != i} R_j                           the leave-one-out baseline
+        rho_i = exp(sum_t log(pi_theta / pi_old)(y_i,t))                 the sequence's ratio
+        L     = 1/N sum_i -min(rho_i A_i, clip(rho_i, 1-eps, 1+eps_high) A_i)   a mean over completions
+
+    The reference (and rollout) log-probs are measured before the advantages: the loop runs the no-grad
+    passes first. At num_iterations=1 rho_i = 1 and this is the paper's REINFORCE estimator.
+    """
+
     schema = RLOOConfig
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        return rloo.leave_one_out_advantages(rewards, self.samples_per_prompt, self.cfg.normalize_advantages)
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+        super().__init__(cfg, max_completion_length, importance_sampling_cap)
+        self.needs_old_logp = cfg.num_iterations > 1 or cfg.beta > 0  # the KL of the reward is pi_old's
+
+    def learning_signal(self, samples, step: int, max_steps: int) -> Signal:
+        rewards = samples.rewards  # (N,)
+        if self.cfg.beta > 0:
+            rewards = rloo.kl_penalised_rewards(rewards, samples.ref_log_ratio, self.cfg.beta)
+        # normalize_advantages sees every rank's rewards (whole groups per rank)
+        everyone = rloo.leave_one_out_advantages(
+            distributed.gather_rows(rewards), self.samples_per_prompt, self.cfg.normalize_advantages
+        )
+        advantages = distributed.my_rows(everyone)  # (N,)
+        G = self.samples_per_prompt
+        metrics = {
+            "adv/mean": float(advantages.mean()),
+            "adv/std": float(advantages.std()),
+            "adv/abs_max": float(advantages.abs().max()),
+            "rollout/zero_std_group_frac": float(
+                (samples.rewards.view(-1, G).std(dim=1) == 0).float().mean()
+            ),
+        }
+        if self.cfg.beta > 0:  # nats per completion, and the reward the baseline saw
+            metrics["train/sequence_kl_mean"] = float(samples.ref_log_ratio.mean())
+            metrics["reward/kl_penalised_mean"] = float(rewards.mean())
+        return Signal({"advantages": advantages}, scalars={"sequences": len(samples)}, metrics=metrics)
+
+    def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
+        old = micro_batch.old_logp if micro_batch.old_logp is not None else logp.detach()
+        mask = micro_batch.packed.completion_mask
+        loss, stats = rloo.sequence_policy_loss(
+            logp,
+            old,
+            micro_batch.signal["advantages"],
+            mask,
+            epsilon_low=self.cfg.epsilon,
+            epsilon_high=self.cfg.epsilon_high if self.cfg.epsilon_high is not None else self.cfg.epsilon,
+            rollout_sequences=int(signal.scalars["sequences"]),
+            sampler_logp=micro_batch.packed.sampler_logp,
+            importance_sampling_cap=self.importance_sampling_cap,
+        )
+        # train/kl: the per-token log(pi_old / pi_ref) the reward paid for
+        if micro_batch.ref_logp is not None:
+            stats["kl"] = grpo.masked_sum(old - micro_batch.ref_logp, mask)
+        return loss, stats
 
 
 @dataclass
