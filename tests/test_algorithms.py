@@ -281,6 +281,11 @@ def test_dpo_with_a_reward_model_ranks_by_its_scores(make_config, reward_model_d
         (["algo=nash_md", "algo.mixture_coef=1.5"], "mixture_coef=1.5 must be in"),
         (["algo=xpo", "micro_batch_size=1"], "trains on pairs"),
         (["algo=rloo", "algo.num_generations=1"], "RLOO compares samples"),
+        (["algo=gspo", "algo.loss_type=dapo"], "Use algo.loss_type=grpo"),
+        (["algo=cispo", "algo.epsilon_high=0"], "algo.epsilon=null algo.epsilon_high=4.0"),
+        (["vllm.importance_sampling.min=3", "vllm.importance_sampling.max=2"], "0 <= min <= max"),
+        (["vllm.importance_sampling.max=null"], "set vllm.importance_sampling.max=2.0"),
+        (["vllm/importance_sampling=trl", "vllm.importance_sampling.max=null"], "masks nothing"),
     ],
 )
 def test_bad_algorithm_settings_name_the_fix(make_config, overrides, message):
@@ -305,8 +310,18 @@ SMALL = ["data.synthetic_rows=64", "prompts_per_step=4", "micro_batch_size=8", "
         ["algo=dpo", "model.lora.enabled=true", "micro_batch_size=3"],
         ["algo=nash_md", "algo.mixture_coef=0.25", "sampling.top_p=0.9"],
         ["algo=xpo", "algo.alpha=0.01", "model.lora.enabled=true"],
+        ["algo=gspo", "algo.num_iterations=2", "algo.beta=0.1", "algo.scale_rewards=batch"],
+        ["algo=cispo", "algo.num_iterations=2", "algo.beta=0.1", "algo.epsilon=0.2", "algo.loss_type=grpo"],
     ],
-    ids=["rloo-norm-mu2-kl", "dpo-ipo-schedule-eos", "dpo-lora-odd-micro", "nash_md", "xpo-lora"],
+    ids=[
+        "rloo-norm-mu2-kl",
+        "dpo-ipo-schedule-eos",
+        "dpo-lora-odd-micro",
+        "nash_md",
+        "xpo-lora",
+        "gspo-mu2-kl",
+        "cispo-mu2-kl-low-bound",
+    ],
 )
 def test_every_algorithm_option_trains(make_config, overrides):
     summary = run(make_config(*SMALL, *overrides))
@@ -366,6 +381,8 @@ LEARN = {
     # 0.70 to 0.83
     "nash_md": ["algo=nash_md", "prompts_per_step=16", "max_steps=40", "algo.beta=0.02"],
     "xpo": ["algo=xpo", "prompts_per_step=16", "max_steps=40"],
+    "gspo": ["algo=gspo", "max_steps=40"],
+    "cispo": ["algo=cispo", "max_steps=40"],
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from online_rl.algorithms import grpo
-from online_rl.algorithms.sampler_correction import logp_gap
+from online_rl.algorithms.sampler_correction import ImportanceSampling, logp_gap
 from online_rl.update import SyncError, check_sync
 
 
@@ -116,13 +116,14 @@ def test_policy_gradient_loss_weights_tokens_adds_the_kl_and_sums_its_stats():
     loss, stats = grpo.policy_gradient_loss(
         logp, logp.detach(), torch.tensor([0.5]), mask,
         epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", num_micro_batches=1, rollout_token_count=2,
-        max_completion_length=2, ref_logp=ref, beta=0.1, sampler_logp=sampler, importance_sampling_cap=2.0,
+        max_completion_length=2, ref_logp=ref, beta=0.1, sampler_logp=sampler, importance_sampling=ImportanceSampling(),
     )  # fmt: skip
     k3 = math.e - 2
     # token 1: 2 x -0.5 + 0.1 x 0 = -1; token 2: 1 x -0.5 + 0.1 x k3; DAPO: their sum / 2 tokens
     assert loss.item() == pytest.approx((-1.0 + -0.5 + 0.1 * k3) / 2)
     assert stats["is_weight"].item() == pytest.approx(3.0)  # 2 + 1
     assert stats["is_weight_deviation"].item() == pytest.approx(1.0)  # |2 - 1| + |1 - 1|
+    assert stats["is_masked"].item() == 0.0  # truncated, not masked
     assert stats["kl"].item() == pytest.approx(k3)
     assert stats["clip_region"].item() == 0.0  # ratio 1: nothing clipped
     without = grpo.policy_gradient_loss(
@@ -167,7 +168,7 @@ def test_non_finite_sampler_log_probs_never_reach_the_loss_and_fail_the_sync_che
         logp, logp.detach(), torch.tensor([1.0, -1.0]), mask,
         epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", num_micro_batches=1, rollout_token_count=5,
         max_completion_length=3, ref_logp=torch.full((2, 3), -1.0), beta=0.1, sampler_logp=sampler,
-        importance_sampling_cap=2.0,
+        importance_sampling=ImportanceSampling(),
     )  # fmt: skip
     assert torch.isfinite(loss) and all(torch.isfinite(value) for value in stats.values())
     loss.backward()

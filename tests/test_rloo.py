@@ -19,6 +19,7 @@ from online_rl.algorithms.rloo import (
     sequence_log_ratio,
     sequence_policy_loss,
 )
+from online_rl.algorithms.sampler_correction import ImportanceSampling
 
 # ---- the pure functions, by hand
 
@@ -91,7 +92,7 @@ def test_the_sampler_correction_weighs_whole_completions():
     mask = torch.ones(2, 2)
     loss, stats = sequence_policy_loss(
         logp, logp.detach(), torch.tensor([1.0, 1.0]), mask, epsilon_low=0.2, epsilon_high=0.2,
-        rollout_sequences=2, sampler_logp=sampler, importance_sampling_cap=2.0,
+        rollout_sequences=2, sampler_logp=sampler, importance_sampling=ImportanceSampling(max=2.0),
     )  # fmt: skip
     # row 0: min(e^(0.5 + 0.5), 2) = 2; row 1: a NaN sampler log-prob, weight 1
     assert loss.item() == pytest.approx(-(2.0 + 1.0) / 2)
@@ -103,7 +104,7 @@ def test_the_sampler_correction_weighs_whole_completions():
 
 def rloo_entry(**overrides) -> RLOO:
     cfg = OmegaConf.merge(OmegaConf.structured(RLOOConfig), overrides)
-    return RLOO(cfg, max_completion_length=8, importance_sampling_cap=None)
+    return RLOO(cfg, max_completion_length=8, importance_sampling=None)
 
 
 def test_the_entry_asks_for_the_rollout_policy_when_the_reward_has_a_kl():

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MATHS = ["grpo.py", "rloo.py", "preference.py", "sampler_correction.py"]
+MATHS = ["grpo.py", "rloo.py", "gspo.py", "cispo.py", "preference.py", "sampler_correction.py"]
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -50,6 +50,6 @@ def test_rewards_import_nothing_of_the_library():
 def test_the_algorithm_maths_imports_torch_only():
     for name in MATHS:
         modules = imported_modules(ROOT / "src/online_rl/algorithms" / name)
-        outside = {m for m in modules if m.split(".")[0] not in ("torch", "__future__")}
+        outside = {m for m in modules if m.split(".")[0] not in ("torch", "__future__", "dataclasses")}
         # the maths may reuse each other's pure functions (RLOO's sequence loss is GRPO's surrogate per action)
         assert outside <= {f"online_rl.algorithms.{other[:-3]}" for other in MATHS}, (name, outside)

@@ -33,6 +33,7 @@ def check_config(cfg: DictConfig) -> None:
     check_model_and_sampling(cfg)
     check_checkpoint_schedule(cfg.checkpoint_every, cfg.algo.get("num_iterations", 1))
     check_off_policy(cfg)
+    check_importance_sampling(cfg.vllm)
     check_processes(cfg)
     check_data(cfg.data)
     check_eval_config(cfg)
@@ -73,6 +74,17 @@ def check_algorithm(cfg: DictConfig) -> None:
                 f"micro_batch_size={cfg.micro_batch_size} must divide each rank's rollout of prompts_per_step x "
                 f"num_generations / hardware.num_processes = {rollout_size} completions, "
                 f"e.g. micro_batch_size={math.gcd(rollout_size, max(cfg.micro_batch_size, 1))}"
+            )
+        if algo.name == "gspo" and algo.loss_type.value != "grpo":
+            raise ValueError(
+                f"algo.loss_type={algo.loss_type.value} with algo=gspo: GSPO clips one ratio per completion and "
+                "averages over completions; a token-sum loss would weight each completion by its length. Use "
+                "algo.loss_type=grpo (or algo=grpo for token-level ratios)"
+            )
+        if algo.name == "cispo" and (algo.epsilon_high <= 0 or (algo.epsilon or 0) < 0):
+            raise ValueError(
+                f"algo.epsilon={algo.epsilon}, algo.epsilon_high={algo.epsilon_high}: CISPO's weight is clipped "
+                "into [1 - epsilon, 1 + epsilon_high], around 1; use e.g. algo.epsilon=null algo.epsilon_high=4.0"
             )
     elif algo.name in PREFERENCE:
         if cfg.micro_batch_size < 2:
@@ -145,6 +157,30 @@ def check_off_policy(cfg: DictConfig) -> None:
         )
     if cfg.hardware.num_processes > 1:
         raise ValueError("off_policy_steps=1 runs on one process for now: use hardware with num_processes: 1")
+
+
+def check_importance_sampling(vllm: DictConfig) -> None:
+    """vllm.importance_sampling: bounds that keep a weight finite (truncate) or drop something (mask), in order."""
+    if not vllm.get("importance_sampling_correction"):
+        return
+    bounds = vllm.importance_sampling
+    low, high = bounds.min, bounds.max
+    too_low, too_high = low is not None and low < 0, high is not None and high <= 0
+    if too_low or too_high or (None not in (low, high) and low > high):
+        raise ValueError(
+            f"vllm.importance_sampling.min={low}, max={high}: the weight is a ratio of probabilities, so the bounds "
+            "need 0 <= min <= max and max > 0, e.g. vllm.importance_sampling.min=null vllm.importance_sampling.max=2.0"
+        )
+    if bounds.mode.value == "truncate" and high is None:
+        raise ValueError(
+            "vllm.importance_sampling.max=null with mode=truncate leaves the weight unbounded (one token can carry "
+            "the batch): set vllm.importance_sampling.max=2.0, or mode=mask to drop what exceeds a bound"
+        )
+    if bounds.mode.value == "mask" and low is None and high is None:
+        raise ValueError(
+            "vllm.importance_sampling.mode=mask with min and max null masks nothing: set "
+            "vllm.importance_sampling.max=3.0 (TRL's, vllm/importance_sampling=trl)"
+        )
 
 
 def check_data(data: DictConfig) -> None:

@@ -49,6 +49,26 @@ class LrScheduler(str, Enum):
     cosine = "cosine"
 
 
+class ImportanceSamplingLevel(str, Enum):
+    token = "token"  # a weight per token: pi_trainer(y_t) / pi_vllm(y_t)
+    sequence = "sequence"  # one per completion: pi_trainer(y) / pi_vllm(y), its tokens' weights multiplied
+
+
+class ImportanceSamplingMode(str, Enum):
+    truncate = "truncate"  # clamp the weight into [min, max] (truncated IS)
+    mask = "mask"  # a weight outside [min, max] becomes 0: that token (or completion) is left out (masked IS)
+
+
+@dataclass
+class ImportanceSamplingConfig:
+    """The correction for what differs between vLLM's sampling and the trainer (vllm/importance_sampling=trl: TRL's)."""
+
+    level: ImportanceSamplingLevel = ImportanceSamplingLevel.token  # token | sequence
+    mode: ImportanceSamplingMode = ImportanceSamplingMode.truncate  # truncate | mask
+    min: float | None = None  # lower bound of the weight; null = none
+    max: float | None = 2.0  # upper bound of the weight; null = none (mask mode only: truncate needs one)
+
+
 @dataclass
 class EngineConfig:
     mode: EngineMode = EngineMode.off  # which engine generates: off = transformers generate
@@ -61,8 +81,9 @@ class VLLMCheckConfig:
     # Stop when vLLM's log-probs of its sampled tokens differ from the trainer's by more than this on
     # average (nats per token): the engine is not generating with the trainer's weights.
     max_logp_gap: float = 0.1
-    importance_sampling_correction: bool = True  # weight each token by min(pi_trainer / pi_vllm, cap)
-    importance_sampling_cap: float = 2.0  # truncation of that weight (truncated importance sampling)
+    # weight each token (or completion) by pi_trainer / pi_vllm, bounded as importance_sampling says
+    importance_sampling_correction: bool = True
+    importance_sampling: ImportanceSamplingConfig = field(default_factory=ImportanceSamplingConfig)
 
 
 @dataclass
@@ -347,3 +368,4 @@ def register_configs() -> None:
     store.store(group="schema/vllm", name="off", node=EngineConfig)
     store.store(group="schema/vllm", name="colocate", node=VLLMColocateConfig)
     store.store(group="schema/vllm", name="server", node=VLLMServerConfig)
+    store.store(group="schema/vllm", name="importance_sampling", node=ImportanceSamplingConfig)

@@ -21,6 +21,7 @@ from transformers import get_scheduler, set_seed
 
 from online_rl import distributed
 from online_rl.algorithms import make_algorithm
+from online_rl.algorithms.sampler_correction import ImportanceSampling
 from online_rl.checkpoint import prepare_output_dir, save_checkpoint
 from online_rl.data import (
     PromptSampler,
@@ -130,6 +131,14 @@ def prepare_outputs(cfg: DictConfig, is_main: bool = True) -> tuple[Path, str, P
     return output_dir, run_name, tracking_dir
 
 
+def importance_sampling(vllm: DictConfig) -> ImportanceSampling | None:
+    """The sampler correction the vllm group asks for; None without one (vllm=off, or the correction off)."""
+    if not vllm.get("importance_sampling_correction"):
+        return None
+    bounds = vllm.importance_sampling
+    return ImportanceSampling(bounds.level.value, bounds.mode.value, bounds.min, bounds.max)
+
+
 def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     """Data, model, reference, optimizer, engine, rewards, tracker, evaluator: the run at its first step.
     What must be undone whatever happens (engine, tracker, signal handlers, watchdog) goes on `closing`."""
@@ -145,8 +154,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     set_seed(cfg.seed)  # python, numpy, torch and CUDA
     device = ranks.device
     autocast_dtype = torch_dtype(cfg.hardware.autocast_dtype)
-    is_cap = cfg.vllm.importance_sampling_cap if cfg.vllm.get("importance_sampling_correction") else None
-    algorithm = make_algorithm(cfg.algo, cfg.sampling.max_completion_length, is_cap)
+    algorithm = make_algorithm(cfg.algo, cfg.sampling.max_completion_length, importance_sampling(cfg.vllm))
 
     dataset = load_prompts(cfg.data)
     training_rows, eval_prompts = dataset, None

@@ -3,6 +3,8 @@
     name      samples per prompt        learning signal                   loss (a pure function in this package)
     grpo      G from the engine         group-normalised advantages       grpo.policy_gradient_loss
     rloo      G from the engine         leave-one-out, KL in the reward   rloo.sequence_policy_loss
+    gspo      G from the engine         group-normalised advantages       gspo.gspo_loss (a ratio per completion)
+    cispo     G from the engine         group-normalised advantages       cispo.cispo_loss (clipped IS weight)
     dpo       2 from the engine         the pair ranked by its scores     preference.pair_loss
     nash_md   1 + 1 from pi^(1-c) ref^c P(y > y') (Bradley-Terry)         preference.nash_md_micro_batch_loss
     xpo       1 + 1 from the reference  the pair ranked by its scores     preference.pair_loss + exploration
@@ -23,7 +25,8 @@ from typing import Any
 import torch
 
 from online_rl import distributed
-from online_rl.algorithms import grpo, preference, rloo
+from online_rl.algorithms import cispo, grpo, gspo, preference, rloo
+from online_rl.algorithms.sampler_correction import ImportanceSampling
 
 
 class ScaleRewards(str, Enum):
@@ -76,9 +79,9 @@ class PolicyGradient:
     rows_per_unit = 1  # rows that must share a micro-batch
     second_sample_coef = None  # every sample comes from the engine
 
-    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling: ImportanceSampling | None):
         self.cfg, self.max_completion_length = cfg, max_completion_length
-        self.importance_sampling_cap = importance_sampling_cap  # None: no correction for the sampler's gap
+        self.importance_sampling = importance_sampling  # None: no correction for the sampler's gap
         self.samples_per_prompt = cfg.num_generations
         self.passes = cfg.num_iterations  # mu: optimizer steps per rollout
         self.needs_old_logp = cfg.num_iterations > 1  # later passes measure how far the policy moved
@@ -125,7 +128,7 @@ class PolicyGradient:
             beta=self.cfg.beta,
             kl_ratio_weighted=self.cfg.kl_ratio_weighted,
             sampler_logp=micro_batch.packed.sampler_logp,
-            importance_sampling_cap=self.importance_sampling_cap,
+            importance_sampling=self.importance_sampling,
         )
 
     def metrics(self, totals: dict[str, float], signal: Signal, tokens: int) -> dict[str, float]:
@@ -137,6 +140,7 @@ class PolicyGradient:
             # how much the correction reweights: the mean weight stays near 1 whatever the gap (its
             # expectation under the sampler is 1), this does not
             metrics["sync/is_weight_deviation_mean"] = totals["is_weight_deviation"] / tokens
+            metrics["sync/is_masked_frac"] = totals["is_masked"] / tokens  # weight 0 (mode=mask drops them)
         return metrics
 
 
@@ -183,8 +187,8 @@ class RLOO(PolicyGradient):
 
     schema = RLOOConfig
 
-    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
-        super().__init__(cfg, max_completion_length, importance_sampling_cap)
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling: ImportanceSampling | None):
+        super().__init__(cfg, max_completion_length, importance_sampling)
         self.needs_old_logp = cfg.num_iterations > 1 or cfg.beta > 0  # the KL of the reward is pi_old's
 
     def learning_signal(self, samples, step: int, max_steps: int) -> Signal:
@@ -222,12 +226,79 @@ class RLOO(PolicyGradient):
             epsilon_high=self.cfg.epsilon_high if self.cfg.epsilon_high is not None else self.cfg.epsilon,
             rollout_sequences=int(signal.scalars["sequences"]),
             sampler_logp=micro_batch.packed.sampler_logp,
-            importance_sampling_cap=self.importance_sampling_cap,
+            importance_sampling=self.importance_sampling,
         )
         # train/kl: the per-token log(pi_old / pi_ref) the reward paid for
         if micro_batch.ref_logp is not None:
             stats["kl"] = grpo.masked_sum(old - micro_batch.ref_logp, mask)
         return loss, stats
+
+
+@dataclass
+class GSPOConfig(GRPOConfig):
+    name: str = "gspo"
+    epsilon: float = 3e-4  # lower clip of the sequence ratio: s >= 1 - epsilon (the paper's 3e-4)
+    epsilon_high: float | None = 4e-4  # upper clip: s <= 1 + epsilon_high; null = epsilon (the paper's 4e-4)
+    loss_type: LossType = LossType.grpo  # the mean over completions, the paper's (checks.py refuses others)
+
+
+class GSPO(GRPO):
+    """GRPO's advantages; one clipped ratio per completion, its length-normalised likelihood ratio (gspo.py)."""
+
+    schema = GSPOConfig
+
+    def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
+        old = micro_batch.old_logp if micro_batch.old_logp is not None else logp.detach()
+        return gspo.gspo_loss(
+            logp,
+            old,
+            micro_batch.signal["advantages"],
+            micro_batch.packed.completion_mask,
+            epsilon_low=self.cfg.epsilon,
+            epsilon_high=self.cfg.epsilon_high if self.cfg.epsilon_high is not None else self.cfg.epsilon,
+            loss_type=self.cfg.loss_type.value,
+            num_micro_batches=int(signal.scalars["micro_batches"]),
+            rollout_token_count=signal.scalars["rollout_tokens"],
+            max_completion_length=self.max_completion_length,
+            ref_logp=micro_batch.ref_logp,
+            beta=self.cfg.beta,
+            kl_ratio_weighted=self.cfg.kl_ratio_weighted,
+            sampler_logp=micro_batch.packed.sampler_logp,
+            importance_sampling=self.importance_sampling,
+        )
+
+
+@dataclass
+class CISPOConfig(GRPOConfig):
+    name: str = "cispo"
+    epsilon: float | None = None  # lower bound of the weight: r_hat >= 1 - epsilon; null = none (MiniMax-M1)
+    epsilon_high: float = 4.0  # upper bound: r_hat <= 1 + epsilon_high (5: ScaleRL's; TRL's epsilon_high=5.0)
+
+
+class CISPO(GRPO):
+    """GRPO's advantages; every token's gradient kept, scaled by its clipped IS weight as a constant (cispo.py)."""
+
+    schema = CISPOConfig
+
+    def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
+        old = micro_batch.old_logp if micro_batch.old_logp is not None else logp.detach()
+        return cispo.cispo_loss(
+            logp,
+            old,
+            micro_batch.signal["advantages"],
+            micro_batch.packed.completion_mask,
+            epsilon_low=self.cfg.epsilon,
+            epsilon_high=self.cfg.epsilon_high,
+            loss_type=self.cfg.loss_type.value,
+            num_micro_batches=int(signal.scalars["micro_batches"]),
+            rollout_token_count=signal.scalars["rollout_tokens"],
+            max_completion_length=self.max_completion_length,
+            ref_logp=micro_batch.ref_logp,
+            beta=self.cfg.beta,
+            kl_ratio_weighted=self.cfg.kl_ratio_weighted,
+            sampler_logp=micro_batch.packed.sampler_logp,
+            importance_sampling=self.importance_sampling,
+        )
 
 
 @dataclass
@@ -260,7 +331,7 @@ class OnlineDPO:
     second_sample_coef: float | None = None  # both samples from the engine
     exploration_alpha: float | None = None  # XPO's
 
-    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling: ImportanceSampling | None):
         self.cfg = cfg
 
     def trains_on(self, from_engine: torch.Tensor) -> torch.Tensor:
@@ -330,8 +401,8 @@ class XPO(OnlineDPO):
 
     second_sample_coef = 1.0  # the mixture at c = 1: the reference alone
 
-    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
-        super().__init__(cfg, max_completion_length, importance_sampling_cap)
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling: ImportanceSampling | None):
+        super().__init__(cfg, max_completion_length, importance_sampling)
         self.exploration_alpha = cfg.alpha
 
     def metrics(self, totals: dict[str, float], signal: Signal, tokens: int) -> dict[str, float]:
@@ -353,8 +424,8 @@ class NashMD(OnlineDPO):
 
     rows_per_unit = 1
 
-    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
-        super().__init__(cfg, max_completion_length, importance_sampling_cap)
+    def __init__(self, cfg: Any, max_completion_length: int, importance_sampling: ImportanceSampling | None):
+        super().__init__(cfg, max_completion_length, importance_sampling)
         self.second_sample_coef = cfg.mixture_coef
 
     def trains_on(self, from_engine: torch.Tensor) -> torch.Tensor:
@@ -377,11 +448,19 @@ class NashMD(OnlineDPO):
         return {}
 
 
-ALGORITHMS = {"grpo": GRPO, "rloo": RLOO, "dpo": OnlineDPO, "nash_md": NashMD, "xpo": XPO}
+ALGORITHMS = {
+    "grpo": GRPO,
+    "rloo": RLOO,
+    "gspo": GSPO,
+    "cispo": CISPO,
+    "dpo": OnlineDPO,
+    "nash_md": NashMD,
+    "xpo": XPO,
+}
 POLICY_GRADIENT = tuple(name for name, entry in ALGORITHMS.items() if issubclass(entry, PolicyGradient))
 PREFERENCE = tuple(name for name in ALGORITHMS if name not in POLICY_GRADIENT)
 
 
-def make_algorithm(cfg: Any, max_completion_length: int, importance_sampling_cap: float | None):
+def make_algorithm(cfg: Any, max_completion_length: int, importance_sampling: ImportanceSampling | None):
     """The table's entry for cfg.name, built from its config group (checks.py has vetted the name)."""
-    return ALGORITHMS[cfg.name](cfg, max_completion_length, importance_sampling_cap)
+    return ALGORITHMS[cfg.name](cfg, max_completion_length, importance_sampling)

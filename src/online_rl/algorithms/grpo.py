@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from online_rl.algorithms.sampler_correction import truncated_importance_weights
+from online_rl.algorithms.sampler_correction import ImportanceSampling, importance_weights
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str) -> torch.Tensor:
@@ -130,6 +130,58 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), values, 0.0).sum()
 
 
+def real_tokens_only(mask: torch.Tensor, *log_probs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each (B, T) log-prob tensor with its padding replaced by 0 (None stays None).
+
+    Padding is selected out before any arithmetic: a NaN there (NaN * 0 = NaN) would reach the loss or, through a
+    later `where`, the gradient (0 * d exp(NaN) = NaN).
+    """
+    real = mask.bool()
+    return tuple(torch.where(real, values, 0.0) if values is not None else None for values in log_probs)
+
+
+def corrected_loss(
+    token_loss: torch.Tensor,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str,
+    num_micro_batches: int,
+    rollout_token_count: int,
+    max_completion_length: int,
+    ref_logp: torch.Tensor | None,
+    beta: float,
+    kl_ratio_weighted: bool,
+    sampler_logp: torch.Tensor | None,
+    importance_sampling: ImportanceSampling | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What every policy-gradient surrogate goes through: the sampler's correction, the KL term, the reduction.
+
+        loss_t = w_t * surrogate_t + beta * KL_t        (w_t: importance_weights; KL_t: kl_penalty)
+    then reduced by `aggregate_loss` (loss_type).
+
+    token_loss: the surrogate, (B, T) or (B, 1) (one value per completion, broadcast over its tokens); logp,
+    old_logp, mask: (B, T), padding already zeroed (real_tokens_only); ref_logp, sampler_logp: (B, T) or None.
+    Returns (loss, sums over the real tokens of kl, is_weight, is_weight_deviation, is_masked), each 0-dim.
+    """
+    token_loss = token_loss.expand_as(logp)
+    stats = {}
+    if sampler_logp is not None and importance_sampling is not None:
+        weights = importance_weights(old_logp, sampler_logp, mask, importance_sampling).expand_as(logp)
+        token_loss = token_loss * weights
+        stats["is_weight"] = masked_sum(weights, mask)
+        stats["is_weight_deviation"] = masked_sum((weights - 1).abs(), mask)
+        stats["is_masked"] = masked_sum((weights == 0).to(logp.dtype), mask)  # dropped by mode=mask
+    if ref_logp is not None:
+        token_loss = token_loss + beta * kl_penalty(logp, old_logp, ref_logp, kl_ratio_weighted)
+        stats["kl"] = masked_sum(k3_kl(logp, ref_logp).detach(), mask)  # the KL's estimate, logged
+    loss = aggregate_loss(
+        token_loss, mask, loss_type, num_micro_batches, rollout_token_count, max_completion_length
+    )
+    return loss, stats
+
+
 def policy_gradient_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -146,40 +198,29 @@ def policy_gradient_loss(
     beta: float = 0.0,
     kl_ratio_weighted: bool = True,
     sampler_logp: torch.Tensor | None = None,
-    importance_sampling_cap: float | None = None,
+    importance_sampling: ImportanceSampling | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A micro-batch's share of the step's clipped policy-gradient loss (GRPO, RLOO), and its token sums.
 
         loss_t = w_t * -min(r_t A, clip(r_t, 1-eps_low, 1+eps_high) A) + beta * r_t * k3_t,   r_t = pi / pi_old
         (kl_ratio_weighted=False: beta * k3_t, the GRPO paper's form; see kl_penalty)
-        w_t    = min(pi_old / pi_sampler, cap)   (truncated importance sampling, when the engine's log-probs
-                                                  and a cap are given; else 1)
+        w_t    = the sampler correction (importance_weights: truncated or masked, per token or per completion,
+                 when the engine's log-probs and a correction are given; else 1)
     then reduced by `aggregate_loss` (loss_type).
 
     logp: (B, T) with gradient; old_logp: (B, T) of the rollout policy (logp.detach() when this is the only
     pass); advantages: (B,); mask: (B, T) 1 on completion tokens; ref_logp, sampler_logp: (B, T) or None.
-    Returns (loss, sums over the real tokens of kl, clip_low/high/region, is_weight, is_weight_deviation),
-    each a 0-dim tensor: the caller divides by the rollout's tokens.
+    Returns (loss, sums over the real tokens of kl, clip_low/high/region, is_weight, is_weight_deviation,
+    is_masked), each a 0-dim tensor: the caller divides by the rollout's tokens.
     """
-    # padding selected out before any arithmetic: a NaN there (NaN * 0 = NaN) would reach the loss or, through
-    # a later `where`, the gradient (0 * d exp(NaN) = NaN)
-    real = mask.bool()
-    logp, old_logp = torch.where(real, logp, 0.0), torch.where(real, old_logp, 0.0)
-    ref_logp = torch.where(real, ref_logp, 0.0) if ref_logp is not None else None
-    sampler_logp = torch.where(real, sampler_logp, 0.0) if sampler_logp is not None else None
+    logp, old_logp, ref_logp, sampler_logp = real_tokens_only(mask, logp, old_logp, ref_logp, sampler_logp)
     token_loss, ratio = clipped_token_loss(logp, old_logp, advantages, epsilon_low, epsilon_high)
-    stats = {}
-    if sampler_logp is not None and importance_sampling_cap is not None:
-        weights = truncated_importance_weights(old_logp, sampler_logp, importance_sampling_cap)
-        token_loss = token_loss * weights
-        stats["is_weight"] = masked_sum(weights, mask)
-        stats["is_weight_deviation"] = masked_sum((weights - 1).abs(), mask)
-    if ref_logp is not None:
-        token_loss = token_loss + beta * kl_penalty(logp, old_logp, ref_logp, kl_ratio_weighted)
-        stats["kl"] = masked_sum(k3_kl(logp, ref_logp).detach(), mask)  # the KL's estimate, logged
-    loss = aggregate_loss(
-        token_loss, mask, loss_type, num_micro_batches, rollout_token_count, max_completion_length
-    )
+    loss, stats = corrected_loss(
+        token_loss, logp, old_logp, mask,
+        loss_type=loss_type, num_micro_batches=num_micro_batches, rollout_token_count=rollout_token_count,
+        max_completion_length=max_completion_length, ref_logp=ref_logp, beta=beta,
+        kl_ratio_weighted=kl_ratio_weighted, sampler_logp=sampler_logp, importance_sampling=importance_sampling,
+    )  # fmt: skip
     tokens = mask.sum()
     for key, fraction in clip_fractions(ratio, advantages, mask, epsilon_low, epsilon_high).items():
         stats[key] = fraction * tokens

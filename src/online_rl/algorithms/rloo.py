@@ -20,10 +20,12 @@ Shapes: N = completions in the rollout (prompts x k), B = completions in a micro
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from online_rl.algorithms.grpo import clip_fractions, clipped_token_loss, masked_sum
-from online_rl.algorithms.sampler_correction import truncated_importance_weights
+from online_rl.algorithms.sampler_correction import ImportanceSampling, importance_weights
 
 
 def sequence_log_ratio(logp: torch.Tensor, other_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,14 +98,15 @@ def sequence_policy_loss(
     epsilon_high: float,
     rollout_sequences: int,
     sampler_logp: torch.Tensor | None = None,
-    importance_sampling_cap: float | None = None,
+    importance_sampling: ImportanceSampling | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A micro-batch's share of the step's RLOO loss, and its token sums.
 
         loss_i = w_i * -min(rho_i A_i, clip(rho_i, 1 - eps_low, 1 + eps_high) A_i)
         rho_i  = exp(sum_t mask_t (log pi_theta - log pi_old))
-        w_i    = min(exp(sum_t mask_t (log pi_old - log pi_sampler)), cap)   (truncated importance sampling at
-                 the level of the action, when the engine's log-probs and a cap are given; else 1)
+        w_i    = the completion's importance weight pi_old(y_i) / pi_sampler(y_i), truncated or masked as
+                 `importance_sampling` says (sampler_correction.importance_weights), always per completion:
+                 the completion is the action; 1 without the engine's log-probs or a correction
         loss   = sum_{i in micro-batch} loss_i / rollout_sequences
 
     Summed over the rollout's micro-batches this is the paper's mean over all N completions (on each rank;
@@ -117,13 +120,10 @@ def sequence_policy_loss(
     log_ratio = sequence_log_ratio(logp, old_logp, mask)  # (B,)
     sequence_loss, ratio = sequence_clipped_loss(log_ratio, advantages, epsilon_low, epsilon_high)
     stats = {}
-    if sampler_logp is not None and importance_sampling_cap is not None:
-        # a NaN or inf sampler log-prob makes the sum non-finite: that completion gets weight 1 (counted by
-        # the sync check)
-        sampler_log_ratio = sequence_log_ratio(old_logp, sampler_logp, mask)  # (B,)
-        weights = truncated_importance_weights(
-            sampler_log_ratio, torch.zeros_like(sampler_log_ratio), importance_sampling_cap
-        )
+    if sampler_logp is not None and importance_sampling is not None:
+        # a NaN or inf sampler log-prob counts as log-ratio 0 in its completion's sum (the sync check reports it)
+        per_action = replace(importance_sampling, level="sequence")
+        weights = importance_weights(old_logp, sampler_logp, mask, per_action).squeeze(1)  # (B,)
         sequence_loss = sequence_loss * weights
         per_token = weights.unsqueeze(1).expand_as(mask)
         stats["is_weight"] = masked_sum(per_token, mask)
