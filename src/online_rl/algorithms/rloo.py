@@ -128,6 +128,7 @@ def sequence_policy_loss(
         per_token = weights.unsqueeze(1).expand_as(mask)
         stats["is_weight"] = masked_sum(per_token, mask)
         stats["is_weight_deviation"] = masked_sum((per_token - 1).abs(), mask)
+        stats["is_masked"] = masked_sum((per_token == 0).to(logp.dtype), mask)  # dropped by mode=mask
     loss = sequence_loss.sum() / max(rollout_sequences, 1)
     tokens = mask.sum()
     fractions = clip_fractions(
