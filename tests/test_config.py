@@ -182,6 +182,25 @@ def test_hardware_auto_is_the_default_and_picks_the_gpu_when_torch_sees_one(monk
     assert compose_config(["hardware=cpu"]).hardware.device == "cpu"  # an explicit choice stays
 
 
+@pytest.mark.parametrize("gpus", [0, 1, 3])
+def test_hardware_auto_says_what_it_picked_and_how_to_use_several_gpus(monkeypatch, gpus):
+    import torch
+
+    from online_rl.config import hardware_auto_reason
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    reason = hardware_auto_reason()
+    if gpus == 0:
+        assert reason.startswith("hardware=auto: torch sees no CUDA GPU, so this run trains on the CPU")
+    else:
+        assert reason.startswith(
+            "hardware=auto: NVIDIA H100 80GB HBM3, float32 weights with bfloat16 autocast"
+        )
+    assert ("--num_processes 3 train.py hardware=2gpu_ddp" in reason) == (gpus == 3)
+
+
 def test_evaluations_fall_between_rollouts():
     from online_rl.checks import check_config
 

@@ -3,6 +3,7 @@
 import errno
 import math
 import re
+import shutil
 import sqlite3
 
 import pytest
@@ -188,7 +189,8 @@ def test_bad_settings_fail_before_training(make_config, overrides, message):
         run(make_config("max_steps=1", *SMALL, *overrides))
 
 
-def test_checkpoint_is_atomic_when_the_disk_fills(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("raised", ["ENOSPC", "torch.save's RuntimeError"])
+def test_checkpoint_is_atomic_when_the_disk_fills(tiny_model_dir, tmp_path, monkeypatch, raised):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -198,9 +200,16 @@ def test_checkpoint_is_atomic_when_the_disk_fills(tiny_model_dir, tmp_path, monk
     before = (good / "model.safetensors").read_bytes()
 
     def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if raised == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        # what torch's zip writer raised on the GPU machine when its disk filled
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 2570367744 vs 2570367636"
+        )
 
     monkeypatch.setattr(torch, "save", disk_full)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))  # the disk is full
     with pytest.raises(OSError, match=r"No space left .*the checkpoints before it are intact.*resume=auto"):
         save_checkpoint(root, 2, model, tokenizer, {"note": "second"})
     assert sorted(p.name for p in root.iterdir()) == ["step_000001"]  # no half-written step_000002
@@ -212,6 +221,7 @@ def test_command_line_quickstart_logs_to_trackio(tmp_path):
     output = run_train(tmp_path, "max_steps=3")
     assert "step 3/3 | reward" in output and "grpo: 100%" in output
     assert "step 2/3 | reward" not in output  # a line every logger.log_every=10 steps, and the first and last
+    assert "hardware=auto: torch sees no CUDA GPU, so this run trains on the CPU" in output
     dashboard = f"Dashboard: TRACKIO_DIR={tmp_path}/trackio trackio show"
     assert output.count(dashboard) == 2 and output.index(dashboard) < output.index(
         "step 1/3"

@@ -54,8 +54,12 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(staging, final)
     except BaseException as error:
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos ..." from its zip writer): look at
+        # the free space before the staging files are removed and give it back
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+        full = full or (isinstance(error, RuntimeError) and shutil.disk_usage(checkpoint_root).free < 1 << 26)
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        if full:
             raise OSError(
                 errno.ENOSPC,
                 f"No space left on the device while writing {final}; it was not written and the checkpoints "

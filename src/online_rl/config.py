@@ -352,6 +352,26 @@ def hardware_auto(field: str) -> str | None:
     return choice[field]
 
 
+def hardware_auto_reason() -> str:
+    """The log line that says what hardware=auto picked and why (and, with several GPUs, how to use them all)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return (
+            "hardware=auto: torch sees no CUDA GPU, so this run trains on the CPU in float32 "
+            "(on a GPU machine: the CUDA build of torch, `make install-gpu`)"
+        )
+    count, name = torch.cuda.device_count(), torch.cuda.get_device_name(0)
+    picked = f"hardware=auto: {name}, float32 weights with bfloat16 autocast (as hardware=1gpu)"
+    if count == 1:
+        return picked
+    return (
+        f"{picked}; {count} GPUs are visible and this run uses one of them. For all {count}: accelerate launch "
+        f"--config_file conf/accelerate/ddp.yaml --num_processes {count} train.py hardware=2gpu_ddp (or fsdp2.yaml "
+        "with hardware=2gpu_fsdp2), or vllm=server beside `make serve` on one of them (README, 'Several GPUs')"
+    )
+
+
 def register_configs() -> None:
     """Put the schemas into Hydra's ConfigStore.
 

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler, set_seed
 
 from online_rl import distributed
 from online_rl.algorithms import make_algorithm
 from online_rl.algorithms.sampler_correction import ImportanceSampling
 from online_rl.checkpoint import prepare_output_dir, save_checkpoint
+from online_rl.config import hardware_auto_reason
 from online_rl.data import (
     PromptSampler,
     check_prompt_budget,
@@ -143,6 +144,8 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     """Data, model, reference, optimizer, engine, rewards, tracker, evaluator: the run at its first step.
     What must be undone whatever happens (engine, tracker, signal handlers, watchdog) goes on `closing`."""
     share_gpu_with_engines(cfg.vllm)  # (vllm.trainer_sm_percent) before the first CUDA call
+    if OmegaConf.is_interpolation(cfg.hardware, "device"):  # hardware=auto: say what it picked and why
+        log.info(hardware_auto_reason())
     ranks = distributed.setup(cfg.hardware)  # one process: rank 0 of 1, and every distributed.* is a no-op
     closing.callback(distributed.teardown)
     output_dir, run_name, tracking_dir = prepare_outputs(cfg, ranks.is_main)
@@ -286,6 +289,8 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
     tracker close with `closing`."""
     output_dir, run_name, tracking_dir = prepare_outputs(cfg)
     set_seed(cfg.seed)
+    if OmegaConf.is_interpolation(cfg.hardware, "device"):
+        log.info(hardware_auto_reason())
     device = torch.device(cfg.hardware.device)
     dataset = load_prompts(cfg.data)
     # the rows a training run on this config evaluates on (held out of data.split when it has no eval.split)
