@@ -111,9 +111,12 @@ class PolicyGradient:
             },
         )
 
+    # the pure loss of this entry: GRPO's clipped token ratio; GSPO and CISPO bring their own, same arguments
+    loss_function = staticmethod(grpo.policy_gradient_loss)
+
     def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
         old = micro_batch.old_logp if micro_batch.old_logp is not None else logp.detach()
-        return grpo.policy_gradient_loss(
+        return self.loss_function(
             logp,
             old,
             micro_batch.signal["advantages"],
@@ -246,26 +249,7 @@ class GSPO(GRPO):
     """GRPO's advantages; one clipped ratio per completion, its length-normalised likelihood ratio (gspo.py)."""
 
     schema = GSPOConfig
-
-    def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
-        old = micro_batch.old_logp if micro_batch.old_logp is not None else logp.detach()
-        return gspo.gspo_loss(
-            logp,
-            old,
-            micro_batch.signal["advantages"],
-            micro_batch.packed.completion_mask,
-            epsilon_low=self.cfg.epsilon,
-            epsilon_high=self.cfg.epsilon_high if self.cfg.epsilon_high is not None else self.cfg.epsilon,
-            loss_type=self.cfg.loss_type.value,
-            num_micro_batches=int(signal.scalars["micro_batches"]),
-            rollout_token_count=signal.scalars["rollout_tokens"],
-            max_completion_length=self.max_completion_length,
-            ref_logp=micro_batch.ref_logp,
-            beta=self.cfg.beta,
-            kl_ratio_weighted=self.cfg.kl_ratio_weighted,
-            sampler_logp=micro_batch.packed.sampler_logp,
-            importance_sampling=self.importance_sampling,
-        )
+    loss_function = staticmethod(gspo.gspo_loss)
 
 
 @dataclass
@@ -279,26 +263,7 @@ class CISPO(GRPO):
     """GRPO's advantages; every token's gradient kept, scaled by its clipped IS weight as a constant (cispo.py)."""
 
     schema = CISPOConfig
-
-    def loss(self, micro_batch, logp: torch.Tensor, signal: Signal):
-        old = micro_batch.old_logp if micro_batch.old_logp is not None else logp.detach()
-        return cispo.cispo_loss(
-            logp,
-            old,
-            micro_batch.signal["advantages"],
-            micro_batch.packed.completion_mask,
-            epsilon_low=self.cfg.epsilon,
-            epsilon_high=self.cfg.epsilon_high,
-            loss_type=self.cfg.loss_type.value,
-            num_micro_batches=int(signal.scalars["micro_batches"]),
-            rollout_token_count=signal.scalars["rollout_tokens"],
-            max_completion_length=self.max_completion_length,
-            ref_logp=micro_batch.ref_logp,
-            beta=self.cfg.beta,
-            kl_ratio_weighted=self.cfg.kl_ratio_weighted,
-            sampler_logp=micro_batch.packed.sampler_logp,
-            importance_sampling=self.importance_sampling,
-        )
+    loss_function = staticmethod(cispo.cispo_loss)
 
 
 @dataclass
