@@ -5,7 +5,7 @@ PYTHON ?= python
 TORCH ?= 2.11.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-gpu test test-gpu train config serve bench bench-table lint format
+.PHONY: help install install-gpu test test-slow test-gpu train config serve bench bench-table lint format
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ install-gpu:  ## GPU install: torch, vLLM 0.26.0 (CUDA), the project and its tes
 
 test:  ## CPU tests (the default markers: not gpu, not slow)
 	$(PYTHON) -m pytest
+
+test-slow:  ## the CPU tests marked slow (over 30 s each: bench lab, engine processes, sweeps); CI runs them too
+	$(PYTHON) -m pytest -m "slow and not gpu"
 
 test-gpu:  ## GPU tests (needs a CUDA GPU)
 	$(PYTHON) -m pytest -m gpu

@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_bench_runs_ours_and_trl_side_by_side(tmp_path):
     out = tmp_path / "results"
     command = [
@@ -155,6 +156,7 @@ def smoke_variants(
     return json.loads(results_file.read_text()), result.stdout
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
     """bench.train_speed: the bench's optimizer step alone, one process per variant, warm-up apart from
     the measured steps, and the profiled variant's kernel table."""
@@ -172,6 +174,7 @@ def test_train_speed_times_the_bench_training_step_under_variants(tmp_path):
     assert "| eager | 2 |" in stdout  # the table: variant, micro-batch size, seconds
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
     """bench.gen_speed: the bench's rollout alone, one process per variant (here the CPU's engine:
     transformers generate), warm-up apart, each measured rollout's CPU seconds, and the profiled variant's
@@ -215,6 +218,7 @@ def test_gen_speed_times_the_bench_rollout_under_variants(tmp_path):
     assert "aten::" in kernels.read_text()
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_gen_speed_measures_rollouts_beside_a_training_process(tmp_path):
     """gen_speed's beside_training: the rollouts alone, then again beside a training process (train_speed's
     steps, back to back) in every MPS round, each training process started with that round's MPS settings."""

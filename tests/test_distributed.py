@@ -325,6 +325,7 @@ def test_one_process_config_refuses_two_processes_and_the_reverse(tmp_path):
     assert single.returncode != 0 and "accelerate launch --num_processes 2" in single.stderr
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_two_ranks_follow_the_one_process_curves_and_fsdp2_equals_ddp(tmp_path):
     """20 GRPO steps with the same global batch (8 prompts x 8 samples): 2 DDP ranks (4 prompts each, their
     own sampling seeds) learn like 1 process, within sampling noise; 2 FSDP2 ranks take the same steps as

@@ -108,7 +108,7 @@ def test_sigterm_checkpoints_and_prints_the_command_that_resumes_exactly(tmp_pat
     stopped_at = find_checkpoint("auto", run_dir)
     assert stopped_at is not None and command.endswith(f"resume={stopped_at}")
     assert (
-        command.startswith("python train.py max_steps=5 logger=none")
+        command.startswith("python train.py max_steps=5 logger.log_every=1 logger=none")
         and f"hydra.run.dir={run_dir}" in command
     )
     assert 2 <= int(stopped_at.name.removeprefix("step_")) < 5

@@ -45,6 +45,7 @@ def test_make_config_prints_the_resolved_config():
     assert printed["eval"]["split"] == "test[:64]" and "${" not in result.stdout
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_sweep_writes_one_directory_and_trackio_run_per_job_and_a_summary(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
@@ -108,6 +109,7 @@ def record_pid(prompts, completions, **columns):
 """
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_seed_notebook_table_recipe_sweeps_colocated_vllm_one_process_per_job(tmp_path):
     """make bench-table's recipe on the real vLLM (CPU build): each job's colocated engine lives in a process
     of its own (Hydra's default launcher ran every job in one process, and a second sleep-mode engine there

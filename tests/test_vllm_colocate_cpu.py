@@ -366,6 +366,7 @@ def test_contiguous_shares_keep_the_order_and_differ_by_one_at_most():
     assert contiguous_shares(list(range(5)), 1) == [list(range(5))]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
     """vllm.separate_process=true: vLLM's engine runs in processes of its own, and every rollout samples with
     the weights the trainer just pushed through shared memory (its log-probs equal the trainer's), on-policy
@@ -402,6 +403,7 @@ def test_separate_process_engine_trains_with_the_pushed_weights(tmp_path):
             assert all(m["sync/logp_gap_mean"] > 1e-3 for m in history[1:]), history
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_a_dead_engine_process_is_an_error_not_a_hang(tmp_path, tiny_model_dir):
     """vllm.separate_process=true: an error inside the engine's process (here vLLM refusing top_p=0) is raised
     in the trainer's as itself, with the engine's traceback; Ctrl-C (SIGINT to every process of the group)
@@ -450,6 +452,7 @@ for call in (lambda: engine.sync_weights(model), lambda: engine.generate([[5, 6,
         assert kind == "EngineUnavailable" and int(seconds) < 10, raised
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_a_trainer_that_exits_without_closing_its_engine_process_ends_it(tiny_model_dir):
     """vllm.separate_process=true: the engine's process is no daemon (vLLM may start processes of its own), so
     a trainer that ends without closing the engine must still end it, not wait for it forever at exit."""
@@ -500,6 +503,7 @@ print("PROBE " + json.dumps({"trainer": trainer, "after": mps(os.environ), "engi
 """
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_the_trainers_mps_settings_stay_its_own_and_the_engine_process_gets_none(tiny_model_dir, tmp_path):
     """vllm.trainer_sm_percent: the trainer's environment carries MPS's cap (which CUDA reads when the process
     makes its context) and the vLLM engine process it starts does not. MPS's pipes are a stand-in directory
@@ -562,6 +566,7 @@ def test_trainer_mps_settings_it_cannot_apply_stop_the_run_with_the_fix(
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_engine_process_cpu_times_rollouts_in_each_mode(tmp_path):
     """python -m bench.engine_process_cpu: each mode in a process of its own, its measured rollouts after warm-up,
     written to the results file."""
