@@ -311,6 +311,7 @@ def test_two_rank_run_has_one_output_dir_one_metrics_log_and_one_trackio_run(tmp
     assert len(runs) == 1 and [s for (s,) in steps] == [1, 2, 3]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
 def test_one_process_config_refuses_two_processes_and_the_reverse(tmp_path):
     result = torchrun(tmp_path, "hardware=cpu", "vllm=off", "max_steps=1", *SMALL)
     assert result.returncode != 0

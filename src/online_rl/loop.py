@@ -78,9 +78,7 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
             samples.scores = score_completions(
                 run.reward_functions, samples.prompts, samples.completions, samples.columns
             )
-            run.unscored.observe(
-                samples.scores, run.step + 1
-            )  # a reward that scored nothing: warned, counted
+            run.unscored.observe(samples.scores, run.step + 1)  # a reward that scored nothing: warned
             if run.unscored.must_stop:  # no trained reward scored anything for max_unscored_steps steps
                 raise run.unscored.error(run.checkpoint())
             samples.rewards = total_reward(run.reward_functions, samples.scores)  # (N,)
@@ -178,7 +176,7 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
             cfg.save_merged,
             cfg.push_to_hub,
             weights,
-        )  # fmt: skip
+        )
     )
     summary.seconds = time.perf_counter() - started
     report(summary, run.tracker)
