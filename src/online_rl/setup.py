@@ -128,6 +128,8 @@ def prepare_outputs(cfg: DictConfig, is_main: bool = True) -> tuple[Path, str, P
         prepare_output_dir(output_dir)
         redact_hydra_outputs(output_dir)
         save_config(cfg, output_dir / "config_resolved.yaml")
+        if OmegaConf.is_interpolation(cfg.hardware, "device"):  # hardware=auto: say what it picked and why
+            log.info(hardware_auto_reason())
     distributed.barrier()
     return output_dir, run_name, tracking_dir
 
@@ -140,12 +142,21 @@ def importance_sampling(vllm: DictConfig) -> ImportanceSampling | None:
     return ImportanceSampling(bounds.level.value, bounds.mode.value, bounds.min, bounds.max)
 
 
+def open_tracker(
+    logger_cfg: Any, run_name: str, tracking_dir: Path, config: dict, closing: ExitStack, is_main: bool = True
+):
+    """Rank 0's tracker (the others log to the console only), closed with `closing`; logs its dashboard."""
+    tracker = make_tracker(logger_cfg, run_name, tracking_dir, config) if is_main else ConsoleOnlyTracker()
+    closing.callback(tracker.close)
+    if tracker.dashboard_command():
+        log.info("Dashboard: %s", tracker.dashboard_command())
+    return tracker
+
+
 def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     """Data, model, reference, optimizer, engine, rewards, tracker, evaluator: the run at its first step.
     What must be undone whatever happens (engine, tracker, signal handlers, watchdog) goes on `closing`."""
     share_gpu_with_engines(cfg.vllm)  # (vllm.trainer_sm_percent) before the first CUDA call
-    if OmegaConf.is_interpolation(cfg.hardware, "device"):  # hardware=auto: say what it picked and why
-        log.info(hardware_auto_reason())
     ranks = distributed.setup(cfg.hardware)  # one process: rank 0 of 1, and every distributed.* is a no-op
     closing.callback(distributed.teardown)
     output_dir, run_name, tracking_dir = prepare_outputs(cfg, ranks.is_main)
@@ -217,12 +228,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         )
         closing.callback(reward_model.close)
     config = redacted_container(cfg)
-    tracker = (
-        make_tracker(cfg.logger, run_name, tracking_dir, config) if ranks.is_main else ConsoleOnlyTracker()
-    )
-    closing.callback(tracker.close)
-    if tracker.dashboard_command():
-        log.info("Dashboard: %s", tracker.dashboard_command())
+    tracker = open_tracker(cfg.logger, run_name, tracking_dir, config, closing, ranks.is_main)
     metrics_path = output_dir / "metrics.jsonl" if ranks.is_main else Path(os.devnull)
     evaluator = (
         Evaluator(
@@ -289,8 +295,6 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
     tracker close with `closing`."""
     output_dir, run_name, tracking_dir = prepare_outputs(cfg)
     set_seed(cfg.seed)
-    if OmegaConf.is_interpolation(cfg.hardware, "device"):
-        log.info(hardware_auto_reason())
     device = torch.device(cfg.hardware.device)
     dataset = load_prompts(cfg.data)
     # the rows a training run on this config evaluates on (held out of data.split when it has no eval.split)
@@ -319,10 +323,7 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     closing.callback(engine.close)
-    tracker = make_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg))
-    closing.callback(tracker.close)
-    if tracker.dashboard_command():
-        log.info("Dashboard: %s", tracker.dashboard_command())
+    tracker = open_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg), closing)
     evaluator = Evaluator(
         cfg.eval,
         cfg.data,
