@@ -16,7 +16,7 @@ from online_rl.data import (
     training_and_eval_prompts,
 )
 from online_rl.models import load_tokenizer
-from rewards.math_accuracy import math_accuracy
+from online_rl.rewards.math_accuracy import math_accuracy
 
 from .conftest import DATA, OWN_DATA, compose_config, write_own_jsonl
 

@@ -13,10 +13,10 @@ from online_rl.rewarding import (
     score_completions,
     total_reward,
 )
-from rewards.digits import digit_fraction
-from rewards.format import think_answer_format
-from rewards.length import overlong_penalty
-from rewards.math_accuracy import math_accuracy
+from online_rl.rewards.digits import digit_fraction
+from online_rl.rewards.format import think_answer_format
+from online_rl.rewards.length import overlong_penalty
+from online_rl.rewards.math_accuracy import math_accuracy
 
 FORMAT_TABLE = [
     # (completion, expected, why)
@@ -261,8 +261,12 @@ def reward_config(**entries):
 def test_weighted_total_and_none_handling():
     functions = load_reward_functions(
         reward_config(
-            format={"fn": "rewards.format.think_answer_format", "weight": 0.5, "kwargs": {}},
-            accuracy={"fn": "rewards.math_accuracy.math_accuracy", "weight": 2.0, "kwargs": {"timeout_s": 3}},
+            format={"fn": "online_rl.rewards.format.think_answer_format", "weight": 0.5, "kwargs": {}},
+            accuracy={
+                "fn": "online_rl.rewards.math_accuracy.math_accuracy",
+                "weight": 2.0,
+                "kwargs": {"timeout_s": 3},
+            },
         )
     )
     completions = ["<think>a</think><answer>4</answer>", "\\boxed{4}", "<think>a</think><answer>5</answer>"]

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from online_rl.algorithms import ALGORITHMS
+
+# the Hydra config groups (train.yaml and a folder per group), shipped inside the package
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class EngineMode(str, Enum):
