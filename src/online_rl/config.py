@@ -42,6 +42,11 @@ class LoggerBackend(str, Enum):
 OnRewardError = Enum("OnRewardError", {"raise": "raise", "skip": "skip"}, type=str)
 
 
+class CompletionFormat(str, Enum):
+    text = "text"
+    messages = "messages"
+
+
 class ParallelStrategy(str, Enum):
     ddp = "ddp"  # every rank holds the whole model; gradients are averaged (DistributedDataParallel)
     fsdp2 = "fsdp2"  # every rank holds 1/N of each weight, gathered layer by layer (torch fully_shard)
@@ -201,9 +206,12 @@ class ModelConfig:
 
 @dataclass
 class RewardConfig:
-    fn: str = MISSING  # import path of the function, e.g. rewards.format.think_answer_format
+    fn: str = MISSING  # import path, e.g. online_rl.rewards.format.think_answer_format or trl.rewards.accuracy_reward
     weight: float = 1.0  # weight in the total reward; 0 = logged only
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments bound to the function
+    # text: each completion a string; messages: TRL's conversational form, [{"role": "assistant", "content": ...}]
+    # (what TRL's own text rewards read, e.g. trl.rewards.think_format_reward)
+    completions: CompletionFormat = CompletionFormat.text
 
 
 @dataclass
