@@ -379,8 +379,7 @@ def hardware_auto_reason() -> str:
         return picked
     return (
         f"{picked}; {count} GPUs are visible and this run uses one of them. For all {count}: accelerate launch "
-        f"--config_file conf/accelerate/ddp.yaml --num_processes {count} train.py hardware=2gpu_ddp (or fsdp2.yaml "
-        "with hardware=2gpu_fsdp2), or vllm=server beside `make serve` on one of them (README, 'Several GPUs')"
+        f"--multi_gpu --num_processes {count} train.py hardware=2gpu_ddp (or hardware=2gpu_fsdp2), or vllm=server beside `make serve` on one of them (README, 'Several GPUs')"
     )
 
 
