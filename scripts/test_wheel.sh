@@ -15,7 +15,12 @@ WORK=$(mktemp -d -t online-rl-wheel.XXXXXX)
 [ -n "${KEEP:-}" ] && echo "keeping $WORK" || trap 'rm -rf "$WORK"' EXIT
 unset PYTHONPATH  # the tests point it at the checkout's src/; here nothing may come from the checkout
 
-"$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$REPO"
+# built from a copy of the files git tracks or would (not ignored): a build/ left in the checkout by an
+# earlier in-tree build would otherwise bring files since deleted into the wheel
+mkdir "$WORK/source"
+(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - --ignore-failed-read) \
+  | tar -xf - -C "$WORK/source"
+"$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$WORK/source"
 WHEEL=$(ls "$WORK"/dist/online_rl-*.whl)
 echo "built $(basename "$WHEEL")"
 "$PYTHON" - "$WHEEL" <<'PY'
