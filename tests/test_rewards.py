@@ -306,7 +306,9 @@ def test_bad_rewards_fail_with_their_name(fn, message):
 
 
 def test_unimportable_reward_is_named():
-    with pytest.raises(ValueError, match="cannot import reward fn 'rewards.nope.fn'"):
+    with pytest.raises(
+        ValueError, match=r"cannot import reward fn 'rewards.nope.fn' \(rewards.r.fn\).*PYTHONPATH"
+    ):
         load_reward_functions(reward_config(r={"fn": "rewards.nope.fn", "weight": 1.0, "kwargs": {}}))
 
 

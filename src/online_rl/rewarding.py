@@ -46,14 +46,22 @@ class RewardError(RuntimeError):
     """A reward function raised or returned something unusable; the message names it and shows a sample."""
 
 
-def import_function(path: str) -> Callable:
+def import_function(path: str, name: str) -> Callable:
+    """The function at import path `path` (rewards.<name>.fn), or an error that says what would import."""
     module_name, _, attribute = path.rpartition(".")
     if not module_name:
-        raise ValueError(f"reward fn {path!r} is not an import path like rewards.my_module.my_reward")
+        raise ValueError(
+            f"rewards.{name}.fn={path!r} is not an import path like online_rl.rewards.format.think_answer_format"
+        )
     try:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import reward fn {path!r}: {error}") from error
+        # a module of the user's own is found from the current directory only by `python train.py` in a clone
+        raise ValueError(
+            f"cannot import reward fn {path!r} (rewards.{name}.fn): {error}. Built-in rewards are "
+            "online_rl.rewards.<module>.<fn>; a module of your own must be importable where the run starts "
+            "(rewards/ of a clone with python train.py from its root; elsewhere its folder on PYTHONPATH)"
+        ) from error
 
 
 def load_reward_functions(
@@ -66,7 +74,7 @@ def load_reward_functions(
     available = None if dataset_columns is None else call_keywords(dataset_columns)
     loaded = []
     for name, spec in rewards_cfg.items():
-        fn = import_function(spec.fn)
+        fn = import_function(spec.fn, name)
         if spec.kwargs:
             fn = functools.partial(fn, **spec.kwargs)
         accepted = accepted_keywords(name, spec.fn, fn)
