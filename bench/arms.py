@@ -32,10 +32,10 @@ def compose_config(overrides: list[str]):
     """The run's config as train.py composes it."""
     from hydra import compose, initialize_config_dir
 
-    from online_rl.config import register_configs
+    from online_rl.config import CONF_DIR, register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
@@ -248,8 +248,8 @@ def run_trl(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdi
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    # (the repository's root is on the path: `python -m bench` from it, and its arms by processes.child_env)
-    from rewards.digits import digit_fraction
+    # TRL calls it as we do, by keyword (completions=, prompts=, ...): the same function scores both arms
+    from online_rl.rewards.digits import digit_fraction
 
     lora = ARMS[arm][1]
 

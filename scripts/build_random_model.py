@@ -12,11 +12,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from online_rl.config import register_configs
+from online_rl.config import CONF_DIR, register_configs
 from online_rl.data import load_prompts, tokenizer_corpus
 from online_rl.models import build_random_model
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main() -> None:
@@ -29,7 +27,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=args.overrides)
     if cfg.model.random_init is None:
         raise SystemExit(

@@ -26,9 +26,9 @@ single() {
   finish "$name" "$dir"
 }
 ranks() {
-  local name=$1 accelerate_config=$2 hardware=$3; shift 3
+  local name=$1 hardware=$2; shift 2
   local dir=/tmp/runs/$name
-  CUDA_VISIBLE_DEVICES=0,1 accelerate launch --config_file "conf/accelerate/$accelerate_config.yaml" \
+  CUDA_VISIBLE_DEVICES=0,1 accelerate launch --multi_gpu \
     --num_processes 2 train.py "${COMMON[@]}" "hardware=$hardware" "$@" "hydra.run.dir=$dir" \
     > "$OUT/$name.log" 2>&1 || { tail -80 "$OUT/$name.log"; exit 1; }
   finish "$name" "$dir"
@@ -38,8 +38,8 @@ RUNS=${RUNS:-"ref1 ddp fsdp2"}
 for name in $RUNS; do
   case $name in
     ref1) single ref1 ;;
-    ddp) ranks ddp ddp 2gpu_ddp ;;
-    fsdp2) ranks fsdp2 fsdp2 2gpu_fsdp2 ;;
+    ddp) ranks ddp 2gpu_ddp ;;
+    fsdp2) ranks fsdp2 2gpu_fsdp2 ;;
     *) echo "unknown run $name (ref1, ddp, fsdp2)"; exit 2 ;;
   esac
 done

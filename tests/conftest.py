@@ -17,10 +17,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from online_rl.config import register_configs
+from online_rl.config import CONF_DIR, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = CONF_DIR  # the packaged configs (src/online_rl/conf/), as train.py and online-rl-train compose them
 DATA = Path(__file__).resolve().parent / "data"
 # Runs the tests start (train.py, the bench's arms) import this checkout's code too, not that of another
 # checkout installed in the environment (an editable install of a CI rehearsal's clone, say).

@@ -16,7 +16,7 @@ from online_rl.data import (
     training_and_eval_prompts,
 )
 from online_rl.models import load_tokenizer
-from rewards.math_accuracy import math_accuracy
+from online_rl.rewards.math_accuracy import math_accuracy
 
 from .conftest import DATA, OWN_DATA, compose_config, write_own_jsonl
 
@@ -34,7 +34,7 @@ def test_numina_schema_loads_through_load_dataset():
     assert "\\boxed{55}" in dataset[0]["solution"]
     assert "messages" in dataset.column_names  # other columns stay for rewards that want them
     # the gold solutions parse: a right answer scores 1
-    assert math_accuracy(["q"], ["<answer>55</answer>"], solution=[dataset[0]["solution"]]) == [1.0]
+    assert math_accuracy(completions=["<answer>55</answer>"], solution=[dataset[0]["solution"]]) == [1.0]
     assert "<think>" in cfg.system_prompt  # the DeepSeek-R1 system prompt of the seed notebook
 
 

@@ -392,15 +392,23 @@ def test_weight_specs_describe_what_the_engine_receives(tiny_model_dir, lora):
     assert all("lora_" not in name and "base_layer" not in name for name, _, _ in sent)
 
 
-def test_an_accelerate_config_for_fsdp_with_a_ddp_hardware_option_is_refused(monkeypatch):
-    """accelerate launch marks its processes (ACCELERATE_USE_FSDP for conf/accelerate/fsdp2.yaml); hardware=
-    decides the wrapping, so a mismatched pair stops before any work. torchrun (no marks) is not checked."""
-    distributed.check_accelerate_config("fsdp2")  # torchrun: nothing to compare with
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    distributed.check_accelerate_config("ddp")
-    with pytest.raises(ValueError, match="launched DDP processes but hardware.strategy=fsdp2"):
-        distributed.check_accelerate_config("fsdp2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    distributed.check_accelerate_config("fsdp2")
-    with pytest.raises(ValueError, match="use conf/accelerate/ddp.yaml"):
-        distributed.check_accelerate_config("ddp")
+@pytest.mark.parametrize(
+    "environ, named",
+    [
+        ({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+        ({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
+        ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "mixed_precision=bf16"),
+    ],
+)
+def test_accelerate_settings_the_trainer_does_not_read_are_refused(environ, named):
+    """accelerate launch passes its config on as ACCELERATE_* variables; hardware= decides sharding and
+    precision, so FSDP, DeepSpeed or mixed precision asked of accelerate stop the run instead of being ignored."""
+    with pytest.raises(
+        ValueError, match=f"accelerate launch passed {named}, which this trainer does not read"
+    ):
+        distributed.check_launch_settings(environ)
+
+
+def test_a_plain_launch_passes_the_launch_settings_check():
+    distributed.check_launch_settings({})  # torchrun: no accelerate settings at all
+    distributed.check_launch_settings({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "false"})

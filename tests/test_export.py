@@ -5,6 +5,8 @@ import logging
 
 import pytest
 import torch
+import yaml
+from huggingface_hub import ModelCard
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,6 +75,29 @@ def test_model_card_names_base_algorithm_rewards_data_steps_and_scores(full_run)
     assert "on 8 prompts of split `test[:8]`" in card
 
 
+def test_model_card_metadata_parses_back_with_the_eval_numbers(full_run):
+    """The Hub reads a card's YAML header: its model-index holds the final evaluation, number for number."""
+    final = full_run.evals[-1]
+    card = ModelCard.load(full_run.model_dir / "README.md")
+    assert card.data.library_name == "transformers" and card.data.tags == ["online-rl", "grpo"]
+    assert card.data.base_model is None  # a random model built in code has no base on the Hub
+    results = {result.metric_type: result for result in card.data.eval_results}
+    expected = {
+        key.removeprefix("eval/"): value for key, value in final.items() if key.startswith("eval/pass@")
+    }
+    expected["reward_mean"] = final["eval/reward_mean"]
+    assert expected.keys() <= results.keys() and {"pass@1", "pass@4", "pass@1_greedy"} <= expected.keys()
+    for metric, value in expected.items():
+        assert results[metric].metric_value == pytest.approx(value), metric
+        assert results[metric].dataset_split == "test[:8]" and results[metric].task_type == "text-generation"
+    header = (full_run.model_dir / "README.md").read_text().split("---")[1]
+    model_index = yaml.safe_load(header)["model-index"]  # plain YAML, as any reader sees it
+    [entry] = model_index[0]["results"]
+    assert {m["type"]: m["value"] for m in entry["metrics"]}["pass@1_greedy"] == pytest.approx(
+        final["eval/pass@1_greedy"]
+    )
+
+
 def test_model_card_of_a_hub_model_without_evaluation():
     config = OmegaConf.to_container(
         compose_config(["model=qwen2_0.5b", "data=gsm8k", "rewards=[format,math_accuracy]", "output_dir=x"]),
@@ -80,9 +105,10 @@ def test_model_card_of_a_hub_model_without_evaluation():
         enum_to_str=True,
     )
     card = model_card(config, 10, None)
-    assert "base_model: Qwen/Qwen2-0.5B-Instruct" in card and "library_name: transformers" in card
-    assert "| data | openai/gsm8k (main), split train |" in card
-    assert "No evaluation ran" in card
+    assert card.data.base_model == "Qwen/Qwen2-0.5B-Instruct" and card.data.library_name == "transformers"
+    assert card.data.eval_results is None
+    assert "| data | openai/gsm8k (main), split train |" in card.text
+    assert "No evaluation ran" in card.text
 
 
 def test_final_model_loads_in_vllm_and_matches_transformers_greedy(full_run, monkeypatch):
@@ -115,7 +141,7 @@ def test_lora_run_saves_the_adapter_and_a_merged_model_out_of_place(make_config,
     adapter_dir, merged_dir = tmp_path / "model", tmp_path / "model_merged"
     adapter = load_file(adapter_dir / "adapter_model.safetensors")
     assert adapter and all("lora_" in key for key in adapter)
-    assert "library_name: peft" in (adapter_dir / "README.md").read_text()
+    assert ModelCard.load(adapter_dir / "README.md").data.library_name == "peft"
     assert "merged into the base weights" in (merged_dir / "README.md").read_text()
 
     trained, base_path = load_trained_model(str(adapter_dir), compose_config().model, torch.float32, "cpu")

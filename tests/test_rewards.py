@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from online_rl.loop import run
 from online_rl.rewarding import (
     RewardError,
     load_reward_functions,
@@ -13,10 +14,12 @@ from online_rl.rewarding import (
     score_completions,
     total_reward,
 )
-from rewards.digits import digit_fraction
-from rewards.format import think_answer_format
-from rewards.length import overlong_penalty
-from rewards.math_accuracy import math_accuracy
+from online_rl.rewards.digits import digit_fraction
+from online_rl.rewards.format import think_answer_format
+from online_rl.rewards.length import overlong_penalty
+from online_rl.rewards.math_accuracy import math_accuracy
+
+SMALL_RUN = ["data.synthetic_rows=64", "prompts_per_step=4", "algo.num_generations=4", "micro_batch_size=8"]
 
 FORMAT_TABLE = [
     # (completion, expected, why)
@@ -52,7 +55,7 @@ FORMAT_TABLE = [
     "completion, expected", [row[:2] for row in FORMAT_TABLE], ids=[r[2] for r in FORMAT_TABLE]
 )
 def test_think_answer_format(completion, expected):
-    assert think_answer_format(["What is 2 + 2?"], [completion]) == [expected]
+    assert think_answer_format(prompts=["What is 2 + 2?"], completions=[completion]) == [expected]
 
 
 # Reference solutions as the datasets give them: GSM8K's after `solution_regex` ('####\s*(.+?)\s*$'),
@@ -189,15 +192,13 @@ MATH_TABLE = [
     "completion, solution, expected", [row[:3] for row in MATH_TABLE], ids=[row[3] for row in MATH_TABLE]
 )
 def test_math_accuracy(completion, solution, expected):
-    assert math_accuracy(["q"], [completion], solution=[solution]) == [expected]
+    assert math_accuracy(completions=[completion], solution=[solution]) == [expected]
 
 
 def test_math_accuracy_table_in_one_batch():
     """The same table as one call, as the loop makes it: a gold shared by many rows is read once."""
     completions, solutions, expected, _ = zip(*MATH_TABLE)
-    assert math_accuracy(["q"] * len(MATH_TABLE), list(completions), solution=list(solutions)) == list(
-        expected
-    )
+    assert math_accuracy(completions=list(completions), solution=list(solutions)) == list(expected)
 
 
 HOSTILE = [
@@ -215,7 +216,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize("completion", HOSTILE, ids=[repr(c[:24]) for c in HOSTILE])
 def test_math_accuracy_scores_hostile_strings_zero(completion):
-    assert math_accuracy(["q"], [completion], solution=["3"]) == [0.0]
+    assert math_accuracy(completions=[completion], solution=["3"]) == [0.0]
 
 
 def test_math_accuracy_off_the_main_thread():
@@ -225,7 +226,7 @@ def test_math_accuracy_off_the_main_thread():
     completions = [tagged("9^{9^{9^{9}}}"), tagged("3")]
     worker = threading.Thread(
         target=lambda: results.append(
-            math_accuracy(["q"] * 2, completions, solution=["3"] * 2, timeout_s=0.5)
+            math_accuracy(completions=completions, solution=["3"] * 2, timeout_s=0.5)
         )
     )
     worker.start()
@@ -234,13 +235,13 @@ def test_math_accuracy_off_the_main_thread():
 
 
 def test_digit_fraction():
-    assert digit_fraction(["q"] * 4, ["42", "4 2 x", "no digits", " "]) == [1.0, 2 / 3, 0.0, None]
+    assert digit_fraction(completions=["42", "4 2 x", "no digits", " "]) == [1.0, 2 / 3, 0.0, None]
 
 
 def test_overlong_penalty():
     # max 10, window 4: free up to 6 tokens, then -1/4 per token, -1 at 10
     assert overlong_penalty(
-        ["q"] * 5, ["c"] * 5, completion_lengths=[3, 6, 7, 9, 10], max_length=10, soft_window=4
+        completions=["c"] * 5, completion_lengths=[3, 6, 7, 9, 10], max_length=10, soft_window=4
     ) == [
         0.0,
         0.0,
@@ -249,7 +250,7 @@ def test_overlong_penalty():
         -1.0,
     ]
     with pytest.raises(ValueError, match="soft_window"):
-        overlong_penalty(["q"], ["c"], completion_lengths=[1], max_length=10, soft_window=11)
+        overlong_penalty(completion_lengths=[1], max_length=10, soft_window=11)
 
 
 def reward_config(**entries):
@@ -261,8 +262,12 @@ def reward_config(**entries):
 def test_weighted_total_and_none_handling():
     functions = load_reward_functions(
         reward_config(
-            format={"fn": "rewards.format.think_answer_format", "weight": 0.5, "kwargs": {}},
-            accuracy={"fn": "rewards.math_accuracy.math_accuracy", "weight": 2.0, "kwargs": {"timeout_s": 3}},
+            format={"fn": "online_rl.rewards.format.think_answer_format", "weight": 0.5, "kwargs": {}},
+            accuracy={
+                "fn": "online_rl.rewards.math_accuracy.math_accuracy",
+                "weight": 2.0,
+                "kwargs": {"timeout_s": 3},
+            },
         )
     )
     completions = ["<think>a</think><answer>4</answer>", "\\boxed{4}", "<think>a</think><answer>5</answer>"]
@@ -301,7 +306,9 @@ def test_bad_rewards_fail_with_their_name(fn, message):
 
 
 def test_unimportable_reward_is_named():
-    with pytest.raises(ValueError, match="cannot import reward fn 'rewards.nope.fn'"):
+    with pytest.raises(
+        ValueError, match=r"cannot import reward fn 'rewards.nope.fn' \(rewards.r.fn\).*PYTHONPATH"
+    ):
         load_reward_functions(reward_config(r={"fn": "rewards.nope.fn", "weight": 1.0, "kwargs": {}}))
 
 
@@ -320,3 +327,112 @@ def test_reward_that_raises_shows_the_failing_sample_or_is_skipped():
     assert reward_error_metrics(skipping) == {"reward/r_errors": 1.0}
     assert score_completions(skipping, ["q"], ["a"], {}) == {"r": [1.0]}
     assert reward_error_metrics(skipping) == {"reward/r_errors": 0.0}  # counted per call, not summed
+
+
+def lengths_only(completion_lengths):
+    return [float(n) for n in completion_lengths]
+
+
+def ids_and_solution(completion_ids, solution, **kwargs):
+    return [float(len(ids) == int(answer)) for ids, answer in zip(completion_ids, solution)]
+
+
+def test_rewards_are_called_by_keyword_each_with_what_it_names():
+    """TRL's convention: keywords, not positions; a function without **kwargs gets only the ones it names."""
+    functions = load_reward_functions(
+        reward_config(
+            lengths={"fn": "tests.test_rewards.lengths_only", "weight": 1.0, "kwargs": {}},
+            ids={"fn": "tests.test_rewards.ids_and_solution", "weight": 1.0, "kwargs": {}},
+        ),
+        dataset_columns=["prompt", "solution"],
+    )
+    columns = {"solution": ["2", "2"], "completion_lengths": [2, 3]}
+    scores = score_completions(
+        functions, ["q", "q"], ["ab", "abc"], columns, completion_ids=[[1, 2], [1, 2, 3]]
+    )
+    assert scores == {"lengths": [2.0, 3.0], "ids": [1.0, 0.0]}
+
+
+def positional_only(completions, /):
+    return [1.0] * len(completions)
+
+
+def wants_answer(completions, answer, **kwargs):
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (
+            "tests.test_rewards.positional_only",
+            r"reward 'r' \(tests.test_rewards.positional_only\) takes completions by position only.*by keyword",
+        ),
+        (
+            "tests.test_rewards.wants_answer",
+            r"reward 'r' \(tests.test_rewards.wants_answer\) needs 'answer', which no call passes: it is called "
+            r"with completion_ids, completion_lengths, completions, prompts, solution\. .*rewards.r.kwargs.answer",
+        ),
+    ],
+)
+def test_a_reward_that_cannot_take_the_keywords_is_refused_when_loaded(fn, message):
+    with pytest.raises(ValueError, match=message):
+        load_reward_functions(
+            reward_config(r={"fn": fn, "weight": 1.0, "kwargs": {}}), dataset_columns=["prompt", "solution"]
+        )
+
+
+def test_a_reward_wanting_a_column_the_data_lacks_stops_the_run_before_any_model_loads(make_config, tmp_path):
+    cfg = make_config("max_steps=1", "rewards=[digits]", "rewards.digits.fn=tests.test_rewards.wants_answer")
+    with pytest.raises(ValueError, match="reward 'digits' .* needs 'answer'"):
+        run(cfg)
+    assert not (tmp_path / "random_init").exists()  # the tiny model was never built
+
+
+# a config of the user's own, beside the packaged ones (hydra.searchpath), naming TRL's functions unchanged
+TRL_REWARDS_YAML = """
+think:
+  fn: trl.rewards.think_format_reward
+  completions: messages
+accuracy:
+  fn: trl.rewards.accuracy_reward
+  completions: messages
+"""
+
+
+def test_trl_reward_functions_plug_in_unchanged_and_score_what_they_promise():
+    """TRL's own rewards, imported by path, read completions in its conversational form."""
+    pytest.importorskip("trl")
+    functions = load_reward_functions(
+        reward_config(
+            think={
+                "fn": "trl.rewards.think_format_reward",
+                "weight": 1.0,
+                "kwargs": {},
+                "completions": "messages",
+            },
+            accuracy={
+                "fn": "trl.rewards.accuracy_reward",
+                "weight": 1.0,
+                "kwargs": {},
+                "completions": "messages",
+            },
+        ),
+        dataset_columns=["prompt", "solution"],
+    )
+    completions = ["<think>6 times 7</think>\\boxed{42}", "it is 41"]
+    scores = score_completions(functions, ["6 * 7?"] * 2, completions, {"solution": ["42", "42"]})
+    assert scores == {"think": [1.0, 0.0], "accuracy": [1.0, 0.0]}
+
+
+def test_a_few_steps_train_on_trl_reward_functions(make_config, tmp_path):
+    pytest.importorskip("trl")
+    (tmp_path / "conf" / "rewards").mkdir(parents=True)
+    (tmp_path / "conf" / "rewards" / "trl_r1.yaml").write_text(TRL_REWARDS_YAML)
+    searchpath = f"hydra.searchpath=[file://{tmp_path}/conf]"
+    cfg = make_config("max_steps=2", "vllm=off", "rewards=[digits,trl_r1]", searchpath, *SMALL_RUN)
+    summary = run(cfg)
+    assert len(summary.history) == 2
+    for name in ("think", "accuracy"):  # scored every completion (a TRL reward returns a number or None)
+        assert summary.history[-1][f"reward/{name}_none_frac"] < 1.0
+        assert 0.0 <= summary.history[-1][f"reward/{name}_mean"] <= 1.0

@@ -7,7 +7,7 @@ graphs and trackio's state stay too. Here a job is a spawned child that composes
 result like the default launcher's, and exits before the next starts, which leaves the GPU to one job at
 a time (submitit_local starts every job at once).
 
-    python train.py -m algo=grpo,rloo                         # this launcher (conf/train.yaml's default)
+    python train.py -m algo=grpo,rloo                         # this launcher (online_rl/conf/train.yaml's default)
     python train.py -m algo=grpo,rloo hydra/launcher=basic    # Hydra's own: every job in this process
 """
 

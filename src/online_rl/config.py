@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from online_rl.algorithms import ALGORITHMS
+
+# the Hydra config groups (train.yaml and a folder per group), shipped inside the package
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class EngineMode(str, Enum):
@@ -36,6 +40,11 @@ class LoggerBackend(str, Enum):
 
 # `raise` is a Python keyword, so this enum is built by name; OmegaConf checks values against the names.
 OnRewardError = Enum("OnRewardError", {"raise": "raise", "skip": "skip"}, type=str)
+
+
+class CompletionFormat(str, Enum):
+    text = "text"
+    messages = "messages"
 
 
 class ParallelStrategy(str, Enum):
@@ -197,9 +206,12 @@ class ModelConfig:
 
 @dataclass
 class RewardConfig:
-    fn: str = MISSING  # import path of the function, e.g. rewards.format.think_answer_format
+    fn: str = MISSING  # import path, e.g. online_rl.rewards.format.think_answer_format or trl.rewards.accuracy_reward
     weight: float = 1.0  # weight in the total reward; 0 = logged only
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments bound to the function
+    # text: each completion a string; messages: TRL's conversational form, [{"role": "assistant", "content": ...}]
+    # (what TRL's own text rewards read, e.g. trl.rewards.think_format_reward)
+    completions: CompletionFormat = CompletionFormat.text
 
 
 @dataclass
@@ -367,8 +379,7 @@ def hardware_auto_reason() -> str:
         return picked
     return (
         f"{picked}; {count} GPUs are visible and this run uses one of them. For all {count}: accelerate launch "
-        f"--config_file conf/accelerate/ddp.yaml --num_processes {count} train.py hardware=2gpu_ddp (or fsdp2.yaml "
-        "with hardware=2gpu_fsdp2), or vllm=server beside `make serve` on one of them (README, 'Several GPUs')"
+        f"--multi_gpu --num_processes {count} train.py hardware=2gpu_ddp (or hardware=2gpu_fsdp2), or vllm=server beside `make serve` on one of them (README, 'Several GPUs')"
     )
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -70,7 +70,7 @@ def setup(hardware: Any) -> Ranks:
     if world_size == 1:
         return Ranks(0, 1, 0, torch.device(hardware.device))
     strategy = getattr(hardware.strategy, "value", hardware.strategy)  # the enum's name: ddp | fsdp2
-    check_accelerate_config(strategy)
+    check_launch_settings(os.environ)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if hardware.device == "cuda":
         device = torch.device("cuda", local_rank)
@@ -90,17 +90,24 @@ def setup(hardware: Any) -> Ranks:
     return Ranks(rank, world_size, local_rank, device)
 
 
-def check_accelerate_config(strategy: str) -> None:
-    """An accelerate config made for FSDP (ACCELERATE_USE_FSDP in the environment) with hardware=...ddp, or
-    the reverse, is a mix-up: hardware= decides the wrapping, the accelerate config only launches."""
-    if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # not started by accelerate launch (torchrun: no file)
-        return
-    launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if launched_fsdp != (strategy == "fsdp2"):
+def check_launch_settings(environ: Mapping[str, str]) -> None:
+    """accelerate launch hands its settings on as ACCELERATE_* variables, and this trainer reads none of them:
+    hardware= decides the sharding and the precision. Settings that would change training (FSDP, DeepSpeed,
+    mixed precision, from a config file or accelerate's default config) stop the run instead of being
+    ignored; the launch itself (--multi_gpu, --num_processes, --num_machines, ...) is all it needs."""
+    wanted = [
+        name
+        for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if environ.get(variable, "false").lower() == "true"
+    ]
+    precision = environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        wanted.append(f"mixed_precision={precision}")
+    if wanted:
         raise ValueError(
-            f"the accelerate config launched {'FSDP' if launched_fsdp else 'DDP'} processes but "
-            f"hardware.strategy={strategy}: use conf/accelerate/{'fsdp2' if strategy == 'fsdp2' else 'ddp'}.yaml "
-            "with this hardware= option"
+            f"accelerate launch passed {', '.join(wanted)}, which this trainer does not read: hardware= sets the "
+            "sharding (hardware=2gpu_fsdp2) and the precision (hardware.autocast_dtype=bfloat16). Launch plain "
+            "processes: accelerate launch --multi_gpu --num_processes N train.py hardware=..."
         )
 
 

@@ -142,7 +142,9 @@ class Evaluator:
             }
             columns["completion_lengths"] = [len(ids) for ids in rollout.completion_ids]
             prompts = [row["prompt"] for row in rows for _ in range(n)]
-            scores = score_completions(self.reward_functions, prompts, completions, columns)
+            scores = score_completions(
+                self.reward_functions, prompts, completions, columns, rollout.completion_ids
+            )
             total = total_reward(self.reward_functions, scores)  # (len(rows) * n,)
             decided = pass_scores(scores, total, self.eval_cfg.pass_reward)
             outcomes = [s is not None and s >= self.eval_cfg.pass_threshold for s in decided]

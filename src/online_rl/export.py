@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from online_rl.engines.weights import inference_weights
 from online_rl.models import hub_offline, is_lora
@@ -80,10 +81,52 @@ class cache_enabled:
 
 def model_card(
     config: dict[str, Any], steps: int, eval_metrics: dict[str, float] | None, merged: bool = False
-) -> str:
-    """README.md for the exported model: base model, algorithm, rewards, data, steps, final eval scores.
+) -> ModelCard:
+    """README.md for the exported model: its metadata (library, base model, tags, the final evaluation as
+    Hub-readable `model-index` results) from huggingface_hub's ModelCardData, and a body naming the base model,
+    algorithm, rewards, data, steps and scores.
 
     `config` is the run's resolved config as plain containers; `merged`: the card of model_merged/."""
+    model, algo, lora = config["model"], config["algo"], config["model"]["lora"]
+    random_base = model.get("random_init") is not None
+    algo_name = algo.get("name", "?")
+    adapter = lora["enabled"] and not merged
+    data = ModelCardData(
+        library_name="peft" if adapter else "transformers",
+        base_model=None if random_base else model["name_or_path"],
+        tags=["online-rl", algo_name],
+        model_name=f"{model['name_or_path']}-{algo_name}",
+        eval_results=eval_results(config, eval_metrics) if eval_metrics else None,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(config, steps, eval_metrics, merged)}")
+
+
+def eval_results(config: dict[str, Any], eval_metrics: dict[str, float]) -> list[EvalResult]:
+    """The final evaluation's pass@k and mean rewards as the Hub's eval results (model-index metadata)."""
+    data, split = config["data"], config["eval"]["split"]
+    synthetic = bool(data.get("synthetic_rows"))
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type="synthetic-arithmetic" if synthetic else data["path"],
+            dataset_name="synthetic arithmetic" if synthetic else data["path"],
+            dataset_config=None if synthetic else data.get("subset"),
+            dataset_split=split,
+            metric_type=key.removeprefix("eval/"),
+            metric_name=metric_name(key),
+            metric_value=float(value),
+        )
+        for key, value in eval_metrics.items()
+        if key.startswith("eval/pass@") or key in EVAL_NAMES
+    ]
+
+
+def metric_name(key: str) -> str:
+    return EVAL_NAMES.get(key, key.removeprefix("eval/") + ", sampled")
+
+
+def card_body(config: dict[str, Any], steps: int, eval_metrics: dict[str, float] | None, merged: bool) -> str:
+    """The card's Markdown: what was trained, how, on what, and the final scores; how to load it."""
     model, algo, data, lora = config["model"], config["algo"], config["data"], config["model"]["lora"]
     random_base = model.get("random_init") is not None
     base = f"{model['name_or_path']} (random weights built in code)" if random_base else model["name_or_path"]
@@ -102,12 +145,7 @@ def model_card(
     if lora["enabled"]:
         weights = f"LoRA (r={lora['r']}, alpha={lora['alpha']}, on {', '.join(lora['target_modules'])})"
         weights = f"{weights}, merged into the base weights" if merged else f"{weights}: the adapter only"
-    header = ["---", f"library_name: {'peft' if adapter else 'transformers'}"]
-    if not random_base:
-        header.append(f"base_model: {model['name_or_path']}")
-    header += ["tags:", "- online-rl", f"- {algo_name}", "---", ""]
     lines = [
-        *header,
         f"# {model['name_or_path']}, {algo_name.upper()}",
         "",
         "Trained with online RL by the online-rl recipe repo.",
@@ -130,16 +168,15 @@ def model_card(
         lines += [
             f"At the end of training, on {eval_metrics['eval/prompts']:.0f} prompts of split "
             f"`{evaluation['split']}`; a completion passes when {decided_by} is >= {evaluation['pass_threshold']}. "
-            f"pass@k from {evaluation['num_generations']} samples per prompt (unbiased estimator).",
+            f"pass@k from {evaluation['num_generations']} samples per prompt (unbiased estimator); the same "
+            "numbers are in the metadata above (`model-index`).",
             "",
             "| metric | value |",
             "|---|---|",
         ]
         for key, value in eval_metrics.items():
             if key.startswith("eval/pass@") or key in EVAL_NAMES:
-                lines.append(
-                    f"| {EVAL_NAMES.get(key, key.removeprefix('eval/') + ', sampled')} | {value:.3f} |"
-                )
+                lines.append(f"| {metric_name(key)} | {value:.3f} |")
     else:
         lines.append("No evaluation ran (set `eval_every` > 0).")
     lines += [
@@ -202,10 +239,10 @@ def export_final_model(
     `push_to_hub` if set. `config`: the run's resolved config as plain containers, secrets redacted (the
     card is public once pushed)."""
     directory = save_model(model, tokenizer, output_dir / "model", state_dict)
-    (directory / "README.md").write_text(model_card(config, steps, eval_metrics))
+    model_card(config, steps, eval_metrics).save(directory / "README.md")
     if save_merged:
         merged = save_merged_model(model, tokenizer, output_dir / "model_merged")
-        (merged / "README.md").write_text(model_card(config, steps, eval_metrics, merged=True))
+        model_card(config, steps, eval_metrics, merged=True).save(merged / "README.md")
         log.info("Merged model: %s", merged)
     log.info("Final model: %s (loads with AutoModelForCausalLM.from_pretrained)", directory)
     if push_to_hub:

@@ -72,11 +72,15 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
                 generated.rows, generated.prompt_ids, generated.rollout, generated.from_engine, run.tokenizer
             )
 
-            # 4. Rewards: every function sees the dataset's columns, one value per completion.
+            # 4. Rewards, called by keyword: the dataset's columns and the completions, one value per completion.
             phase_started = time.perf_counter()
             run.watchdog.start("reward")
             samples.scores = score_completions(
-                run.reward_functions, samples.prompts, samples.completions, samples.columns
+                run.reward_functions,
+                samples.prompts,
+                samples.completions,
+                samples.columns,
+                samples.completion_ids,
             )
             run.unscored.observe(samples.scores, run.step + 1)  # a reward that scored nothing: warned
             if run.unscored.must_stop:  # no trained reward scored anything for max_unscored_steps steps

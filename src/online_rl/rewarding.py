@@ -1,8 +1,11 @@
-"""Reward functions from config: import them, call them with one signature, check and combine what they return.
+"""Reward functions from config: import them, call them by keyword, check and combine what they return.
 
-Signature of every reward: fn(prompts, completions, **columns) -> list[float | None], where columns are
-the dataset's columns (one value per completion) plus `completion_lengths` (tokens per completion).
-None means "no opinion": the sample is left out of that reward's mean and adds 0 to the total.
+Rewards are called as TRL calls its own, by keyword: fn(prompts=, completions=, completion_ids=, **columns)
+-> list[float | None], where columns are the dataset's columns (one value per completion, e.g. `solution`)
+plus `completion_lengths` (tokens per completion). A function names the keywords it reads; without a
+**kwargs it gets only those. `completions: messages` in a reward's config hands the texts over as TRL's
+conversational form ([{"role": "assistant", "content": text}] per completion), which TRL's own text rewards
+read. None means "no opinion": the sample is left out of that reward's mean and adds 0 to the total.
 A function that raises stops the run (on_reward_error=raise) or scores the samples it failed on None
 (on_reward_error=skip, counted as reward/<name>_errors).
 """
@@ -11,10 +14,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,9 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
+
+# what every call passes besides the dataset's columns (the `prompt` column arrives as `prompts`)
+CALL_KEYWORDS = ("prompts", "completions", "completion_ids", "completion_lengths")
 
 
 @dataclass
@@ -31,32 +38,118 @@ class RewardFunction:
     weight: float
     on_error: str = "raise"  # raise | skip (see on_reward_error)
     errors: int = 0  # samples of the last call scored None because the function raised on them
+    accepted: frozenset[str] | None = None  # the keywords fn names; None: it takes **kwargs, so all of them
+    as_messages: bool = False  # completions (and prompts) in TRL's conversational form instead of text
 
 
 class RewardError(RuntimeError):
     """A reward function raised or returned something unusable; the message names it and shows a sample."""
 
 
-def import_function(path: str) -> Callable:
+def import_function(path: str, name: str) -> Callable:
+    """The function at import path `path` (rewards.<name>.fn), or an error that says what would import."""
     module_name, _, attribute = path.rpartition(".")
     if not module_name:
-        raise ValueError(f"reward fn {path!r} is not an import path like rewards.format.think_answer_format")
+        raise ValueError(
+            f"rewards.{name}.fn={path!r} is not an import path like online_rl.rewards.format.think_answer_format"
+        )
     try:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import reward fn {path!r}: {error}") from error
+        # a module of the user's own is found from the current directory only by `python train.py` in a clone
+        raise ValueError(
+            f"cannot import reward fn {path!r} (rewards.{name}.fn): {error}. Built-in rewards are "
+            "online_rl.rewards.<module>.<fn>; a module of your own must be importable where the run starts "
+            "(rewards/ of a clone with python train.py from its root; elsewhere its folder on PYTHONPATH)"
+        ) from error
 
 
-def load_reward_functions(rewards_cfg: Mapping[str, Any], on_error: str = "raise") -> list[RewardFunction]:
+def load_reward_functions(
+    rewards_cfg: Mapping[str, Any], on_error: str = "raise", dataset_columns: Iterable[str] | None = None
+) -> list[RewardFunction]:
+    """The configured rewards, each checked against what it will be called with (`dataset_columns`: the
+    dataset's columns; None skips that check) before anything trains."""
     if not rewards_cfg:
         raise ValueError("no reward functions configured: pick some, e.g. rewards=[format,math_accuracy]")
+    available = None if dataset_columns is None else call_keywords(dataset_columns)
     loaded = []
     for name, spec in rewards_cfg.items():
-        fn = import_function(spec.fn)
+        fn = import_function(spec.fn, name)
         if spec.kwargs:
             fn = functools.partial(fn, **spec.kwargs)
-        loaded.append(RewardFunction(name=name, fn=fn, weight=float(spec.weight), on_error=on_error))
+        accepted = accepted_keywords(name, spec.fn, fn)
+        if available is not None:
+            check_required_keywords(name, spec.fn, fn, available)
+        as_messages = getattr(spec, "completions", "text") == "messages"
+        loaded.append(RewardFunction(name, fn, float(spec.weight), on_error, 0, accepted, as_messages))
     return loaded
+
+
+def call_keywords(dataset_columns: Iterable[str]) -> set[str]:
+    """Every keyword a reward is called with: the fixed ones and the dataset's columns but `prompt`."""
+    return set(CALL_KEYWORDS) | {column for column in dataset_columns if column != "prompt"}
+
+
+def accepted_keywords(name: str, path: str, fn: Callable) -> frozenset[str] | None:
+    """The keywords `fn` can take (None: any, it has **kwargs). A parameter that must come by position
+    cannot get its value: a clear error now rather than a TypeError at the first step."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a callable without a readable signature: call it with everything
+        return None
+    positional_only = [
+        p.name for p in parameters if p.kind is p.POSITIONAL_ONLY and p.default is inspect.Parameter.empty
+    ]
+    if positional_only:
+        raise ValueError(
+            f"reward '{name}' ({path}) takes {', '.join(positional_only)} by position only, but rewards are "
+            f"called by keyword ({', '.join(CALL_KEYWORDS)} and the dataset's columns): declare it as "
+            "def fn(completions, **kwargs)"
+        )
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_required_keywords(name: str, path: str, fn: Callable, available: set[str]) -> None:
+    """A parameter without a default that no call will fill (a column the dataset lacks, a misspelt
+    keyword) stops the run before it starts, naming what the reward wants and what there is."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return
+    missing = [
+        p.name
+        for p in parameters
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is inspect.Parameter.empty
+        and p.name not in available
+    ]
+    if missing:
+        raise ValueError(
+            f"reward '{name}' ({path}) needs {', '.join(repr(m) for m in missing)}, which no call passes: it is "
+            f"called with {', '.join(sorted(available))}. Rename the dataset column (data.solution_column=... "
+            f"for `solution`), or bind a value in its config (rewards.{name}.kwargs.{missing[0]}=...)"
+        )
+
+
+def reward_keywords(
+    reward: RewardFunction,
+    prompts: list[str],
+    completions: list[str],
+    completion_ids: list[list[int]] | None,
+    columns: Mapping[str, list],
+) -> dict[str, Any]:
+    """What `reward.fn` is called with: every keyword it accepts, one value per completion."""
+    if reward.as_messages:  # TRL's conversational form: a list of messages per prompt and per completion
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+        completions = [[{"role": "assistant", "content": c}] for c in completions]
+    keywords = {"prompts": prompts, "completions": completions, **columns}
+    if completion_ids is not None:
+        keywords["completion_ids"] = completion_ids
+    if reward.accepted is None:
+        return keywords
+    return {key: value for key, value in keywords.items() if key in reward.accepted}
 
 
 def check_scores(
@@ -93,15 +186,16 @@ def score_completions(
     prompts: list[str],
     completions: list[str],
     columns: dict[str, list],
+    completion_ids: list[list[int]] | None = None,
 ) -> dict[str, list[float | None]]:
-    """{reward name: one score or None per completion}."""
+    """{reward name: one score or None per completion}; each function called by keyword (reward_keywords)."""
     scores = {}
     for reward in reward_functions:
         reward.errors = 0
         try:
-            raw = reward.fn(prompts, completions, **columns)
+            raw = reward.fn(**reward_keywords(reward, prompts, completions, completion_ids, columns))
         except Exception as error:
-            raw = score_one_by_one(reward, prompts, completions, columns, error)
+            raw = score_one_by_one(reward, prompts, completions, completion_ids, columns, error)
         scores[reward.name] = check_scores(reward.name, raw, len(completions), prompts, completions)
     return scores
 
@@ -110,6 +204,7 @@ def score_one_by_one(
     reward: RewardFunction,
     prompts: list[str],
     completions: list[str],
+    completion_ids: list[list[int]] | None,
     columns: dict[str, list],
     error: Exception,
 ) -> list[float | None]:
@@ -121,8 +216,10 @@ def score_one_by_one(
     scores: list[float | None] = []
     failures: list[tuple[int, Exception]] = []
     for i in range(len(completions)):
+        ids = None if completion_ids is None else [completion_ids[i]]
+        one = {key: [values[i]] for key, values in columns.items()}
         try:
-            [score] = reward.fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in columns.items()})
+            [score] = reward.fn(**reward_keywords(reward, [prompts[i]], [completions[i]], ids, one))
         except Exception as sample_error:
             failures.append((i, sample_error))
             score = None

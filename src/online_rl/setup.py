@@ -171,6 +171,8 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     algorithm = make_algorithm(cfg.algo, cfg.sampling.max_completion_length, importance_sampling(cfg.vllm))
 
     dataset = load_prompts(cfg.data)
+    # before any model loads: a reward that wants a column the data lacks stops the run here
+    reward_functions = load_reward_functions(cfg.rewards, cfg.on_reward_error.value, dataset.column_names)
     training_rows, eval_prompts = dataset, None
     if cfg.eval_every:  # data without eval.split: the eval rows are held out of data.split, not trained on
         training_rows, eval_prompts = training_and_eval_prompts(
@@ -216,7 +218,6 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         device=device, autocast_dtype=autocast_dtype,
     )  # fmt: skip
     closing.callback(rollouts.close)  # before the engine closes (callbacks run last-in, first-out)
-    reward_functions = load_reward_functions(cfg.rewards, cfg.on_reward_error.value)
     reward_model = None
     if cfg.algo.get("reward_model"):  # the preference family may rank its pairs with a model
         reward_model = RewardModel(
@@ -297,6 +298,7 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
     set_seed(cfg.seed)
     device = torch.device(cfg.hardware.device)
     dataset = load_prompts(cfg.data)
+    reward_functions = load_reward_functions(cfg.rewards, dataset_columns=dataset.column_names)
     # the rows a training run on this config evaluates on (held out of data.split when it has no eval.split)
     _, eval_prompts = training_and_eval_prompts(dataset, cfg.data, cfg.eval, cfg.prompts_per_step)
     model_path = cfg.eval.model
@@ -331,7 +333,7 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
         cfg.sampling,
         engine,
         tokenizer,
-        load_reward_functions(cfg.rewards),
+        reward_functions,
         tracker,
         output_dir / "metrics.jsonl",
         device,

@@ -2,12 +2,7 @@
 
 
 def overlong_penalty(
-    prompts: list[str],
-    completions: list[str],
-    completion_lengths: list[int],
-    max_length: int,
-    soft_window: int,
-    **columns,
+    completion_lengths: list[int], max_length: int, soft_window: int, **kwargs
 ) -> list[float | None]:
     """DAPO's soft overlong punishment (arXiv:2503.14476, eq. 13), in tokens.
 

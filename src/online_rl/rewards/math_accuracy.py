@@ -250,12 +250,11 @@ WORKER = Worker()
 
 
 def math_accuracy(
-    prompts: list[str],
     completions: list[str],
     solution: list[str],
     timeout_s: float = 3.0,
     max_answer_chars: int = 1000,
-    **columns,
+    **kwargs,
 ) -> list[float | None]:
     """1.0 if the completion's final answer equals the solution mathematically, 0.0 if not or if it has none.
 

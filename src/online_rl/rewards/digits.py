@@ -1,7 +1,7 @@
 """The quickstart's reward: a signal a randomly initialised model can learn in a few minutes on a CPU."""
 
 
-def digit_fraction(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
+def digit_fraction(completions: list[str], **kwargs) -> list[float | None]:
     """Share of the completion's non-space characters that are digits (the synthetic answers are numbers).
 
     An empty completion has no characters to judge: None.

@@ -6,7 +6,7 @@ THINK_ANSWER = re.compile(r"<think>.*</think>\s*<answer>.*</answer>", re.DOTALL)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
-def think_answer_format(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
+def think_answer_format(completions: list[str], **kwargs) -> list[float | None]:
     """1.0 when the whole completion is one <think>...</think> then one <answer>...</answer>, else 0.0.
 
     Each tag must appear exactly once: a pattern alone lets `.*?` span a second pair of blocks, and two
