@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from online_rl.algorithms import POLICY_GRADIENT, PREFERENCE
 from online_rl.models import DTYPES, check_model_available
+from online_rl.tracking import PACKAGES, import_tracker_package
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders of local files
 
@@ -39,6 +40,14 @@ def check_config(cfg: DictConfig) -> None:
     check_eval_config(cfg)
     check_export_config(cfg)
     check_models_available(cfg)
+    check_tracker_installed(cfg.logger)
+
+
+def check_tracker_installed(logger: DictConfig) -> None:
+    """logger=wandb or tensorboard without its package: say so before the model loads, not at the first log."""
+    backend = getattr(logger.backend, "value", logger.backend)
+    if backend in PACKAGES:
+        import_tracker_package(backend)
 
 
 def check_sizes(cfg: DictConfig) -> None:

@@ -30,8 +30,12 @@ class ModelImpl(str, Enum):
 
 
 class LoggerBackend(str, Enum):
-    trackio = "trackio"
-    none = "none"
+    trackio = "trackio"  # local and offline: `trackio show`
+    wandb = "wandb"  # Weights & Biases (pip install 'online-rl[wandb]'); WANDB_MODE=offline: no account
+    tensorboard = (
+        "tensorboard"  # event files for `tensorboard --logdir` (pip install 'online-rl[tensorboard]')
+    )
+    none = "none"  # the console and metrics.jsonl only
 
 
 # `raise` is a Python keyword, so this enum is built by name; OmegaConf checks values against the names.
@@ -228,8 +232,8 @@ class DataConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: LoggerBackend = LoggerBackend.trackio  # trackio (local, offline) | none
-    project: str = "online-rl"  # trackio project name
+    backend: LoggerBackend = LoggerBackend.trackio  # trackio (local, offline) | wandb | tensorboard | none
+    project: str = "online-rl"  # trackio or wandb project name
     log_every: int = 10  # steps between log lines on the console; the first and the last step always log
     sample_table_every: int = 10  # steps between tables of sample prompts / completions / rewards
     sample_table_rows: int = 8

@@ -105,9 +105,10 @@ class Run:
 
 
 def run_directory(cfg: DictConfig) -> tuple[Path, str, Path]:
-    """(output dir, run name, trackio dir). A Hydra sweep shares one trackio dir so its runs sit side by side."""
+    """(output dir, run name, tracking dir: where the tracker's files go). A Hydra sweep's jobs share the sweep's
+    directory, so their runs sit side by side in one dashboard."""
     output_dir = Path(cfg.output_dir)
-    run_name, tracking_dir = output_dir.name, output_dir / "trackio"
+    run_name, tracking_dir = output_dir.name, output_dir
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -115,14 +116,14 @@ def run_directory(cfg: DictConfig) -> tuple[Path, str, Path]:
         hydra_cfg = HydraConfig.get()
         run_name = redact_override(hydra_cfg.job.override_dirname) or run_name
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            tracking_dir = Path(hydra_cfg.sweep.dir) / "trackio"
+            tracking_dir = Path(hydra_cfg.sweep.dir)
     except ValueError:  # composed without @hydra.main (tests, notebooks)
         pass
     return output_dir, run_name, tracking_dir
 
 
 def prepare_outputs(cfg: DictConfig, is_main: bool = True) -> tuple[Path, str, Path]:
-    """Rank 0's output directory, with the resolved config (secrets redacted); (dir, run name, trackio dir)."""
+    """Rank 0's output directory, with the resolved config (secrets redacted); (dir, run name, tracking dir)."""
     output_dir, run_name, tracking_dir = distributed.from_main(run_directory(cfg))
     if is_main:
         prepare_output_dir(output_dir)
