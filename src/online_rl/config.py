@@ -297,6 +297,13 @@ class WatchdogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # checkpoints kept under output_dir/checkpoints, the newest; older ones are deleted once a new one is
+    # written. Never deleted: the one the run resumed from and the newest intact one. null = keep every one
+    keep_last: int | None = 3
+
+
+@dataclass
 class TrainConfig:
     algo: Any = MISSING  # one of the algo group's schemas (algorithms/: each entry's `schema`)
     vllm: Any = (
@@ -322,6 +329,7 @@ class TrainConfig:
     # one update later, corrected by vllm.importance_sampling_correction
     off_policy_steps: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # retention
     eval_every: int = 0  # steps between evaluations on eval.split, also run at the end; 0 = no evaluation
     eval_only: bool = False  # score eval.model (or the model group's) on eval.split and exit: no training
     eval: EvalConfig = field(default_factory=EvalConfig)
