@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from online_rl import distributed
 from online_rl.algorithms import grpo, rloo
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, compose_config, free_port
 
 WORLD = 2
 SMALL = ["data.synthetic_rows=64", "prompts_per_step=4", "algo.num_generations=4", "micro_batch_size=8"]
@@ -370,6 +370,7 @@ def test_fsdp2_resume_from_sharded_checkpoint_ends_where_the_straight_run_does(t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from online_rl.loop import run
     from online_rl.resume import checkpoint_problems, find_checkpoint
 
     fsdp2 = ["hardware=cpu2", "hardware.strategy=fsdp2", "vllm=off", "logger=none", "eval_every=0",
@@ -402,6 +403,9 @@ def test_fsdp2_resume_from_sharded_checkpoint_ends_where_the_straight_run_does(t
         "sharded/__1_0.distcp has the right size but other bytes: its sha256 differs from the manifest's"
     ]
     assert find_checkpoint("auto", tmp_path / "straight") == middle
+    one_process = [f"output_dir={tmp_path / 'one'}", f"resume={middle}", *fsdp2[2:]]
+    with pytest.raises(ValueError, match="written by an FSDP2 run: resume it with hardware.strategy=fsdp2"):
+        run(compose_config(one_process))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
