@@ -406,6 +406,8 @@ def test_fsdp2_resume_from_sharded_checkpoint_ends_where_the_straight_run_does(t
     one_process = [f"output_dir={tmp_path / 'one'}", f"resume={middle}", *fsdp2[2:]]
     with pytest.raises(ValueError, match="written by an FSDP2 run: resume it with hardware.strategy=fsdp2"):
         run(compose_config(one_process))
+    with pytest.raises(ValueError, match=r"is an FSDP2 checkpoint: .*\(eval.model=<run dir>/model\)"):
+        run(compose_config([*one_process[:1], *fsdp2[2:], "eval_only=true", f"eval.model={middle}"]))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
