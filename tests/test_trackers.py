@@ -2,6 +2,7 @@
 formats, hold the same metrics as metrics.jsonl under the same names, the sample tables and the redacted config."""
 
 import json
+import logging
 import struct
 import sys
 
@@ -65,15 +66,17 @@ def wandb_records(path):
 
 
 @pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
-def test_wandb_offline_run_holds_the_metrics_tables_and_redacted_config(tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_metrics_tables_and_redacted_config(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    summary = run(compose_config([f"output_dir={tmp_path}", "logger=wandb", *TWO_STEPS]))
+    with caplog.at_level(logging.INFO):
+        summary = run(compose_config([f"output_dir={tmp_path}", "logger=wandb", *TWO_STEPS]))
     assert len(summary.history) == 2
     import wandb
 
     wandb.teardown()  # what the end of `python train.py` does: wandb's service writes out the run's last records
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert f"Dashboard: wandb sync {run_file.parent}" in caplog.text  # the upload command, offline
     history, config = {}, {}
     for record in wandb_records(run_file):
         if record.WhichOneof("record_type") == "history":
@@ -98,10 +101,12 @@ def test_wandb_offline_run_holds_the_metrics_tables_and_redacted_config(tmp_path
 
 
 @pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
-def test_tensorboard_event_file_holds_the_metrics_tables_and_redacted_config(tmp_path):
+def test_tensorboard_event_file_holds_the_metrics_tables_and_redacted_config(tmp_path, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run(compose_config([f"output_dir={tmp_path}", "logger=tensorboard", *TWO_STEPS]))
+    with caplog.at_level(logging.INFO):
+        run(compose_config([f"output_dir={tmp_path}", "logger=tensorboard", *TWO_STEPS]))
+    assert f"Dashboard: tensorboard --logdir {tmp_path / 'tensorboard'}" in caplog.text
     (run_dir,) = (tmp_path / "tensorboard").iterdir()
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()

@@ -119,7 +119,7 @@ class WandbTracker:
         self.run.finish()
 
     def dashboard_command(self) -> str:
-        if self.run.settings._offline:
+        if self.run.offline:
             return f"wandb sync {Path(self.run.dir).parent}"  # the run's directory (files/ is inside it)
         return self.run.url
 
