@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from online_rl import distributed
 from online_rl.algorithms import grpo, rloo
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, compose_config, free_port
 
 WORLD = 2
 SMALL = ["data.synthetic_rows=64", "prompts_per_step=4", "algo.num_generations=4", "micro_batch_size=8"]
@@ -359,6 +359,55 @@ def test_two_ranks_follow_the_one_process_curves_and_fsdp2_equals_ddp(tmp_path):
     for a, b in zip(ddp_steps, fsdp_steps):
         for key in ("reward/total_mean", "train/loss", "train/grad_norm", "adv/std"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
+
+
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
+def test_fsdp2_resume_from_sharded_checkpoint_ends_where_the_straight_run_does(tmp_path):
+    """2 FSDP2 ranks, 4 steps straight with checkpoints at 2 and 4 (torch.distributed.checkpoint: each rank
+    writes its shards of the weights and the Adam moments); a second run resumes from step 2 in its own
+    directory and must end with the very weights of the straight run, via the same losses. The manifest
+    covers the shard files: one damaged, resume=auto falls back to the checkpoint before it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from online_rl.loop import run
+    from online_rl.resume import checkpoint_problems, find_checkpoint
+
+    fsdp2 = ["hardware=cpu2", "hardware.strategy=fsdp2", "vllm=off", "logger=none", "eval_every=0",
+             "max_steps=4", "optim.lr=1e-2", "optim.lr_scheduler=linear", "optim.warmup_steps=2", *SMALL]  # fmt: skip
+    straight = torchrun(tmp_path / "straight", *fsdp2, "checkpoint_every=2")
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    middle = tmp_path / "straight" / "checkpoints" / "step_000002"
+    resumed = torchrun(tmp_path / "resumed", *fsdp2, f"resume={middle}")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+    losses = [m["train/loss"] for m in metrics_lines(tmp_path / "straight")]
+    assert [m["train/loss"] for m in metrics_lines(tmp_path / "resumed")] == losses[2:]
+    final = [load_file(tmp_path / run / "model" / "model.safetensors") for run in ("straight", "resumed")]
+    assert final[0].keys() == final[1].keys()
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), name
+    # the export is a plain Hugging Face directory, whole weights, whatever the sharding of the run
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model")
+    torch.testing.assert_close(exported.state_dict()["model.norm.weight"], final[1]["model.norm.weight"])
+
+    newest = tmp_path / "straight" / "checkpoints" / "step_000004"
+    manifest = json.loads((newest / "manifest.json").read_text())["files"]
+    shards = sorted(name for name in manifest if name.startswith("sharded/"))
+    assert shards == ["sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"]
+    assert "model.safetensors" not in manifest  # the weights live in the shards only
+    data = bytearray((newest / "sharded" / "__1_0.distcp").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / "sharded" / "__1_0.distcp").write_bytes(bytes(data))
+    assert checkpoint_problems(newest) == [
+        "sharded/__1_0.distcp has the right size but other bytes: its sha256 differs from the manifest's"
+    ]
+    assert find_checkpoint("auto", tmp_path / "straight") == middle
+    one_process = [f"output_dir={tmp_path / 'one'}", f"resume={middle}", *fsdp2[2:]]
+    with pytest.raises(ValueError, match="written by an FSDP2 run: resume it with hardware.strategy=fsdp2"):
+        run(compose_config(one_process))
+    with pytest.raises(ValueError, match=r"is an FSDP2 checkpoint: .*\(eval.model=<run dir>/model\)"):
+        run(compose_config([*one_process[:1], *fsdp2[2:], "eval_only=true", f"eval.model={middle}"]))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

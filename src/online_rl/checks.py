@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from online_rl.algorithms import POLICY_GRADIENT, PREFERENCE
 from online_rl.models import DTYPES, check_model_available
+from online_rl.tracking import PACKAGES, import_tracker_package
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders of local files
 
@@ -32,6 +33,7 @@ def check_config(cfg: DictConfig) -> None:
     check_algorithm(cfg)
     check_model_and_sampling(cfg)
     check_checkpoint_schedule(cfg.checkpoint_every, cfg.algo.get("num_iterations", 1))
+    check_checkpoint_retention(cfg.checkpoint.keep_last)
     check_off_policy(cfg)
     check_importance_sampling(cfg.vllm)
     check_processes(cfg)
@@ -39,6 +41,14 @@ def check_config(cfg: DictConfig) -> None:
     check_eval_config(cfg)
     check_export_config(cfg)
     check_models_available(cfg)
+    check_tracker_installed(cfg.logger)
+
+
+def check_tracker_installed(logger: DictConfig) -> None:
+    """logger=wandb or tensorboard without its package: say so before the model loads, not at the first log."""
+    backend = getattr(logger.backend, "value", logger.backend)
+    if backend in PACKAGES:
+        import_tracker_package(backend)
 
 
 def check_sizes(cfg: DictConfig) -> None:
@@ -256,6 +266,15 @@ def check_checkpoint_schedule(checkpoint_every: int, num_iterations: int) -> Non
         )
 
 
+def check_checkpoint_retention(keep_last: int | None) -> None:
+    """keep_last below 1 would delete the checkpoint just written."""
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(
+            f"checkpoint.keep_last={keep_last} would keep no checkpoint: use checkpoint.keep_last=3 (any number "
+            "from 1), or checkpoint.keep_last=null to keep every checkpoint"
+        )
+
+
 def check_processes(cfg: DictConfig) -> None:
     """What several training processes need; nothing to check for one."""
     hardware = cfg.hardware
@@ -268,13 +287,8 @@ def check_processes(cfg: DictConfig) -> None:
         )
     if cfg.eval_only:
         raise ValueError("eval_only=true runs in one process: use hardware=cpu or hardware=1gpu")
-    if hardware.strategy == "fsdp2" and (cfg.model.lora.enabled or cfg.resume):
+    if hardware.strategy == "fsdp2" and cfg.model.lora.enabled:
         raise ValueError(
-            "hardware.strategy=fsdp2 does not support "
-            + (
-                "LoRA (model.lora.enabled)"
-                if cfg.model.lora.enabled
-                else "resume (its optimizer state is sharded)"
-            )
-            + " yet: use a ddp hardware= option (e.g. 2gpu_ddp)"
+            "hardware.strategy=fsdp2 does not support LoRA (model.lora.enabled) yet: use a ddp hardware= "
+            "option (e.g. 2gpu_ddp)"
         )

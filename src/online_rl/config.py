@@ -34,8 +34,12 @@ class ModelImpl(str, Enum):
 
 
 class LoggerBackend(str, Enum):
-    trackio = "trackio"
-    none = "none"
+    trackio = "trackio"  # local and offline: `trackio show`
+    wandb = "wandb"  # Weights & Biases (pip install 'online-rl[wandb]'); WANDB_MODE=offline: no account
+    tensorboard = (
+        "tensorboard"  # event files for `tensorboard --logdir` (pip install 'online-rl[tensorboard]')
+    )
+    none = "none"  # the console and metrics.jsonl only
 
 
 # `raise` is a Python keyword, so this enum is built by name; OmegaConf checks values against the names.
@@ -240,8 +244,8 @@ class DataConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: LoggerBackend = LoggerBackend.trackio  # trackio (local, offline) | none
-    project: str = "online-rl"  # trackio project name
+    backend: LoggerBackend = LoggerBackend.trackio  # trackio (local, offline) | wandb | tensorboard | none
+    project: str = "online-rl"  # trackio or wandb project name
     log_every: int = 10  # steps between log lines on the console; the first and the last step always log
     sample_table_every: int = 10  # steps between tables of sample prompts / completions / rewards
     sample_table_rows: int = 8
@@ -305,6 +309,13 @@ class WatchdogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # checkpoints kept under output_dir/checkpoints, the newest; older ones are deleted once a new one is
+    # written. Never deleted: the one the run resumed from and the newest intact one. null = keep every one
+    keep_last: int | None = 3
+
+
+@dataclass
 class TrainConfig:
     algo: Any = MISSING  # one of the algo group's schemas (algorithms/: each entry's `schema`)
     vllm: Any = (
@@ -330,6 +341,7 @@ class TrainConfig:
     # one update later, corrected by vllm.importance_sampling_correction
     off_policy_steps: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # retention
     eval_every: int = 0  # steps between evaluations on eval.split, also run at the end; 0 = no evaluation
     eval_only: bool = False  # score eval.model (or the model group's) on eval.split and exit: no training
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -13,9 +13,11 @@ the environment) and this module keeps them consistent:
 - loss: DDP and FSDP2 average gradients over ranks, so a loss that is a mean over the rollout (DAPO's
   token mean) is divided by the rollout's tokens per rank; the update then equals the 1-process update
   on the same global batch (tests/test_distributed.py checks it).
-- side effects: rank 0 alone writes the config, metrics.jsonl, trackio, checkpoints and the final model,
+- side effects: rank 0 alone writes the config, metrics.jsonl, trackio, checkpoints and the final model
+  (FSDP2 checkpoints: every rank writes its own shards, rank 0 the rest),
   prints and shows the progress bar; the other ranks wait at a barrier where the files must exist.
-- sampling: generation seeds differ per rank (seed + rank), so ranks do not draw the same completions.
+- sampling: generation seeds differ per rank (seed + rank), so ranks do not draw the same completions;
+  a checkpoint keeps every rank's RNG states, so a resumed run draws what the straight run would have.
 
 With one process (no launcher, WORLD_SIZE unset or 1) every helper returns its input or does nothing,
 so the 1-process run is exactly what it was before this module existed.
@@ -152,6 +154,15 @@ def on_main(action: Callable[[], T]) -> T:
     result = action() if rank() == 0 else None
     barrier()
     return from_main(result)
+
+
+def from_every_rank(value: T) -> list[T]:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def any_rank(flag: bool) -> bool:
@@ -355,7 +366,8 @@ def full_tensors(named: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[st
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """FSDP2: the whole model's weights on rank 0's CPU (other ranks: {}), gathered one tensor at a time,
-    to hand to save_pretrained. None when the model is not sharded: it saves itself as usual."""
+    to hand to save_pretrained for the exported model/ (checkpoints keep the shards as they are: see
+    checkpoint.save_sharded_checkpoint). None when the model is not sharded: it saves itself as usual."""
     if not is_sharded(model):
         return None
     gathered = {}

@@ -228,6 +228,6 @@ def log_step(run: Run, cfg, step: int, samples, generated, micro_batches, signal
     append_metrics(run.metrics_path, step, metrics)
     if step % cfg.logger.log_every == 0 or step in (run.first_step, cfg.max_steps):
         log.info(console_line(step, cfg.max_steps, metrics, [r.name for r in run.reward_functions]))
-    if cfg.logger.backend == "trackio" and step % cfg.logger.sample_table_every == 0:
+    if cfg.logger.backend != "none" and step % cfg.logger.sample_table_every == 0:
         run.tracker.log_table("samples", sample_rows(samples, cfg.logger.sample_table_rows), step)
     return metrics

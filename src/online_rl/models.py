@@ -18,6 +18,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
+from online_rl.checkpoint import SHARDED
+
 log = logging.getLogger(__name__)
 
 END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -222,6 +224,12 @@ def load_trained_model(
     """(model in eval mode, path of its full-weight base) for scoring: a hub id, a full-weight directory
     (a checkpoint or an exported model/), or a LoRA adapter directory, loaded on top of the base model
     its adapter_config.json names. For full weights the base is `path` itself."""
+    if (Path(path) / SHARDED).is_dir():
+        raise ValueError(
+            f"eval.model={path} is an FSDP2 checkpoint: its weights are shards in {SHARDED}/, which neither "
+            "transformers nor vLLM read. Score the run's exported model/ instead (eval.model=<run dir>/model), or "
+            "resume the run under FSDP2 to its end, which exports one"
+        )
     adapter_config = Path(path) / "adapter_config.json"
     base_path = (
         json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else path

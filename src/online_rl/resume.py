@@ -19,23 +19,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from online_rl.checkpoint import MANIFEST, manifest_problems
+from online_rl import distributed
+from online_rl.checkpoint import MANIFEST, SHARDED, TRAINER_STATE, manifest_problems, step_directories
 from online_rl.models import is_lora
 from online_rl.redaction import redact_override
 
 log = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.pt"
-
-
-def step_directories(checkpoint_root: Path) -> list[Path]:
-    """The `step_NNNNNN` directories, newest first (the half-written `.tmp-step_*` ones do not match)."""
-    found = [
-        path
-        for path in checkpoint_root.glob("step_*")
-        if path.is_dir() and path.name.removeprefix("step_").isdigit()
-    ]
-    return sorted(found, key=lambda path: int(path.name.removeprefix("step_")), reverse=True)
 
 
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
@@ -177,15 +166,48 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         )
 
 
+def is_sharded_checkpoint(checkpoint: Path) -> bool:
+    """Written by an FSDP2 run: model and optimizer in `sharded/` (torch.distributed.checkpoint)."""
+    return (checkpoint / SHARDED / ".metadata").is_file()
+
+
+def check_checkpoint_fits_sharding(checkpoint: Path, sharded_run: bool) -> None:
+    """An FSDP2 run resumes from an FSDP2 checkpoint and the others from theirs: the optimizer state is
+    stored per shard in one and whole in the other."""
+    if is_sharded_checkpoint(checkpoint) != sharded_run:
+        written_by = "an FSDP2 run" if is_sharded_checkpoint(checkpoint) else "a run without FSDP2"
+        use = (
+            "hardware.strategy=fsdp2"
+            if is_sharded_checkpoint(checkpoint)
+            else "hardware.strategy=ddp (or hardware=cpu)"
+        )
+        raise ValueError(f"{checkpoint} was written by {written_by}: resume it with {use}, as that run was")
+
+
+def load_sharded_state(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An FSDP2 checkpoint's model and optimizer state into the sharded `model` and its `optimizer`, each rank
+    reading its own shards (torch.distributed.checkpoint: any number of ranks can read what any wrote)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to read into
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=checkpoint / SHARDED)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def restore_trainer_state(
     checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any, sampler: Any
-) -> tuple[int, dict[str, Any]]:
-    """Load optimizer, scheduler and data position; returns (step, RNG states to restore before the first step)."""
+) -> tuple[int, dict[str, Any], bool]:
+    """Load optimizer (an FSDP2 checkpoint's: already, with the weights), scheduler and data position; returns
+    (step, the RNG states to restore before the first step, whether they are this rank's own). Its own: saved
+    by a run with as many ranks; else rank 0's (a checkpoint from before every rank's were saved)."""
     state = torch.load(
         checkpoint / TRAINER_STATE, weights_only=False
     )  # our own file: numpy/python RNG states
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
     except ValueError as error:
         raise ValueError(
             f"{checkpoint}'s optimizer state does not fit this run's trainable parameters ({error}): "
@@ -193,7 +215,10 @@ def restore_trainer_state(
         ) from error
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
-    return state["step"], state["rng"]
+    ranks_rng = state.get("rng_ranks", [state["rng"]])
+    if len(ranks_rng) == distributed.world_size():
+        return state["step"], ranks_rng[distributed.rank()], True
+    return state["step"], state["rng"], False
 
 
 def resume_training(
@@ -203,15 +228,21 @@ def resume_training(
     sampler: Any,
     max_steps: int,
     output_dir: Path,
+    seed: int,
 ) -> int:
-    """Restore all but the weights (loaded before the optimizer was built); the step to continue from.
+    """Restore what the weights do not hold (those, and an FSDP2 checkpoint's optimizer state, are loaded
+    already: see setup.build_run); the step to continue from.
 
-    Call it last before the first step: it sets the RNG states where the checkpoint left them.
+    Call it last before the first step: it sets each rank's RNG states where the checkpoint left them. A
+    checkpoint without every rank's (from before they were saved, or from another number of ranks): rank 0's
+    states, then a sampling seed per rank for this resume point (not the straight run's draws).
     """
-    step, rng = restore_trainer_state(checkpoint, optimizer, scheduler, sampler)
+    step, rng, own = restore_trainer_state(checkpoint, optimizer, scheduler, sampler)
     check_resume_point(step, max_steps, checkpoint)
     trim_metrics(output_dir / "metrics.jsonl", step)
     restore_rng(rng)
+    if not own:
+        distributed.seed_ranks(seed, step)
     log.info("Resuming from %s at step %d of %d", checkpoint, step, max_steps)
     return step
 

@@ -22,7 +22,13 @@ from transformers import get_scheduler, set_seed
 from online_rl import distributed
 from online_rl.algorithms import make_algorithm
 from online_rl.algorithms.sampler_correction import ImportanceSampling
-from online_rl.checkpoint import prepare_output_dir, save_checkpoint
+from online_rl.checkpoint import (
+    prepare_output_dir,
+    prune_checkpoints,
+    rng_states,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from online_rl.config import hardware_auto_reason
 from online_rl.data import (
     PromptSampler,
@@ -48,7 +54,14 @@ from online_rl.models import (
     torch_dtype,
 )
 from online_rl.redaction import redact_hydra_outputs, redact_override, redacted_container, save_config
-from online_rl.resume import find_checkpoint, load_weights, resume_training
+from online_rl.resume import (
+    check_checkpoint_fits_sharding,
+    find_checkpoint,
+    is_sharded_checkpoint,
+    load_sharded_state,
+    load_weights,
+    resume_training,
+)
 from online_rl.reward_model import RewardModel
 from online_rl.rewarding import UnscoredRewards, load_reward_functions
 from online_rl.tracking import ConsoleOnlyTracker, make_tracker
@@ -87,27 +100,38 @@ class Run:
     config: dict  # the resolved config, secrets redacted: what the tracker and the model card record
     step: int = 0
     first_step: int = 1  # this process's first step (a resumed run: the one after its checkpoint)
+    keep_last: int | None = None  # checkpoint.keep_last: checkpoints kept (null: all)
+    resumed_from: Path | None = None  # the checkpoint this run started from: never deleted
 
     def checkpoint(self) -> Path:
-        """Save the run at its current step (output_dir/checkpoints/step_NNNNNN, written atomically)."""
+        """Save the run at its current step (output_dir/checkpoints/step_NNNNNN, written atomically), then
+        delete the checkpoints past checkpoint.keep_last. Every rank calls it: each saves its RNG states, and
+        under FSDP2 its own shards of the model and optimizer (torch.distributed.checkpoint)."""
+        root = self.output_dir / "checkpoints"
         with self.watchdog.phase("checkpoint"):
             state = {
-                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.rollouts.sampler_state(),
+                "rng_ranks": distributed.from_every_rank(rng_states()),  # each rank samples with its own
             }
-            weights = distributed.full_state_dict(self.model)  # FSDP2: gathered on rank 0; else None
-            return distributed.on_main(
-                lambda: save_checkpoint(
-                    self.output_dir / "checkpoints", self.step, self.model, self.tokenizer, state, weights
+            if distributed.is_sharded(self.model):
+                written = save_sharded_checkpoint(
+                    root, self.step, self.model, self.optimizer, self.tokenizer, state
                 )
-            )
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+                written = distributed.on_main(
+                    lambda: save_checkpoint(root, self.step, self.model, self.tokenizer, state)
+                )
+            distributed.on_main(lambda: prune_checkpoints(root, self.keep_last, written, self.resumed_from))
+            return written
 
 
 def run_directory(cfg: DictConfig) -> tuple[Path, str, Path]:
-    """(output dir, run name, trackio dir). A Hydra sweep shares one trackio dir so its runs sit side by side."""
+    """(output dir, run name, tracking dir: where the tracker's files go). A Hydra sweep's jobs share the sweep's
+    directory, so their runs sit side by side in one dashboard."""
     output_dir = Path(cfg.output_dir)
-    run_name, tracking_dir = output_dir.name, output_dir / "trackio"
+    run_name, tracking_dir = output_dir.name, output_dir
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -115,14 +139,14 @@ def run_directory(cfg: DictConfig) -> tuple[Path, str, Path]:
         hydra_cfg = HydraConfig.get()
         run_name = redact_override(hydra_cfg.job.override_dirname) or run_name
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            tracking_dir = Path(hydra_cfg.sweep.dir) / "trackio"
+            tracking_dir = Path(hydra_cfg.sweep.dir)
     except ValueError:  # composed without @hydra.main (tests, notebooks)
         pass
     return output_dir, run_name, tracking_dir
 
 
 def prepare_outputs(cfg: DictConfig, is_main: bool = True) -> tuple[Path, str, Path]:
-    """Rank 0's output directory, with the resolved config (secrets redacted); (dir, run name, trackio dir)."""
+    """Rank 0's output directory, with the resolved config (secrets redacted); (dir, run name, tracking dir)."""
     output_dir, run_name, tracking_dir = distributed.from_main(run_directory(cfg))
     if is_main:
         prepare_output_dir(output_dir)
@@ -189,13 +213,19 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     # beta = 0 needs no reference; under LoRA the reference is the same model with its adapters off.
     reference = frozen_copy(model) if algorithm.needs_ref_logp and not is_lora(model) else None
     if checkpoint is not None:  # resume: the checkpoint's weights; a reference model stays the initial one
-        load_weights(model, checkpoint)
+        check_checkpoint_fits_sharding(
+            checkpoint, cfg.hardware.strategy.value == "fsdp2" and ranks.world_size > 1
+        )
+        if not is_sharded_checkpoint(checkpoint):  # FSDP2's: into the sharded model, with its optimizer
+            load_weights(model, checkpoint)
     # DDP: a wrapper of model; FSDP2: model itself, sharded; compiled with model.compile
     policy = compiled_for_training(
         distributed.wrap_policy(model, cfg.hardware.strategy.value, ranks), cfg.model
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, cfg.optim, cfg.max_steps, device)
+    if checkpoint is not None and is_sharded_checkpoint(checkpoint):
+        load_sharded_state(checkpoint, model, optimizer)  # each rank reads its own shards
 
     engine = make_engine(
         resolve_mode(cfg.vllm.mode.value, device),
@@ -265,10 +295,14 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         UnscoredRewards(reward_functions, cfg.max_unscored_steps), config,
     )  # fmt: skip
     # Last before the first step: a resume restores the RNG states here, after setup's random draws.
-    if checkpoint is not None:
-        run.step = resume_training(checkpoint, optimizer, scheduler, sampler, cfg.max_steps, output_dir)
+    run.keep_last, run.resumed_from = cfg.checkpoint.keep_last, checkpoint
+    if checkpoint is not None:  # each rank's RNG states as they were (or, from an older checkpoint, reseeded)
+        run.step = resume_training(
+            checkpoint, optimizer, scheduler, sampler, cfg.max_steps, output_dir, cfg.seed
+        )
         run.first_step = run.step + 1
-    distributed.seed_ranks(cfg.seed, run.step)  # several ranks: each samples with a seed of its own
+    else:
+        distributed.seed_ranks(cfg.seed, 0)  # several ranks: each samples with a seed of its own
     return run
 
 
