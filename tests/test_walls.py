@@ -47,6 +47,11 @@ def test_rewards_import_nothing_of_the_library():
         assert not any(module.startswith("online_rl") for module in imported_modules(path)), path
 
 
+def test_environments_import_nothing_of_the_library():
+    for path in python_files("envs"):
+        assert not any(module.startswith("online_rl") for module in imported_modules(path)), path
+
+
 def test_the_algorithm_maths_imports_torch_only():
     for name in MATHS:
         modules = imported_modules(ROOT / "src/online_rl/algorithms" / name)

@@ -9,8 +9,8 @@ A sample's completion is everything after its prompt: its model turns and the en
 Earlier turns are never re-tokenised: the engine continues the very ids it sampled, and only the reply's text
 is tokenised, so the trainer scores exactly the tokens the engine saw. `model_mask` marks the tokens the model
 wrote (1) and the environment's (0): the loss and the sync check count only the model's. Limits: max_turns
-model turns, max_tokens tokens after the prompt, sampling.max_completion_length per model turn. A turn cut by
-a length limit ends the episode as truncated (not finished).
+model turns, max_tokens tokens after the prompt (a conversation that reaches it ends, truncated: not finished),
+sampling.max_completion_length per model turn.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ class Conversation:
     reward: float | None = None  # the sum of the environment's rewards so far; None: it gave none
     turns: int = 0
     tool_calls: int = 0  # reply messages with role "tool"
+    turns_cut: int = 0  # model turns cut at sampling.max_completion_length (no EOS)
     over: bool = False
-    finished: bool = True  # False once a length limit cut it
+    finished: bool = True  # the last model turn ended with EOS, within env.max_tokens
     out_of_turns: bool = False  # still going at max_turns
 
     @property
@@ -196,6 +197,7 @@ class Episodes:
                 "env/turns_per_sample": sum(c.turns for c in conversations) / len(conversations),
                 "env/tool_calls": float(sum(c.tool_calls for c in conversations)),
                 "env/truncated": float(sum(not c.finished for c in conversations)),
+                "env/turns_cut": float(sum(c.turns_cut for c in conversations)),
                 "env/max_turns_reached": float(sum(c.out_of_turns for c in conversations)),
                 "time/env_s": env_s,
             }
@@ -243,12 +245,14 @@ class Episodes:
         return rollout
 
     def take_turn(self, conversation: Conversation, tokens, logprobs, ended: bool, turn: int) -> None:
-        """Append the model's turn; unless a limit ends the episode, ask the environment and append its reply."""
+        """Append the model's turn; unless a limit ends the episode, ask the environment and append its reply.
+        A turn cut at sampling.max_completion_length still goes to the environment (env/turns_cut), as the
+        model left it: a task can teach brevity through its rewards."""
         conversation.ids += tokens
         conversation.model_mask += [1] * len(tokens)
         conversation.logprobs += logprobs if logprobs is not None else [0.0] * len(tokens)
-        conversation.turns = turn
-        if not ended:  # cut at the turn's token limit: the environment never sees half a turn
+        conversation.turns, conversation.turns_cut = turn, conversation.turns_cut + (not ended)
+        if len(conversation.ids) >= self.cfg.max_tokens:  # the conversation's budget is spent
             conversation.over, conversation.finished = True, False
             return
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -263,13 +267,11 @@ class Episodes:
         if reward is not None:
             conversation.reward = (conversation.reward or 0.0) + reward
         if done or turn == self.cfg.max_turns:
-            conversation.over, conversation.out_of_turns = True, not done
+            conversation.over, conversation.out_of_turns, conversation.finished = True, not done, ended
             return
         conversation.tool_calls += sum(m["role"] == "tool" for m in reply)
-        reply_ids = self.tokenizer(
-            reply_text(self.tokenizer, reply, after_eos=True), add_special_tokens=False
-        )
-        reply_ids = reply_ids["input_ids"]
+        text = reply_text(self.tokenizer, reply, after_eos=ended)
+        reply_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(conversation.ids) + len(reply_ids) >= self.cfg.max_tokens:  # no room for the reply and a turn
             conversation.over, conversation.finished = True, False
             return
