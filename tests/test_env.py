@@ -287,3 +287,17 @@ def test_the_guessing_task_is_learnt_without_vllm(make_config):
     assert last > first + 0.05, (first, last)
     metrics = [json.loads(line) for line in (summary.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["env/turns_per_sample"] >= 1 and "time/env_s" in metrics[-1]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_policy_gradient_algorithms_train_and_evaluate_on_conversations(make_config, algo):
+    summary = run(
+        make_config(
+            *GUESS, f"algo={algo}", "max_steps=2", "prompts_per_step=2", "algo.num_generations=4",
+            "micro_batch_size=8", "eval_every=2", "eval.split='test[:4]'", "eval.num_generations=2",
+        )
+    )  # fmt: skip
+    for metrics in summary.history:
+        assert {"env/turns_per_sample", "env/tool_calls", "env/truncated", "time/env_s"} <= set(metrics)
+        assert "reward/guess_number_mean" in metrics
+    assert "eval/guess_number_mean" in summary.evals[-1]
