@@ -142,8 +142,10 @@ def test_reply_text_is_what_the_chat_template_puts_between_the_turns(tokenizer):
 def test_conversations_keep_token_ids_and_mask_the_environments_tokens(eos_only_engine, tokenizer):
     eos = tokenizer.eos_token_id
     reply = tokenizer(reply_text(tokenizer, [{"role": "user", "content": "more"}], True))["input_ids"]
-    playing = episodes(tokenizer, ["more", "more"], max_turns=4)
-    prompt_ids, rollout = playing.play(eos_only_engine, [{"prompt": "a"}, {"prompt": "b"}], 2, sampling())
+    playing, refreshed = episodes(tokenizer, ["more", "more"], max_turns=4), []
+    rows = [{"prompt": "a"}, {"prompt": "b"}]
+    prompt_ids, rollout = playing.play(eos_only_engine, rows, 2, sampling(), lambda: refreshed.append(1))
+    assert len(refreshed) == 2  # before turns 2 and 3 (a sleeping vLLM gets the weights again)
     opening = tokenizer.apply_chat_template(
         [{"role": "user", "content": "a"}], add_generation_prompt=True, tokenize=False
     )

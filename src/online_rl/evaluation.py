@@ -141,7 +141,9 @@ class Evaluator:
             if self.episodes is None:
                 rollout = self.engine.generate(self.prompt_ids[start : start + batch_size], n, sampling)
             else:  # env != none: each sample a whole conversation, scored by the environment too
-                _, rollout = self.episodes.play(self.engine, rows, n, sampling)
+                _, rollout = self.episodes.play(
+                    self.engine, rows, n, sampling, lambda: self.engine.sync_weights(model)
+                )  # (weights pushed before every engine call, as above)
             completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             columns = {
                 key: [row[key] for row in rows for _ in range(n)] for key in rows[0] if key != "prompt"

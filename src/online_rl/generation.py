@@ -100,7 +100,12 @@ class RolloutSource:
         environment's openings."""
         if self.episodes is None:
             return self.engine.generate(prompt_ids, self.engine_samples, self.sampling), prompt_ids
-        prompt_ids, rollout = self.episodes.play(self.engine, rows, self.engine_samples, self.sampling)
+        # a colocated vLLM with sleep mode lets its weights go after each call: push them again for each turn
+        sleeps = getattr(self.engine.engine, "sleep_level", 0) > 0
+        refresh = (lambda: self.engine.sync_weights(self.model)) if sleeps else None  # (in time/generate_s)
+        prompt_ids, rollout = self.episodes.play(
+            self.engine, rows, self.engine_samples, self.sampling, refresh
+        )
         return rollout, prompt_ids
 
     def push_weights(self) -> float:

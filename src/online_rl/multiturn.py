@@ -19,6 +19,7 @@ import importlib
 import math
 import numbers
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
@@ -169,9 +170,12 @@ class Episodes:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_length :]
         return Conversation(env, ids)
 
-    def play(self, engine: Any, rows: list[dict], n: int, sampling: Any) -> tuple[list[list[int]], Rollout]:
+    def play(
+        self, engine: Any, rows: list[dict], n: int, sampling: Any, refresh: Callable[[], Any] | None = None
+    ) -> tuple[list[list[int]], Rollout]:
         """n episodes per row, prompt-major: (each row's prompt ids, a Rollout of whole conversations with
-        `model_mask`, and the column `env_reward` for the reward functions)."""
+        `model_mask`, and the column `env_reward` for the reward functions). refresh: called before every turn
+        after the first (a colocated vLLM that sleeps after each call needs the weights pushed again)."""
         env_s, stats = 0.0, {}
         self.engine_logprobs = False  # vllm engines report them; transformers generate does not
         started = time.perf_counter()
@@ -187,6 +191,8 @@ class Episodes:
             playing = [c for c in conversations if not c.over]
             if not playing:
                 break
+            if turn > 1 and refresh is not None:
+                refresh()
             turns = self.generate_turn(engine, playing, n, turn, sampling, stats)
             for conversation, tokens, logprobs, ended in turns:
                 started = time.perf_counter()
