@@ -139,8 +139,9 @@ class ServeScript:
             raise
 
 
-def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature):
-    """(mean, max) |trainer - engine| log-prob over the tokens the engine sampled (n per prompt)."""
+def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature, model_tokens_only=True):
+    """(mean, max) |trainer - engine| log-prob over the tokens the engine sampled (n per prompt); multi-turn:
+    over the model's tokens (rollout.model_mask), or with model_tokens_only=False over the replies' too."""
     from online_rl.algorithms.sampler_correction import logp_gap
     from online_rl.logprobs import completion_logprobs, pack
 
@@ -150,6 +151,7 @@ def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature):
         rollout.completion_ids,
         tokenizer.pad_token_id,
         rollout.sampler_logprobs,
+        rollout.model_mask if model_tokens_only else None,
     )
     with torch.no_grad():
         logp, _ = completion_logprobs(model, batch, temperature)

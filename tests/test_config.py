@@ -26,7 +26,7 @@ def group_options():
 
 def test_every_group_of_the_design_is_there():
     groups = {group for group, _ in group_options()}
-    assert {"algo", "vllm", "model", "rewards", "hardware", "data", "logger", "recipe"} <= groups
+    assert {"algo", "vllm", "model", "rewards", "hardware", "data", "env", "logger", "recipe"} <= groups
 
 
 @pytest.mark.parametrize("group, option", group_options())

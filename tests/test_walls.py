@@ -52,6 +52,14 @@ def test_rewards_import_nothing_of_the_library():
         assert not any(module.startswith("online_rl") for module in imported_modules(path)), path
 
 
+def test_environments_import_nothing_of_the_library():
+    """The built-in environments (online_rl/envs/) stay plain classes a user can copy into envs/."""
+    paths = python_files("envs", "src/online_rl/envs")
+    assert len(paths) >= 3
+    for path in paths:
+        assert not any(module.startswith("online_rl") for module in imported_modules(path)), path
+
+
 def test_the_algorithm_maths_imports_torch_only():
     for name in MATHS:
         modules = imported_modules(ROOT / "src/online_rl/algorithms" / name)

@@ -31,6 +31,7 @@ def check_config(cfg: DictConfig) -> None:
     """All of the checks below; the run calls this first."""
     check_sizes(cfg)
     check_algorithm(cfg)
+    check_env(cfg)
     check_model_and_sampling(cfg)
     check_checkpoint_schedule(cfg.checkpoint_every, cfg.algo.get("num_iterations", 1))
     check_checkpoint_retention(cfg.checkpoint.keep_last)
@@ -110,6 +111,43 @@ def check_algorithm(cfg: DictConfig) -> None:
     else:
         raise ValueError(
             f"algo.name={algo.name!r} is not an algorithm of this loop: use one of {POLICY_GRADIENT + PREFERENCE}"
+        )
+
+
+def check_env(cfg: DictConfig) -> None:
+    """env != none: a class to load, limits of at least one turn and token, a policy-gradient algorithm
+    (the preference family compares two single completions), an on-policy rollout, one rank."""
+    env = cfg.env
+    if env.name == "none":
+        return
+    if not env.cls:
+        raise ValueError(
+            f"env.cls is empty for env.name={env.name}: name the class, e.g. env.cls=online_rl.envs.calculator.Calculator"
+        )
+    if cfg.algo.name not in POLICY_GRADIENT:
+        raise ValueError(
+            f"env={env.name} with algo={cfg.algo.name}: the preference algorithms (dpo, nash_md, xpo) do not "
+            "support multi-turn environments. Use algo=grpo or algo=rloo, or env=none"
+        )
+    for key, example in (("max_turns", 4), ("max_tokens", 256)):
+        if env[key] < 1:
+            raise ValueError(f"env.{key}={env[key]} must be at least 1, e.g. env.{key}={example}")
+    if cfg.off_policy_steps:
+        raise ValueError(
+            f"off_policy_steps={cfg.off_policy_steps} with env={env.name}: multi-turn rollouts are on-policy "
+            "only; use off_policy_steps=0"
+        )
+    if cfg.hardware.num_processes > 1:
+        raise ValueError(
+            f"env={env.name} with hardware.num_processes={cfg.hardware.num_processes}: multi-turn rollouts run "
+            "on one rank for now (ranks would take different numbers of turns); use hardware=1gpu or cpu"
+        )
+    max_model_len = cfg.vllm.get("max_model_len")
+    needed = cfg.data.max_prompt_length + env.max_tokens
+    if max_model_len is not None and max_model_len < needed:
+        raise ValueError(
+            f"vllm.max_model_len={max_model_len} is shorter than a conversation: data.max_prompt_length + "
+            f"env.max_tokens = {needed}; use vllm.max_model_len={needed} (or null), or lower env.max_tokens"
         )
 
 

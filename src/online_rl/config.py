@@ -219,6 +219,22 @@ class RewardConfig:
 
 
 @dataclass
+class EnvConfig:
+    """A multi-turn environment (envs/): the model acts, the environment replies, up to max_turns turns."""
+
+    name: str = (
+        "none"  # none = single-turn: one completion per sample; else its reward's name (reward/<name>_mean)
+    )
+    cls: str | None = None  # import path of the environment's class, e.g. online_rl.envs.calculator.Calculator
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its constructor
+    weight: float = 1.0  # weight of the environment's reward in the total (beside any reward functions)
+    max_turns: int = 4  # model turns per sample; an episode still going then ends (env/max_turns_reached)
+    # tokens of a whole conversation after the prompt (the model's turns and the environment's replies); one that
+    # would pass it ends there (env/truncated). Each model turn has at most sampling.max_completion_length tokens
+    max_tokens: int = 256
+
+
+@dataclass
 class HardwareConfig:
     device: str = "cpu"  # cpu | cuda (hardware=auto: cuda when torch sees a GPU)
     param_dtype: str = "float32"  # dtype of the trained weights (float32 | bfloat16)
@@ -236,6 +252,9 @@ class DataConfig:
     synthetic_rows: int | None = None  # instead of loading: this many arithmetic problems made in code
     prompt_column: str = "prompt"  # the question shown to the model
     solution_column: str | None = "solution"  # reference answer, passed to rewards as `solution`
+    synthetic_task: str = (
+        "arithmetic"  # with synthetic_rows: arithmetic | guess_number (rows with a `secret`)
+    )
     solution_regex: str | None = None  # keep only this regex's first group of the solution (gsm8k: '#### N')
     system_prompt: str | None = None  # null = no system message
     max_prompt_length: int = 512  # prompts longer than this (in tokens) keep their last tokens
@@ -323,6 +342,7 @@ class TrainConfig:
     )
     model: ModelConfig = MISSING
     rewards: dict[str, RewardConfig] = field(default_factory=dict)
+    env: EnvConfig = MISSING
     hardware: HardwareConfig = MISSING
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING

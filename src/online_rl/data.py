@@ -17,7 +17,8 @@ import datasets
 import torch
 
 SYNTHETIC_OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-SYNTHETIC_HELD_OUT_ROWS = 500  # the synthetic data's eval split, before eval.split's slice
+SYNTHETIC_HELD_OUT_ROWS = 500
+GUESS_RANGE = 9  # data=guess_number's secrets: 1 ... GUESS_RANGE  # the synthetic data's eval split, before eval.split's slice
 # the seed that draws the eval rows held out of data.split: fixed, not `seed`, so that every run on the same
 # data (a resume, a sweep over seeds, eval_only on the exported model) evaluates on the same rows
 HOLDOUT_SEED = 0
@@ -34,6 +35,33 @@ def synthetic_arithmetic(num_rows: int, seed: int = 0) -> datasets.Dataset:
         op = rng.choice(list(SYNTHETIC_OPERATIONS))
         rows.append({"prompt": f"What is {a} {op} {b}?", "solution": str(SYNTHETIC_OPERATIONS[op](a, b))})
     return datasets.Dataset.from_list(rows)
+
+
+def guess_the_number(num_rows: int, seed: int = 0) -> datasets.Dataset:
+    """Rows of env=guess_number: a question and a `secret` from 1 to GUESS_RANGE, made in code like the
+    arithmetic. The task is the strategy (a number, then the right way after "higher"/"lower"), not the rows,
+    so the eval split is the same task drawn with another seed."""
+    rng = random.Random(seed)
+    return datasets.Dataset.from_list(
+        [
+            {"prompt": f"I am thinking of a number from 1 to {GUESS_RANGE}. Guess it.", "secret": secret}
+            for secret in (rng.randint(1, GUESS_RANGE) for _ in range(num_rows))
+        ]
+    )
+
+
+# data.synthetic_task -> the rows it makes (num_rows, seed)
+SYNTHETIC_TASKS = {"arithmetic": synthetic_arithmetic, "guess_number": guess_the_number}
+
+
+def synthetic_rows(data_cfg: Any) -> datasets.Dataset:
+    """data.synthetic_rows rows of data.synthetic_task, made in code."""
+    if data_cfg.synthetic_task not in SYNTHETIC_TASKS:
+        raise ValueError(
+            f"data.synthetic_task={data_cfg.synthetic_task!r} is not a task made in code: use one of "
+            f"{sorted(SYNTHETIC_TASKS)}, e.g. data.synthetic_task=arithmetic"
+        )
+    return SYNTHETIC_TASKS[data_cfg.synthetic_task](data_cfg.synthetic_rows)
 
 
 def held_out_arithmetic(training_rows: int, split: str) -> datasets.Dataset:
@@ -54,6 +82,11 @@ def held_out_arithmetic(training_rows: int, split: str) -> datasets.Dataset:
         raise ValueError(
             f"data.synthetic_rows={training_rows} leaves too few unseen problems for an eval split: lower it"
         )
+    return slice_split(datasets.Dataset.from_list(rows), split)
+
+
+def slice_split(rows: datasets.Dataset, split: str) -> datasets.Dataset:
+    """`rows` sliced by `split` as load_dataset would (`test[:64]`, `test[10%:20%]`; the name is not used)."""
     name = split.split("[", 1)[0]
     try:
         [span] = datasets.ReadInstruction.from_spec(split).to_absolute({name: len(rows)})
@@ -61,7 +94,7 @@ def held_out_arithmetic(training_rows: int, split: str) -> datasets.Dataset:
         raise ValueError(
             f"eval.split={split!r} is not a split like test, test[:64] or test[:10%]: {error}"
         ) from error
-    return datasets.Dataset.from_list(rows[span.from_ : span.to])
+    return rows.select(range(span.from_, span.to))
 
 
 def load_split(data_cfg: Any, split: str, key: str) -> datasets.Dataset:
@@ -93,7 +126,7 @@ def load_split(data_cfg: Any, split: str, key: str) -> datasets.Dataset:
 def load_prompts(data_cfg: Any) -> datasets.Dataset:
     """The dataset named by `data_cfg`, with `prompt` and `solution` columns (see DataConfig)."""
     if data_cfg.synthetic_rows:
-        return synthetic_arithmetic(data_cfg.synthetic_rows)
+        return synthetic_rows(data_cfg)
     return load_split(data_cfg, data_cfg.split, "data.split")
 
 
@@ -107,7 +140,9 @@ def training_and_eval_prompts(
     eval.holdout_size rows of `dataset` held out instead (see hold_out), which then trains on the rest; it
     must keep `min_training_rows` (prompts_per_step) to train on.
     """
-    if data_cfg.synthetic_rows:
+    if data_cfg.synthetic_rows and data_cfg.synthetic_task == "guess_number":
+        held_out = slice_split(guess_the_number(SYNTHETIC_HELD_OUT_ROWS, seed=1), eval_cfg.split)
+    elif data_cfg.synthetic_rows:
         held_out = held_out_arithmetic(data_cfg.synthetic_rows, eval_cfg.split)
     else:
         splits = dataset_splits(data_cfg)

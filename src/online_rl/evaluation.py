@@ -78,9 +78,12 @@ class Evaluator:
         tracker: Any,
         metrics_path: Path,
         device: torch.device,
+        episodes: Any = None,
     ):
         """eval_cfg: the `eval` group; data_cfg: the `data` group (its prompt format); prompts: the eval set's
-        rows (training_and_eval_prompts); sampling: the training's, whose temperature eval.temperature may replace."""
+        rows (training_and_eval_prompts); sampling: the training's, whose temperature eval.temperature may replace;
+        episodes: env != none, the environment's episodes (multiturn.Episodes) instead of single completions."""
+        self.episodes = episodes
         self.engine, self.tokenizer, self.reward_functions = engine, tokenizer, reward_functions
         self.tracker, self.metrics_path, self.device = tracker, metrics_path, device
         self.eval_cfg = eval_cfg
@@ -135,11 +138,17 @@ class Evaluator:
             # before every engine call, not once per evaluation: a colocated vLLM at sleep level 2 drops its
             # weights when it sleeps after each call (a push takes tens of ms; an evaluation a few calls)
             self.engine.sync_weights(model)
-            rollout = self.engine.generate(self.prompt_ids[start : start + batch_size], n, sampling)
+            if self.episodes is None:
+                rollout = self.engine.generate(self.prompt_ids[start : start + batch_size], n, sampling)
+            else:  # env != none: each sample a whole conversation, scored by the environment too
+                _, rollout = self.episodes.play(
+                    self.engine, rows, n, sampling, lambda: self.engine.sync_weights(model)
+                )  # (weights pushed before every engine call, as above)
             completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             columns = {
                 key: [row[key] for row in rows for _ in range(n)] for key in rows[0] if key != "prompt"
             }
+            columns.update(rollout.columns)
             columns["completion_lengths"] = [len(ids) for ids in rollout.completion_ids]
             prompts = [row["prompt"] for row in rows for _ in range(n)]
             scores = score_completions(

@@ -18,6 +18,7 @@ from online_rl import distributed
 from online_rl.cpu_clock import CpuUse
 from online_rl.data import tokenize_prompts
 from online_rl.engines import Rollout, eos_token_ids, sample_geometric_mixture
+from online_rl.multiturn import Episodes
 from online_rl.rollout_ahead import RolloutAhead
 
 
@@ -39,11 +40,13 @@ class RolloutSource:
     def __init__(
         self, engine, sampler, tokenizer, model, reference, watchdog, algorithm, data_cfg, sampling,
         *, off_policy: bool, lab_metrics: bool, device: torch.device, autocast_dtype: torch.dtype | None,
+        episodes: Episodes | None = None,
     ):  # fmt: skip
         self.engine, self.sampler, self.tokenizer = engine, sampler, tokenizer
         self.model, self.reference, self.watchdog = model, reference, watchdog
         self.data, self.sampling, self.lab_metrics = data_cfg, sampling, lab_metrics
         self.device, self.autocast_dtype = device, autocast_dtype
+        self.episodes = episodes  # env != none: each sample a conversation with an environment (multiturn.py)
         self.second_sample_coef = algorithm.second_sample_coef
         # Nash-MD and XPO: one sample per prompt from the engine, the second from the mixture
         self.engine_samples = 1 if self.second_sample_coef is not None else algorithm.samples_per_prompt
@@ -72,7 +75,7 @@ class RolloutSource:
             self.watchdog.start("generate")
             started = time.perf_counter()
             with CpuUse() if self.lab_metrics else contextlib.nullcontext() as cpu:
-                rollout = self.engine.generate(prompt_ids, self.engine_samples, self.sampling)
+                rollout, prompt_ids = self.generate(rows, prompt_ids)
             generate_s, on_policy = time.perf_counter() - started, True
             if (
                 cpu is not None
@@ -91,6 +94,19 @@ class RolloutSource:
         if self.second_sample_coef is not None:
             rollout, from_engine = self.with_mixture_samples(rollout, prompt_ids)
         return Generated(rows, prompt_ids, rollout, from_engine, generate_s, sync_s, on_policy, memory)
+
+    def generate(self, rows: list[dict], prompt_ids: list[list[int]]) -> tuple[Rollout, list[list[int]]]:
+        """G samples per prompt: single completions, or (env != none) conversations, whose prompts are the
+        environment's openings."""
+        if self.episodes is None:
+            return self.engine.generate(prompt_ids, self.engine_samples, self.sampling), prompt_ids
+        # a colocated vLLM with sleep mode lets its weights go after each call: push them again for each turn
+        sleeps = getattr(self.engine.engine, "sleep_level", 0) > 0
+        refresh = (lambda: self.engine.sync_weights(self.model)) if sleeps else None  # (in time/generate_s)
+        prompt_ids, rollout = self.episodes.play(
+            self.engine, rows, self.engine_samples, self.sampling, refresh
+        )
+        return rollout, prompt_ids
 
     def push_weights(self) -> float:
         self.watchdog.start("sync")

@@ -16,7 +16,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # (B, P + C)
     attention_mask: torch.Tensor  # (B, P + C)
-    completion_mask: torch.Tensor  # (B, C), 1 on sampled tokens
+    completion_mask: torch.Tensor  # (B, C), 1 on tokens the model sampled (not padding, not an environment's)
     sampler_logp: torch.Tensor | None = None  # (B, C), the engine's log-probs of the sampled tokens
 
     @property
@@ -37,8 +37,12 @@ def pack(
     completions: list[list[int]],
     pad_id: int,
     sampler_logprobs: list[list[float]] | None = None,
+    model_masks: list[list[int]] | None = None,
 ) -> PackedBatch:
-    """One batch of (prompt, completion) token rows, padded only as wide as its own longest rows."""
+    """One batch of (prompt, completion) token rows, padded only as wide as its own longest rows.
+
+    model_masks: per completion token, 1 where the model wrote it (multi-turn: 0 on an environment's reply,
+    which stays in the input but leaves the completion mask)."""
     prompt_width = max(len(p) for p in prompts)
     completion_width = max(1, max(len(c) for c in completions))
     batch = len(prompts)
@@ -53,6 +57,8 @@ def pack(
         )
         attention_mask[i, start : prompt_width + len(completion)] = 1
         completion_mask[i, : len(completion)] = 1
+        if model_masks is not None:
+            completion_mask[i, : len(completion)] = torch.tensor(model_masks[i], dtype=torch.long)
     sampler_logp = None
     if sampler_logprobs is not None:
         sampler_logp = torch.zeros((batch, completion_width))

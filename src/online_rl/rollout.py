@@ -42,6 +42,9 @@ class Samples:
     finished: torch.Tensor  # (N,) bool: ended with EOS (not cut at max_completion_length)
     from_engine: torch.Tensor  # (N,) bool: sampled by the engine, not by Nash-MD's / XPO's mixture
     sampler_logprobs: list[list[float]] | None  # (N) the engine's log-probs of its tokens ([] for others)
+    # (N) per completion token, 1 where the model wrote it and 0 for an environment's reply (multi-turn); None:
+    # all the model's. Only the model's tokens enter the loss and the sync check.
+    model_mask: list[list[int]] | None = None
     scores: dict[str, list[float | None]] = field(default_factory=dict)  # per reward function, (N) each
     rewards: torch.Tensor | None = None  # (N,) their weighted total
     ranking_scores: torch.Tensor | None = None  # (N,) what ranks a preference pair: a reward model or rewards
@@ -69,6 +72,7 @@ class Samples:
             return [value for value in values for _ in range(group_size)]
 
         columns = {key: expand([row[key] for row in rows]) for key in rows[0] if key != "prompt"}
+        columns.update(rollout.columns)  # multi-turn: the environment's reward of each sample
         columns["completion_lengths"] = [len(c) for c in completion_ids]
         return cls(
             group_size=group_size,
@@ -80,6 +84,7 @@ class Samples:
             finished=torch.tensor(rollout.finished),
             from_engine=torch.tensor(from_engine),
             sampler_logprobs=rollout.sampler_logprobs,
+            model_mask=rollout.model_mask,
         )
 
     def __len__(self) -> int:
@@ -112,6 +117,7 @@ class Samples:
                 [self.completion_ids[row] for row in index],
                 pad_id,
                 [self.sampler_logprobs[row] for row in index] if self.sampler_logprobs is not None else None,
+                [self.model_mask[row] for row in index] if self.model_mask is not None else None,
             )
             positions = packed.attention_mask.numel()
             packed = packed.to(device)

@@ -53,6 +53,7 @@ from online_rl.models import (
     resolve_model_path,
     torch_dtype,
 )
+from online_rl.multiturn import Episodes, environment_reward
 from online_rl.redaction import redact_hydra_outputs, redact_override, redacted_container, save_config
 from online_rl.resume import (
     check_checkpoint_fits_sharding,
@@ -63,7 +64,7 @@ from online_rl.resume import (
     resume_training,
 )
 from online_rl.reward_model import RewardModel
-from online_rl.rewarding import UnscoredRewards, load_reward_functions
+from online_rl.rewarding import RewardFunction, UnscoredRewards, load_reward_functions
 from online_rl.tracking import ConsoleOnlyTracker, make_tracker
 from online_rl.watchdog import Watchdog
 
@@ -196,7 +197,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
 
     dataset = load_prompts(cfg.data)
     # before any model loads: a reward that wants a column the data lacks stops the run here
-    reward_functions = load_reward_functions(cfg.rewards, cfg.on_reward_error.value, dataset.column_names)
+    reward_functions = rewards_and_environment(cfg, dataset.column_names)
     training_rows, eval_prompts = dataset, None
     if cfg.eval_every:  # data without eval.split: the eval rows are held out of data.split, not trained on
         training_rows, eval_prompts = training_and_eval_prompts(
@@ -236,16 +237,21 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         device=device,
         autocast_dtype=autocast_dtype,
         seed=cfg.seed + ranks.rank,
-        max_model_len=cfg.data.max_prompt_length + cfg.sampling.max_completion_length,
+        max_model_len=cfg.data.max_prompt_length + completion_budget(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
     )
     # an engine lost mid-run (a server down) stops the run with a checkpoint
     engine = SaveWhenUnavailable(engine, lambda: run.checkpoint())
     closing.callback(engine.close)
+    episodes = (
+        None
+        if cfg.env.name == "none"
+        else Episodes(cfg.env, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_length)
+    )
     rollouts = RolloutSource(
         engine, sampler, tokenizer, model, reference, watchdog, algorithm, cfg.data, cfg.sampling,
         off_policy=cfg.off_policy_steps == 1, lab_metrics=cfg.logger.lab_metrics,
-        device=device, autocast_dtype=autocast_dtype,
+        device=device, autocast_dtype=autocast_dtype, episodes=episodes,
     )  # fmt: skip
     closing.callback(rollouts.close)  # before the engine closes (callbacks run last-in, first-out)
     reward_model = None
@@ -273,6 +279,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
             tracker,
             metrics_path,
             device,
+            episodes,
         )
         if cfg.eval_every
         else None
@@ -332,7 +339,7 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
     set_seed(cfg.seed)
     device = torch.device(cfg.hardware.device)
     dataset = load_prompts(cfg.data)
-    reward_functions = load_reward_functions(cfg.rewards, dataset_columns=dataset.column_names)
+    reward_functions = rewards_and_environment(cfg, dataset.column_names)
     # the rows a training run on this config evaluates on (held out of data.split when it has no eval.split)
     _, eval_prompts = training_and_eval_prompts(dataset, cfg.data, cfg.eval, cfg.prompts_per_step)
     model_path = cfg.eval.model
@@ -355,7 +362,7 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
         device=device,
         autocast_dtype=torch_dtype(cfg.hardware.autocast_dtype),
         seed=cfg.seed,
-        max_model_len=cfg.data.max_prompt_length + cfg.sampling.max_completion_length,
+        max_model_len=cfg.data.max_prompt_length + completion_budget(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
     )
     closing.callback(engine.close)
@@ -371,8 +378,28 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
         tracker,
         output_dir / "metrics.jsonl",
         device,
+        None
+        if cfg.env.name == "none"
+        else Episodes(cfg.env, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_length),
     )
     return EvalOnly(output_dir, model_path, model, evaluator)
+
+
+def completion_budget(cfg: DictConfig) -> int:
+    """Tokens after the prompt: one completion's, or (env != none) a whole conversation's."""
+    return cfg.sampling.max_completion_length if cfg.env.name == "none" else cfg.env.max_tokens
+
+
+def rewards_and_environment(cfg: DictConfig, dataset_columns: list[str]) -> list[RewardFunction]:
+    """The reward functions, checked against the dataset's columns, and (env != none) the environment's
+    reward as one more, named env.name."""
+    if cfg.env.name == "none":
+        return load_reward_functions(cfg.rewards, cfg.on_reward_error.value, dataset_columns)
+    functions = load_reward_functions(cfg.rewards, cfg.on_reward_error.value, dataset_columns) if cfg.rewards else []
+    return [
+        *functions,
+        RewardFunction(cfg.env.name, environment_reward, cfg.env.weight, cfg.on_reward_error.value),
+    ]
 
 
 def make_optimizer(trainable: list[torch.nn.Parameter], optim: Any, max_steps: int, device: torch.device):

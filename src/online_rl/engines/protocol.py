@@ -20,6 +20,10 @@ class Rollout:
     # the engine's log-prob of each sampled token, if it reports them
     sampler_logprobs: list[list[float]] | None
     stats: dict[str, float] = field(default_factory=dict)  # the engine's own timings and memory, logged as is
+    # multi-turn (multiturn.py): per completion token, 1 where the model wrote it, 0 for an environment's reply;
+    # None: every token is the model's (what an engine returns)
+    model_mask: list[list[int]] | None = None
+    columns: dict[str, list] = field(default_factory=dict)  # per completion, for the rewards (env_reward)
 
 
 class EngineUnavailable(RuntimeError):
