@@ -165,7 +165,20 @@ def shape_entries(rows: list[dict], shape: str, context: dict) -> list[dict]:
             ]
             ours[f"ratio_vs_{trl}"] = ratio(twin[0]["median_step_s"], ours["median_step_s"]) if twin else None
     order = ["ours_default", "ours_tuned", "ours_off_policy", "trl_anchor", "trl_tuned"]
-    return sorted(entries, key=lambda e: order.index(e["arm"]))
+    return sorted(one_per_arm(entries), key=lambda e: order.index(e["arm"]))
+
+
+def one_per_arm(entries: list[dict]) -> list[dict]:
+    """An object per arm: of an arm measured in several commands (--append), the one of ours_default's command,
+    else the latest."""
+    default = next((e["measured_in_command"] for e in entries if e["arm"] == "ours_default"), None)
+    kept: dict[str, dict] = {}
+    for e in entries:
+        held = kept.get(e["arm"])
+        rank = (e["measured_in_command"] == default, e["measured_in_command"] or 0)
+        if held is None or rank > (held["measured_in_command"] == default, held["measured_in_command"] or 0):
+            kept[e["arm"]] = e
+    return list(kept.values())
 
 
 def merge(existing: list[dict], shape: str, entries: list[dict]) -> list[dict]:
