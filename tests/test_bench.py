@@ -615,3 +615,74 @@ def test_a_shape_runs_only_arms_of_its_kind(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "--shape 7b_lora trains LoRA; ['ours_default'] do not" in result.stderr
+
+
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
+def test_a_shape_command_measures_our_default_against_trl_tuned(tmp_path):
+    """--shape: ours_default (train.py as typed) and trl_tuned (TRL's anchor, then its candidates, in one
+    process) in one command; the shapes file holds their objects with the ratios of that command; an --append
+    of trl_full keeps one object per arm."""
+    out, work = tmp_path / "results", tmp_path / "work"
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--smoke",
+        "--shape",
+        "0.5b",
+        "--arms",
+        "ours_default,trl_tuned",
+    ]
+    command += ["--workdir", str(work), "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (results_file,) = out.glob("*-smoke-0.5b.json")
+    settings = json.loads(results_file.read_text())["settings"]
+    (shapes_file,) = out.glob("????-??-??-shapes.json")
+    assert shapes_file.name[:10] == results_file.name[:10]
+    entries = {e["arm"]: e for e in json.loads(shapes_file.read_text())}
+    assert set(entries) == {"ours_default", "trl_anchor", "trl_tuned"}
+    for e in entries.values():
+        assert e["shape"] == "0.5b" and e["measured_in_command"] == 1 and e["median_step_s"] > 0
+        for key in ("command", "peak_mem_gib", "train_mfu", "sync_sleep_share", "generate_s", "train_s"):
+            assert key in e
+        assert 0 < e["generate_s"] < e["median_step_s"] and 0 <= e["sync_sleep_share"] < 1
+    ours, anchor, tuned = entries["ours_default"], entries["trl_anchor"], entries["trl_tuned"]
+    assert ours["command"].startswith(
+        "python train.py algo=grpo vllm=off model=qwen2_0.5b model.name_or_path="
+    )
+    assert "hardware=" not in ours["command"] and "model.compile" not in ours["command"]
+    assert ours["ratio_vs_trl_tuned"] == pytest.approx(tuned["median_step_s"] / ours["median_step_s"])
+    assert ours["ratio_vs_trl_anchor"] == pytest.approx(anchor["median_step_s"] / ours["median_step_s"])
+
+    # the sweep: TRL's anchor (batch 2 with its default gradient checkpointing) over the bench's measured
+    # steps, then each candidate over the sweep's; the tuned row is the fastest of them
+    sweep = tuned["sweep"]
+    assert (sweep[0]["name"], sweep[0]["anchor"], anchor["from_sweep"]) == ("2:gc", True, "2:gc")
+    assert len(sweep[0]["step_s"]) == settings["measured_steps"] == len(anchor["steps_s"])
+    assert sweep[1]["name"] == "1" and len(sweep[1]["step_s"]) == settings["sweep_measured_steps"]
+    assert len(sweep[1]["warmup_s"]) == settings["sweep_warmup_steps"]
+    fastest = min(sweep, key=lambda record: record["median_step_s"])
+    assert (tuned["tuned"], tuned["median_step_s"]) == (fastest["name"], fastest["median_step_s"])
+    # `best:gc`: the fastest of the two with gradient checkpointing (already measured, if that was the anchor)
+    assert [r["name"] for r in sweep[2:]] == ([] if fastest["name"] == "2:gc" else ["1:gc"])
+    batch = int(tuned["tuned"].split(":")[0])
+    assert (
+        f'"per_device_train_batch_size": {batch}, "gradient_accumulation_steps": {4 // batch}'
+        in tuned["command"]
+    )
+    assert "| trl_tuned | 2:gc" in results_file.with_suffix(".md").read_text()
+
+    # TRL's anchor in a process of its own, appended: the file keeps one anchor, the one beside ours_default
+    appended = subprocess.run(
+        [*command[:7], "trl_full", *command[8:], "--append"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert appended.returncode == 0, (appended.stdout + appended.stderr)[-3000:]
+    entries = json.loads(shapes_file.read_text())
+    assert sorted(e["arm"] for e in entries) == ["ours_default", "trl_anchor", "trl_tuned"]
+    assert next(e for e in entries if e["arm"] == "trl_anchor")["measured_in_command"] == 1
+    assert "the model and prompts of an earlier command" in appended.stdout
