@@ -5,7 +5,8 @@ ratios).
 
 The arms as the file names them: ours_default (train.py as a user types it), ours_tuned (the bench's speed
 settings), ours_off_policy, trl_anchor (TRL with the notebook's settings), trl_tuned (TRL's fastest candidate).
-Ratios are TRL's median step over ours, both measured in one command; None where they were not.
+Ratios are TRL's median step over ours, measured in one command where both ran in one; else (a shape whose arms
+do not fit one command, joined by --append) against TRL's latest command, `ratio_same_command` saying which.
 """
 
 from __future__ import annotations
@@ -157,13 +158,14 @@ def shape_entries(rows: list[dict], shape: str, context: dict) -> list[dict]:
     for ours in entries:
         if not ours["arm"].startswith("ours_"):
             continue
+        ours["ratio_same_command"] = {}
         for trl in ("trl_tuned", "trl_anchor"):
-            twin = [
-                e
-                for e in entries
-                if e["arm"] == trl and e["measured_in_command"] == ours["measured_in_command"]
-            ]
-            ours[f"ratio_vs_{trl}"] = ratio(twin[0]["median_step_s"], ours["median_step_s"]) if twin else None
+            twins = [e for e in entries if e["arm"] == trl]
+            same = [e for e in twins if e["measured_in_command"] == ours["measured_in_command"]]
+            # (else TRL of another command of these settings, --append'ed, the latest: said so beside it)
+            twin = (same or sorted(twins, key=lambda e: e["measured_in_command"] or 0)[-1:] or [None])[0]
+            ours[f"ratio_vs_{trl}"] = ratio(twin["median_step_s"], ours["median_step_s"]) if twin else None
+            ours["ratio_same_command"][trl] = bool(same) if twin else None
     order = ["ours_default", "ours_tuned", "ours_off_policy", "trl_anchor", "trl_tuned"]
     return sorted(one_per_arm(entries), key=lambda e: order.index(e["arm"]))
 

@@ -481,9 +481,15 @@ def test_shape_entries_compare_our_arms_with_trl_of_their_own_command():
     ours = by_arm["ours_default"]
     assert ours["ratio_vs_trl_tuned"] == 1.5 and ours["ratio_vs_trl_anchor"] == 2.25  # 6 / 4, 9 / 4
     assert ours["command"] == "run ours_default" and ours["generate_s"] == 2.5 and ours["sleep_wake_s"] == 0.1
-    # the off-policy arm ran beside trl_full (8 s), not beside trl_tuned
-    assert by_arm["ours_off_policy"]["ratio_vs_trl_tuned"] is None
-    assert by_arm["ours_off_policy"]["ratio_vs_trl_anchor"] == pytest.approx(8.0 / 3.0)
+    assert ours["ratio_same_command"] == {"trl_tuned": True, "trl_anchor": True}
+    # the off-policy arm ran beside trl_full (8 s), not beside trl_tuned: that ratio is across commands
+    off_policy = by_arm["ours_off_policy"]
+    assert off_policy["ratio_vs_trl_tuned"] == 2.0 and off_policy["ratio_vs_trl_anchor"] == pytest.approx(
+        8.0 / 3.0
+    )
+    assert off_policy["ratio_same_command"] == {"trl_tuned": False, "trl_anchor": True}
+    (alone,) = shape_entries([bench_row("ours_default", 4.0, 1)], "1.5b", {})
+    assert alone["ratio_vs_trl_tuned"] is None and alone["ratio_same_command"]["trl_tuned"] is None
     # the anchor kept is the sweep's, measured with ours_default; trl_full's (command 2) gave only its ratio
     anchor = by_arm["trl_anchor"]
     assert (anchor["from_sweep"], anchor["median_step_s"], anchor["measured_in_command"]) == ("8:gc", 9.0, 1)
