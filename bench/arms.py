@@ -225,6 +225,14 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
             or None
             for kind in ("allocated", "reserved")
         },
+        # the whole device after each rollout: vLLM awake (before it sleeps), then asleep (the trainer's share)
+        **{
+            f"device_used_{state}_gib": max(
+                (m.get(f"memory/device_used_{state}_gib") or 0.0 for m in steps), default=0.0
+            )
+            or None
+            for state in ("awake", "asleep")
+        },
         "arm_command": shlex.join(["python", "train.py", *overrides]),
     }
 

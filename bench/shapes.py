@@ -71,6 +71,13 @@ def ratio(trl_s: float | None, ours_s: float | None) -> float | None:
     return trl_s / ours_s
 
 
+def vllm_awake_gib(awake_gib: float | None, asleep_gib: float | None) -> float | None:
+    """What an awake engine holds beyond the device's use while it sleeps (our colocated vLLM's share)."""
+    if awake_gib is None or asleep_gib is None:
+        return None
+    return awake_gib - asleep_gib
+
+
 def trl_phases(record: dict, train_flops: float, peak_flops: float | None) -> dict:
     """A TRL run's measured steps (step_s, generate_s, sync_s per step) as fields: the median step, its
     generation (TRL's _generate_single_turn without the weight sync), sync, and the rest, training (with the
@@ -107,6 +114,7 @@ def entry(row: dict, shape: str, arm: str, context: dict) -> dict:
         "peak_mem_gib": row.get("peak_gpu_gib"),
         "trainer_peak_allocated_gib": row.get("peak_allocated_gib"),
         "trainer_peak_reserved_gib": row.get("peak_reserved_gib"),
+        "vllm_gib": row.get("vllm_gib"),
         "train_mfu": row.get("train_mfu"),
         "sync_sleep_share": row.get("sync_sleep_share"),
         "generate_s": phases.get("generate", row.get("generate_s")),

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from bench.settings import ARMS, FLOOR_OF, Settings
-from bench.shapes import mfu, trl_phases
+from bench.shapes import mfu, trl_phases, vllm_awake_gib
 from bench.trl_sweep import trl_command
 
 
@@ -65,6 +65,9 @@ def summarize(
         # torch's peaks in the trainer's process (TRL's: vLLM's engine included, allocated through torch)
         "peak_allocated_gib": raw.get("peak_allocated_gib"),
         "peak_reserved_gib": raw.get("peak_reserved_gib"),
+        # vLLM's share of the device: TRL's engine's fraction; ours, what waking it adds to the trainer's use
+        "vllm_gib": raw.get("vllm_gib")
+        or vllm_awake_gib(raw.get("device_used_awake_gib"), raw.get("device_used_asleep_gib")),
         "arm_command": raw.get("arm_command"),
     }
     if ARMS[arm][0] == "trl" and "generate_s" in raw:

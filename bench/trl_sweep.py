@@ -242,6 +242,10 @@ def train_trl(
         "reward_mean": rewards,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        # vLLM's share: TRL's engine takes this fraction of the device at its start and keeps it (no sleep mode)
+        "vllm_gib": settings.gpu_memory_utilization * torch.cuda.mem_get_info()[1] / 2**30
+        if cuda and settings.use_vllm
+        else None,
         "arguments": arguments,
     }
 

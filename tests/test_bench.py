@@ -417,7 +417,7 @@ def test_cpu_speeds_probe_every_allowed_cpu_and_leave_the_affinity_as_it_was():
 
 
 def test_shape_fields_are_the_sums_of_hand_numbers():
-    from bench.shapes import median, mfu, peak_bf16_flops, ratio, share
+    from bench.shapes import median, mfu, peak_bf16_flops, ratio, share, vllm_awake_gib
 
     assert median([3.0, 9.0, 4.0]) == 4.0 and median([2.0, 4.0]) == 3.0 and median([]) is None
     # nvidia-smi's names, as machine() records them ("name, driver, max SM clock")
@@ -431,6 +431,7 @@ def test_shape_fields_are_the_sums_of_hand_numbers():
     assert share(0.09, 4.5) == pytest.approx(0.02) and share(None, 4.5) is None
     assert ratio(6.08, 4.38) == pytest.approx(1.388, abs=1e-3)  # issue 27's command: TRL 64 x 2 over ours
     assert ratio(None, 4.38) is None and ratio(6.08, None) is None
+    assert vllm_awake_gib(55.6, 41.2) == pytest.approx(14.4) and vllm_awake_gib(None, 41.2) is None
 
 
 def test_trl_phases_split_its_steps_into_generation_sync_and_training():
