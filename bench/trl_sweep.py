@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -287,6 +288,23 @@ def one_vllm_engine():
         generation.LLM = build
 
 
+@contextmanager
+def rank_environment_restored():
+    """The rank variables as they were before: TRL's engine sets RANK, LOCAL_RANK and WORLD_SIZE (and
+    MASTER_ADDR, MASTER_PORT), and a later trainer's arguments that find LOCAL_RANK set train in
+    DistributedDataParallel, one rank or not (seen on the CPU: an extra autograd traversal every step)."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_candidate(
     settings: Settings, lora: bool, paths: tuple, candidate: Candidate, warmup: int, measured: int
 ):
@@ -297,9 +315,14 @@ def run_candidate(
     model_dir, prompts, output_dir = paths
     record: dict = {"candidate": candidate, "name": candidate.name, "warmup_steps": warmup}
     try:
-        run = train_trl(settings, lora, model_dir, prompts, output_dir, candidate, warmup + measured)
-    except (torch.OutOfMemoryError, ImportError) as error:
-        record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        with rank_environment_restored():
+            run = train_trl(settings, lora, model_dir, prompts, output_dir, candidate, warmup + measured)
+    except (torch.OutOfMemoryError, ImportError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "out of memory" not in str(error).lower():
+            raise
+        # (cuBLAS and NCCL say so in a RuntimeError; torch's allocator raises OutOfMemoryError)
+        kind = "OutOfMemoryError" if isinstance(error, RuntimeError) else type(error).__name__
+        record["error"] = f"{kind}: {str(error)[:300]}"
         return record
     finally:
         gc.collect()

@@ -693,3 +693,39 @@ def test_a_shape_command_measures_our_default_against_trl_tuned(tmp_path):
     assert sorted(e["arm"] for e in entries) == ["ours_default", "trl_anchor", "trl_tuned"]
     assert next(e for e in entries if e["arm"] == "trl_anchor")["measured_in_command"] == 1
     assert "the model and prompts of an earlier command" in appended.stdout
+
+
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
+def test_trl_candidates_share_one_vllm_engine_and_train_on_one_rank(tmp_path, monkeypatch):
+    """The sweep on vLLM's CPU build: TRL's anchor and a candidate, two GRPOTrainers in one process, with one
+    vLLM engine between them; the rank variables TRL's engine sets are gone before the next trainer (with
+    them, its arguments turned on DistributedDataParallel)."""
+    from dataclasses import replace
+
+    import trl.generation.vllm_generation as generation
+
+    from bench.arms import prepare
+    from bench.settings import SMOKE
+    from bench.trl_sweep import sweep
+
+    monkeypatch.setenv(
+        "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
+    )  # (vLLM's engine in this process, as TRL's on GPUs)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    built = []
+    real_llm = generation.LLM
+
+    def counted(**kwargs):
+        built.append(kwargs)
+        return real_llm(**kwargs)
+
+    monkeypatch.setattr(generation, "LLM", counted)
+    settings = replace(SMOKE, use_vllm=True, trl_sweep=("1",), warmup_steps=1, measured_steps=1)
+    model_dir, prompts = prepare(settings, tmp_path / "work")
+    records = sweep(settings, False, (model_dir, prompts, tmp_path / "trl"), tmp_path / "sweep.json")
+    assert [(r["name"], len(r["step_s"])) for r in records] == [("2:gc", 1), ("1", 1)]
+    assert all(r["sync_s"][0] > 0 and r["generate_s"][0] > 0 for r in records)  # weights pushed to vLLM
+    assert len(built) == 1 and built[0]["max_num_seqs"] == 4  # (batch x accumulation: the step's completions)
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE"} & set(os.environ)
+    assert [r["name"] for r in json.loads((tmp_path / "sweep.json").read_text())] == ["2:gc", "1"]
