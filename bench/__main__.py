@@ -115,6 +115,16 @@ def default_arms(shape: str | None) -> list[str]:
     return [*SHAPE_ARMS[SHAPES[shape][1]], *(["ours_offpolicy"] if shape == "0.5b" else [])]
 
 
+def prepare_process(settings: Settings, workdir: Path) -> None:
+    """The model and prompts (arms.prepare; or those an earlier command left for these settings), made in a
+    process of its own: on a GPU the model's random weights are drawn there (seconds; a CPU draws a 7B model's
+    in minutes), and this process opens no CUDA context (it would count in every arm's peak memory)."""
+    command = [sys.executable, "-m", "bench", "--prepare-only", "--settings", json.dumps(asdict(settings))]
+    subprocess.run(
+        [*command, "--workdir", str(workdir)], env=child_env(MultiProcessService(False, workdir)), check=True
+    )
+
+
 def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: float, env: dict) -> dict | str:
     """One arm in a process of its own: its raw measurements, or why it failed (with its log's tail)."""
     log_path = workdir / f"{arm}.log"
@@ -172,6 +182,8 @@ def main() -> None:
         shape_settings(SMOKE if options.smoke else Settings(), options.shape), options.set
     )
     if options.prepare_only:
+        if options.settings:  # (the driver's own settings, from prepare_process)
+            settings = settings_from_json(json.loads(options.settings))
         options.workdir.mkdir(parents=True, exist_ok=True)
         prepare(settings, options.workdir)
         return
@@ -197,9 +209,7 @@ def main() -> None:
     options.workdir.mkdir(parents=True, exist_ok=True)
     results_path, earlier = earlier_results(options, settings, commit, run_name, options.out / f"{stem}.json")
     print(f"bench: setup in {options.workdir}", flush=True)
-    prepare(
-        settings, options.workdir
-    )  # (or the model and prompts an earlier command left for these settings)
+    prepare_process(settings, options.workdir)
 
     rows = [row for row in earlier["arms"] if row["arm"] not in arms] if earlier else []
     failures = {arm: why for arm, why in earlier["failures"].items() if arm not in arms} if earlier else {}
