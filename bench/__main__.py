@@ -178,19 +178,20 @@ def main() -> None:
         print(rewrite(options.report))
         return
 
-    settings = parse_settings(
-        shape_settings(SMOKE if options.smoke else Settings(), options.shape), options.set
+    base = (
+        shape_settings(SMOKE, options.shape, resize=False)
+        if options.smoke
+        else shape_settings(Settings(), options.shape)
     )
+    settings = parse_settings(base, options.set)
     if options.prepare_only:
         if options.settings:  # (the driver's own settings, from prepare_process)
             settings = settings_from_json(json.loads(options.settings))
         options.workdir.mkdir(parents=True, exist_ok=True)
         prepare(settings, options.workdir)
         return
-    arms = [arm for arm in (options.arms or ",".join(default_arms(options.shape))).split(",") if arm]
-    arms = [
-        arm for arm in arms if settings.use_vllm or not ARMS.get(arm, (0, 0, False))[2]
-    ]  # off-policy: vLLM
+    defaults = [arm for arm in default_arms(options.shape) if settings.use_vllm or not ARMS[arm][2]]  # (vLLM)
+    arms = [arm for arm in (options.arms or ",".join(defaults)).split(",") if arm]
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}: choose from {','.join(ARMS)}")

@@ -110,7 +110,8 @@ LONG_STEP = {"prompt_tokens": 256, "completion_tokens": 1024}  # issue 27's step
 SHAPES = {
     # the anchor: the seed notebook's step (TRL's batch 16 left out: issue 27 measured 32 and 64 fastest)
     "0.5b": ({"trl_sweep": ("32", "32:gc", "64:gc")}, False),
-    "0.5b_lora": ({}, True),  # r 8 on q_proj, v_proj, as the anchor's LoRA arms
+    # r 8 on q_proj, v_proj, as the anchor's LoRA arms; the fastest also with torch_compile (its first steps compile)
+    "0.5b_lora": ({"trl_sweep": ("16", "32", "32:gc", "64:gc", "best:compile")}, True),
     "1.5b": (
         {
             **LONG_STEP,
@@ -178,13 +179,14 @@ def settings_from_json(fields: dict) -> Settings:
     return Settings(**{**known, **tuples})
 
 
-def shape_settings(base: Settings, shape: str | None) -> Settings:
-    """The settings of --shape NAME over base (its LoRA flag picks the arms: SHAPE_ARMS)."""
+def shape_settings(base: Settings, shape: str | None, resize: bool = True) -> Settings:
+    """The settings of --shape NAME over base (its LoRA flag picks the arms: SHAPE_ARMS); resize=False (the
+    smoke's tiny step on a CPU) keeps base's sizes, steps and TRL candidates and takes only the shape's name."""
     if shape is None:
         return base
     if shape not in SHAPES:
         raise SystemExit(f"--shape {shape}: choose from {', '.join(SHAPES)}")
-    return replace(base, **SHAPES[shape][0], shape=shape)
+    return replace(base, **(SHAPES[shape][0] if resize else {}), shape=shape)
 
 
 def parse_settings(base: Settings, assignments: list[str]) -> Settings:

@@ -558,7 +558,7 @@ def test_ours_default_is_the_command_a_user_types_and_the_shapes_their_models(tm
     the micro-batch are our defaults; the other arms keep the bench's speed settings. The 7B shape's LoRA is
     r 16 on every linear layer, its model config the real one's (gradient checkpointing on)."""
     from bench.arms import compose_config, our_overrides
-    from bench.settings import ALL_LINEAR, Settings, shape_settings
+    from bench.settings import ALL_LINEAR, SMOKE, Settings, shape_settings
 
     paths = (tmp_path / "model", tmp_path / "prompts.jsonl", tmp_path)
     defaults = compose_config(["algo=grpo", "vllm=colocate"])
@@ -572,6 +572,14 @@ def test_ours_default_is_the_command_a_user_types_and_the_shapes_their_models(tm
     assert cfg.sampling.max_completion_length == 1024 and cfg.data.max_prompt_length == 256
     assert cfg.micro_batch_size == defaults.micro_batch_size and cfg.model.compile == defaults.model.compile
     assert cfg.vllm == defaults.vllm and cfg.hardware == defaults.hardware
+    # --smoke --shape: the tiny step on the CPU, in the shape's rows
+    smoke = shape_settings(SMOKE, "7b_lora", resize=False)
+    assert (smoke.model, smoke.trl_sweep, smoke.lora_r, smoke.shape) == (
+        "tiny",
+        SMOKE.trl_sweep,
+        SMOKE.lora_r,
+        "7b_lora",
+    )
     tuned = compose_config(our_overrides(shape_settings(Settings(), "1.5b"), "ours_full", *paths))
     assert tuned.model.compile and tuned.vllm.kv_cache_memory_gib == 4.0 and tuned.micro_batch_size == 16
     assert tuned.sampling.max_completion_length == 1024 and not tuned.model.lora.enabled
@@ -699,7 +707,7 @@ def test_a_shape_command_measures_our_default_against_trl_tuned(tmp_path):
 def test_trl_candidates_share_one_vllm_engine_and_train_on_one_rank(tmp_path, monkeypatch):
     """The sweep on vLLM's CPU build: TRL's anchor and a candidate, two GRPOTrainers in one process, with one
     vLLM engine between them; the rank variables TRL's engine sets are gone before the next trainer (with
-    them, its arguments turned on DistributedDataParallel)."""
+    them, its arguments turned on DistributedDataParallel); a candidate that fails is recorded, not fatal."""
     from dataclasses import replace
 
     import trl.generation.vllm_generation as generation
@@ -721,11 +729,15 @@ def test_trl_candidates_share_one_vllm_engine_and_train_on_one_rank(tmp_path, mo
         return real_llm(**kwargs)
 
     monkeypatch.setattr(generation, "LLM", counted)
-    settings = replace(SMOKE, use_vllm=True, trl_sweep=("1",), warmup_steps=1, measured_steps=1)
+    # a batch of 3 does not divide the step's 4 completions: that candidate fails alone, the sweep goes on
+    settings = replace(SMOKE, use_vllm=True, trl_sweep=("3", "1"), warmup_steps=1, measured_steps=1)
     model_dir, prompts = prepare(settings, tmp_path / "work")
     records = sweep(settings, False, (model_dir, prompts, tmp_path / "trl"), tmp_path / "sweep.json")
-    assert [(r["name"], len(r["step_s"])) for r in records] == [("2:gc", 1), ("1", 1)]
+    assert [r["name"] for r in records] == ["2:gc", "3", "1"]
+    assert records[1]["error"].startswith("ValueError: a per-device batch of 3 does not divide")
+    records = [records[0], records[2]]
+    assert [len(r["step_s"]) for r in records] == [1, 1]
     assert all(r["sync_s"][0] > 0 and r["generate_s"][0] > 0 for r in records)  # weights pushed to vLLM
     assert len(built) == 1 and built[0]["max_num_seqs"] == 4  # (batch x accumulation: the step's completions)
     assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE"} & set(os.environ)
-    assert [r["name"] for r in json.loads((tmp_path / "sweep.json").read_text())] == ["2:gc", "1"]
+    assert [r["name"] for r in json.loads((tmp_path / "sweep.json").read_text())] == ["2:gc", "3", "1"]
