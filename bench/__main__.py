@@ -68,6 +68,7 @@ from bench.settings import (
 )
 from bench.shapes import peak_bf16_flops, shape_entries, write_shapes
 from bench.summary import flops_per_token, summarize
+from bench.trl_sweep import sweep_path, tuned_result
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -97,6 +98,11 @@ def arguments() -> argparse.ArgumentParser:
         "--arm-timeout-s", type=float, default=900.0, help="an arm running longer is stopped and reported"
     )
     parser.add_argument(
+        "--time-limit-s",
+        type=float,
+        help="the whole command's limit: each arm is stopped 20 s before it (TRL's sweep keeps what it measured)",
+    )
+    parser.add_argument(
         "--append",
         action="store_true",
         help="add these arms to the results of an earlier command of the same commit and settings",
@@ -108,11 +114,12 @@ def arguments() -> argparse.ArgumentParser:
 
 
 def default_arms(shape: str | None) -> list[str]:
-    """The arms of a command without --arms: a shape's (with the off-policy row at the 0.5B anchor), or the
-    anchor's."""
+    """The arms of a command without --arms: a shape's (with the off-policy row at the 0.5B anchor; TRL's sweep
+    last, as a sweep stopped by --time-limit-s keeps what it measured), or the anchor's."""
     if shape is None:
         return list(ANCHOR_ARMS)
-    return [*SHAPE_ARMS[SHAPES[shape][1]], *(["ours_offpolicy"] if shape == "0.5b" else [])]
+    ours, trl = SHAPE_ARMS[SHAPES[shape][1]]
+    return [ours, *(["ours_offpolicy"] if shape == "0.5b" else []), trl]
 
 
 def prepare_process(settings: Settings, workdir: Path) -> None:
@@ -140,7 +147,13 @@ def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: floa
     if code != 0:
         tail = log_path.read_text()[-1500:]
         print(f"bench: {arm} FAILED ({code}); log: {log_path}\n{tail}", flush=True)
-        return f"exit {code}; log tail:\n```\n{tail}\n```"
+        partial = sweep_path(workdir / arm)
+        tuned = tuned_result(json.loads(partial.read_text())) if partial.exists() else None
+        if tuned is None:
+            return f"exit {code}; log tail:\n```\n{tail}\n```"
+        # TRL's sweep stopped (out of time, say): the candidates it measured, the fastest of them kept
+        tuned["stopped"] = f"exit {code}"
+        return {**tuned, "peak_gpu_gib": memory.gib}
     # the whole process's peak, engine start included (both frameworks start theirs the same way)
     return {**json.loads((workdir / f"{arm}.json").read_text()), "peak_gpu_gib": memory.gib}
 
@@ -184,6 +197,7 @@ def main() -> None:
         else shape_settings(Settings(), options.shape)
     )
     settings = parse_settings(base, options.set)
+    command_started = time.monotonic()
     if options.prepare_only:
         if options.settings:  # (the driver's own settings, from prepare_process)
             settings = settings_from_json(json.loads(options.settings))
@@ -233,7 +247,10 @@ def main() -> None:
             # how fast the host's CPUs run Python around the arm (other tenants: see report.host_cpu_lines)
             cpus_before = speeds_summary(cpu_speeds())
             t = time.perf_counter()
-            outcome = run_arm_process(arm, settings, options.workdir, options.arm_timeout_s, env)
+            timeout_s = options.arm_timeout_s
+            if options.time_limit_s:  # leave the command's last arm time to stop and to write what it has
+                timeout_s = min(timeout_s, options.time_limit_s - (time.monotonic() - command_started) - 20)
+            outcome = run_arm_process(arm, settings, options.workdir, max(timeout_s, 1.0), env)
             if isinstance(outcome, str):
                 failures[arm] = outcome
             else:

@@ -152,6 +152,7 @@ def shape_entries(rows: list[dict], shape: str, context: dict) -> list[dict]:
         row = next(row for row in rows if row["arm"] == tuned["bench_arm"])
         if tuned["arm"] == "trl_tuned" and row.get("sweep"):  # every candidate's steps, the fastest named
             tuned["tuned"] = row["tuned"]
+            tuned["sweep_stopped"] = row.get("sweep_stopped")
             kept = (
                 "name",
                 "anchor",

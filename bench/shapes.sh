@@ -3,7 +3,7 @@
 #
 # Issue 27 on the lent GPU machine, one call per line of the sequence in docs/log.md ("Open: issue 27"): a
 # shape's arms (python -m bench --shape SHAPE) under a time limit that ends them before the call's own
-# (BENCH_LIMIT_S, 540 s: SIGTERM stops the running arm and keeps what the others measured), then its files
+# (BENCH_LIMIT_S, 520 s: the arm running then is stopped, what the others measured is kept), then its files
 # copied to $OUT. Every call adds its shape's objects to one <date>-shapes.json in BENCH_RESULTS
 # (/tmp/bench-results, kept while the machine stays warm), and a second call of a shape of the same commit
 # adds its arms to the first's (--append). SHAPE: 0.5b, 0.5b_lora, 1.5b, 7b_lora. Needs BENCH_COMMIT (the
@@ -30,8 +30,11 @@ if compgen -G "$results/????-??-??-$BENCH_COMMIT-$shape.json" > /dev/null; then
 fi
 started=$(date +%s)
 status=0
-timeout --signal=TERM "${BENCH_LIMIT_S:-540}" python -m bench --shape "$shape" --workdir "$work" \
-    --out "$results" "${append[@]}" "$@" || status=$?
+limit=${BENCH_LIMIT_S:-520}
+# the bench stops its arms 20 s before the limit itself (TRL's sweep keeps the candidates it measured);
+# timeout is the backstop
+timeout --signal=TERM $((limit + 30)) python -m bench --shape "$shape" --workdir "$work" --out "$results" \
+    --time-limit-s "$limit" "${append[@]}" "$@" || status=$?
 echo "shapes.sh: $shape took $(( $(date +%s) - started )) s, exit $status"
 
 # at most 8 files come back from a call: the shape's results, the shapes file, TRL's sweep as far as it got,

@@ -81,6 +81,8 @@ def summarize(
         row["arm_command"] = trl_command(raw["arguments"], settings, lora)
         if "sweep" in raw:  # trl_tuned: every candidate with its fields, the fastest named
             row["tuned"] = raw["tuned"]
+            if raw.get("stopped"):  # (the sweep cut short: the candidates it measured)
+                row["sweep_stopped"] = raw["stopped"]
             row["sweep"] = [
                 {
                     **record,

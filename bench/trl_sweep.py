@@ -376,8 +376,22 @@ def sweep_records(records: list[dict]) -> list[dict]:
 def run_trl_tuned(settings: Settings, lora: bool, model_dir: Path, prompts: Path, output_dir: Path) -> dict:
     """TRL at its best: the fastest record of the sweep as the arm's steps, every record beside it (the
     anchor's first)."""
-    records = sweep(settings, lora, (model_dir, prompts, output_dir), output_dir.with_suffix(".sweep.json"))
+    records = sweep(settings, lora, (model_dir, prompts, output_dir), sweep_path(output_dir))
+    tuned = tuned_result(sweep_records(records))
+    if tuned is None:
+        raise RuntimeError(f"no TRL candidate ran: {[record.get('error') for record in records]}")
+    return tuned
+
+
+def sweep_path(output_dir: Path) -> Path:
+    """Where a sweep writes its records as they come (<workdir>/<arm>.sweep.json)."""
+    return output_dir.with_suffix(".sweep.json")
+
+
+def tuned_result(records: list[dict]) -> dict | None:
+    """The arm's raw result from the sweep's records (as JSON): the fastest's steps, its name, every record;
+    None where none ran."""
     best = fastest(records)
     if best is None:
-        raise RuntimeError(f"no TRL candidate ran: {[record.get('error') for record in records]}")
-    return {**sweep_records([best])[0], "tuned": best["name"], "sweep": sweep_records(records)}
+        return None
+    return {**best, "tuned": best["name"], "sweep": records}

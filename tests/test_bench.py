@@ -553,6 +553,21 @@ def test_trl_candidates_keep_the_step_and_name_their_settings(tmp_path):
                 assert batch * steps == 128, (name, spec)
 
 
+def test_a_sweep_stopped_midway_keeps_the_fastest_it_measured():
+    """The records as the sweep writes them after each candidate (<arm>.sweep.json): what a stopped trl_tuned
+    arm reports."""
+    from bench.trl_sweep import tuned_result
+
+    records = [
+        {"name": "8:gc", "anchor": True, "median_step_s": 9.0, "step_s": [9.1, 8.9]},
+        {"name": "32", "anchor": False, "error": "OutOfMemoryError: ..."},
+        {"name": "32:gc", "anchor": False, "median_step_s": 6.0, "step_s": [6.0, 6.0]},
+    ]
+    tuned = tuned_result(records)
+    assert (tuned["tuned"], tuned["step_s"], tuned["sweep"]) == ("32:gc", [6.0, 6.0], records)
+    assert tuned_result(records[1:2]) is None
+
+
 def test_ours_default_is_the_command_a_user_types_and_the_shapes_their_models(tmp_path):
     """ours_default names only the run (model, LoRA, data, lengths): hardware, the engine's memory, compile and
     the micro-batch are our defaults; the other arms keep the bench's speed settings. The 7B shape's LoRA is
