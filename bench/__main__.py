@@ -135,6 +135,7 @@ def prepare_process(settings: Settings, workdir: Path) -> None:
 def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: float, env: dict) -> dict | str:
     """One arm in a process of its own: its raw measurements, or why it failed (with its log's tail)."""
     log_path = workdir / f"{arm}.log"
+    sweep_path(workdir / arm).unlink(missing_ok=True)  # (an earlier command's: not this arm's candidates)
     command = [sys.executable, "-m", "bench", "--run-arm", arm, "--settings", json.dumps(asdict(settings))]
     command += ["--workdir", str(workdir)]
     with open(log_path, "w") as log_file, PeakDeviceMemory(settings.device) as memory:
