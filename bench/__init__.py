@@ -5,6 +5,8 @@ run, and its satellites time one half of the bench's step at a time. None of it 
 - __main__: the command line of `python -m bench` (arms in processes of their own, then the report);
 - settings: the bench's step (Settings), its arms, and `--set key=value`;
 - arms: our loop, TRL's GRPOTrainer and the floor, each run inside an arm's process;
+- trl_sweep: one TRL run, and TRL at its best (its anchor and candidates in one process, the fastest kept);
+- shapes: issue 27's <date>-shapes.json (one object per shape and arm) and the sums of its fields;
 - halves: the step's halves alone, with our code: one rollout, one optimizer step;
 - summary: an arm's raw measurements as a row, the ratios to TRL and issue 6's targets;
 - report: the results files (.json, .md, .png);

@@ -3,6 +3,7 @@
     python -m bench                       # the anchor, on one CUDA GPU (the H200 numbers of issue 6)
     python -m bench --arms ours_full,trl_full --set measured_steps=5
     python -m bench --smoke               # the harness on a CPU: tiny model, no vLLM; checks, measures nothing
+    python -m bench --shape 1.5b          # issue 27: our default command against TRL's anchor and TRL tuned
 
 The anchor: a Qwen2-0.5B-shaped random model, 16 prompts x 8 samples = 128 completions of 512 tokens per
 step, prompts of 128 tokens, fp32 master weights with bf16 autocast, lr 1e-5, TRL's GRPO defaults (beta 0,
@@ -27,6 +28,10 @@ What is measured, per arm, over the steps after the warm-up:
   below without overlapping generation and training; our distance to it is everything else (sync,
   sleep/wake, rewards, packing, Python), and TRL's step over it is the most a step that generates, then
   trains, can gain.
+--shape NAME (0.5b, 0.5b_lora, 1.5b, 7b_lora; settings.SHAPES) runs a shape's arms (ours_default: train.py as a
+user types it; trl_tuned: TRL's anchor and its candidates in one process, the fastest kept) and also writes
+the shape's objects into bench/results/<date>-shapes.json (bench.shapes); bench/shapes.sh runs every shape.
+
 Each command also records its machine: the CPU (generation is bound by it) and its load at the start, and
 the GPU with its driver. Machines of one kind have differed by 20-40% from one lease to the next.
 """
@@ -48,8 +53,22 @@ from bench.arms import prepare, run_arm
 from bench.host import PeakDeviceMemory, cpu_speeds, git_commit, machine, speeds_summary
 from bench.processes import MultiProcessService, child_env, sigterm_exits
 from bench.report import rewrite, write_results
-from bench.settings import ARMS, FLOOR_OF, RESULTS, SMOKE, Settings, parse_settings, settings_from_json
+from bench.settings import (
+    ANCHOR_ARMS,
+    ARMS,
+    FLOOR_OF,
+    RESULTS,
+    SHAPE_ARMS,
+    SHAPES,
+    SMOKE,
+    Settings,
+    parse_settings,
+    settings_from_json,
+    shape_settings,
+)
+from bench.shapes import peak_bf16_flops, shape_entries, write_shapes
 from bench.summary import flops_per_token, summarize
+from bench.trl_sweep import sweep_path, tuned_result
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -63,10 +82,25 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="change a setting, e.g. sleep_level=0"
     )
+    parser.add_argument(
+        "--shape",
+        choices=list(SHAPES),
+        help="issue 27's shape: its model, LoRA, lengths and arms (settings.SHAPES)",
+    )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="build the model and prompts in --workdir and stop (a later command with the same settings uses them)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument(
         "--arm-timeout-s", type=float, default=900.0, help="an arm running longer is stopped and reported"
+    )
+    parser.add_argument(
+        "--time-limit-s",
+        type=float,
+        help="the whole command's limit: each arm is stopped 20 s before it (TRL's sweep keeps what it measured)",
     )
     parser.add_argument(
         "--append",
@@ -79,9 +113,29 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
+def default_arms(shape: str | None) -> list[str]:
+    """The arms of a command without --arms: a shape's (with the off-policy row at the 0.5B anchor; TRL's sweep
+    last, as a sweep stopped by --time-limit-s keeps what it measured), or the anchor's."""
+    if shape is None:
+        return list(ANCHOR_ARMS)
+    ours, trl = SHAPE_ARMS[SHAPES[shape][1]]
+    return [ours, *(["ours_offpolicy"] if shape == "0.5b" else []), trl]
+
+
+def prepare_process(settings: Settings, workdir: Path) -> None:
+    """The model and prompts (arms.prepare; or those an earlier command left for these settings), made in a
+    process of its own: on a GPU the model's random weights are drawn there (seconds; a CPU draws a 7B model's
+    in minutes), and this process opens no CUDA context (it would count in every arm's peak memory)."""
+    command = [sys.executable, "-m", "bench", "--prepare-only", "--settings", json.dumps(asdict(settings))]
+    subprocess.run(
+        [*command, "--workdir", str(workdir)], env=child_env(MultiProcessService(False, workdir)), check=True
+    )
+
+
 def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: float, env: dict) -> dict | str:
     """One arm in a process of its own: its raw measurements, or why it failed (with its log's tail)."""
     log_path = workdir / f"{arm}.log"
+    sweep_path(workdir / arm).unlink(missing_ok=True)  # (an earlier command's: not this arm's candidates)
     command = [sys.executable, "-m", "bench", "--run-arm", arm, "--settings", json.dumps(asdict(settings))]
     command += ["--workdir", str(workdir)]
     with open(log_path, "w") as log_file, PeakDeviceMemory(settings.device) as memory:
@@ -94,7 +148,13 @@ def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: floa
     if code != 0:
         tail = log_path.read_text()[-1500:]
         print(f"bench: {arm} FAILED ({code}); log: {log_path}\n{tail}", flush=True)
-        return f"exit {code}; log tail:\n```\n{tail}\n```"
+        partial = sweep_path(workdir / arm)
+        tuned = tuned_result(json.loads(partial.read_text())) if partial.exists() else None
+        if tuned is None:
+            return f"exit {code}; log tail:\n```\n{tail}\n```"
+        # TRL's sweep stopped (out of time, say): the candidates it measured, the fastest of them kept
+        tuned["stopped"] = f"exit {code}"
+        return {**tuned, "peak_gpu_gib": memory.gib}
     # the whole process's peak, engine start included (both frameworks start theirs the same way)
     return {**json.loads((workdir / f"{arm}.json").read_text()), "peak_gpu_gib": memory.gib}
 
@@ -132,30 +192,52 @@ def main() -> None:
         print(rewrite(options.report))
         return
 
-    settings = parse_settings(SMOKE if options.smoke else Settings(), options.set)
-    default_arms = [arm for arm in ARMS if settings.use_vllm or not ARMS[arm][2]]  # off-policy needs vLLM
-    arms = [arm for arm in (options.arms or ",".join(default_arms)).split(",") if arm]
+    base = (
+        shape_settings(SMOKE, options.shape, resize=False)
+        if options.smoke
+        else shape_settings(Settings(), options.shape)
+    )
+    settings = parse_settings(base, options.set)
+    command_started = time.monotonic()
+    if options.prepare_only:
+        if options.settings:  # (the driver's own settings, from prepare_process)
+            settings = settings_from_json(json.loads(options.settings))
+        options.workdir.mkdir(parents=True, exist_ok=True)
+        prepare(settings, options.workdir)
+        return
+    defaults = [arm for arm in default_arms(options.shape) if settings.use_vllm or not ARMS[arm][2]]  # (vLLM)
+    arms = [arm for arm in (options.arms or ",".join(defaults)).split(",") if arm]
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}: choose from {','.join(ARMS)}")
+    if options.shape:
+        lora = SHAPES[options.shape][1]
+        other = [arm for arm in arms if ARMS[arm][1] != lora]
+        if other:
+            parser.error(
+                f"--shape {options.shape} trains {'LoRA' if lora else 'all weights'}; {other} do not"
+            )
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = os.environ.get("BENCH_COMMIT") or git_commit()  # a copied tree without .git: say which commit
-    run_name = commit + ("-smoke" if options.smoke else "")
+    run_name = commit + ("-smoke" if options.smoke else "") + (f"-{options.shape}" if options.shape else "")
     stem = f"{started[:10]}-{run_name}"
     options.out.mkdir(parents=True, exist_ok=True)
     options.workdir.mkdir(parents=True, exist_ok=True)
     results_path, earlier = earlier_results(options, settings, commit, run_name, options.out / f"{stem}.json")
-    if earlier and (options.workdir / "prompts.jsonl").exists():
-        print(f"bench: the earlier command's model and prompts in {options.workdir}", flush=True)
-    else:
-        print(f"bench: setup in {options.workdir}", flush=True)
-        prepare(settings, options.workdir)
+    print(f"bench: setup in {options.workdir}", flush=True)
+    prepare_process(settings, options.workdir)
 
     rows = [row for row in earlier["arms"] if row["arm"] not in arms] if earlier else []
     failures = {arm: why for arm, why in earlier["failures"].items() if arm not in arms} if earlier else {}
     commands = (earlier["commands"] if earlier else []) + [
-        {"started": started, "arms": arms, "machine": machine()}
+        {
+            "started": started,
+            "arms": arms,
+            "machine": machine(),
+            "argv": ["python", "-m", "bench", *sys.argv[1:]],
+        }
     ]
+    gpu = (commands[-1]["machine"]["gpus"] or [None])[0] if settings.device == "cuda" else None
     with (
         sigterm_exits(),
         MultiProcessService(settings.mps, options.workdir / "mps") as mps,  # (--set mps=true only)
@@ -166,13 +248,15 @@ def main() -> None:
             # how fast the host's CPUs run Python around the arm (other tenants: see report.host_cpu_lines)
             cpus_before = speeds_summary(cpu_speeds())
             t = time.perf_counter()
-            outcome = run_arm_process(arm, settings, options.workdir, options.arm_timeout_s, env)
+            timeout_s = options.arm_timeout_s
+            if options.time_limit_s:  # leave the command's last arm time to stop and to write what it has
+                timeout_s = min(timeout_s, options.time_limit_s - (time.monotonic() - command_started) - 20)
+            outcome = run_arm_process(arm, settings, options.workdir, max(timeout_s, 1.0), env)
             if isinstance(outcome, str):
                 failures[arm] = outcome
             else:
-                row = summarize(
-                    arm, outcome, settings, flops_per_token(options.workdir / "model", ARMS[arm][1])
-                )
+                flops = flops_per_token(options.workdir / "model", ARMS[arm][1])
+                row = summarize(arm, outcome, settings, flops, peak_bf16_flops(gpu))
                 row["process_s"] = time.perf_counter() - t
                 row["host_cpus_ms"] = {"before": cpus_before, "after": speeds_summary(cpu_speeds())}
                 row["command"] = len(commands)  # which command of `commands` measured it
@@ -184,6 +268,15 @@ def main() -> None:
             # after every arm, so that a run cut short still leaves what it measured
             rows.sort(key=lambda row: list(ARMS).index(row["arm"]))
             table = write_results(results_path, rows, settings, commit, commands, failures)
+            if options.shape:  # its rows of <date>-shapes.json, the date of its first command
+                context = {
+                    "commit": commit,
+                    "gpu": gpu,
+                    "results_file": results_path.name,
+                    "bench_commands": [" ".join(command.get("argv", [])) for command in commands],
+                }
+                shapes_path = options.out / f"{results_path.name[:10]}-shapes.json"
+                write_shapes(shapes_path, options.shape, shape_entries(rows, options.shape, context))
     print(table)
     if failures:
         sys.exit(1)

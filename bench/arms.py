@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -26,6 +27,7 @@ from bench.halves import (
     train_step,
 )
 from bench.settings import ARMS, REPO, Settings
+from bench.trl_sweep import Candidate, measured_part, run_trl_tuned, train_trl
 
 
 def compose_config(overrides: list[str]):
@@ -40,14 +42,36 @@ def compose_config(overrides: list[str]):
 
 
 def prepare(settings: Settings, workdir: Path) -> tuple[Path, Path]:
-    """Build the random model (with a tokenizer trained in code) and prompts of exactly prompt_tokens tokens."""
+    """Build the random model (with a tokenizer trained in code) and prompts of exactly prompt_tokens tokens;
+    where an earlier command left them for the same settings (workdir/prepared.json), use those (a 7B model
+    takes minutes to build and write)."""
     import random
+
+    import torch
 
     from online_rl.models import build_random_model, load_tokenizer
 
+    needed = settings.prompts_per_step * settings.steps
+    recipe = {
+        key: getattr(settings, key)
+        for key in ("model", "model_dtype", "prompt_tokens", "seed", "prompts_per_step")
+    }
+    recipe["prompts"] = needed
+    marker, prompts = workdir / "prepared.json", workdir / "prompts.jsonl"
+    if marker.exists() and json.loads(marker.read_text()) == recipe and prompts.exists():
+        print(f"bench: the model and prompts of an earlier command in {workdir}", flush=True)
+        return workdir / "model", prompts
+    marker.unlink(missing_ok=True)
     model_cfg = compose_config([f"model={settings.model}"]).model
     words = [f"{random.Random(i).randint(0, 10**6)} plus {i} is" for i in range(2000)]
-    model_dir = build_random_model(model_cfg.random_init, words, workdir / "model")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, settings.model_dtype))  # the weights as built, and as written
+    try:
+        # on the GPU where the arms run: a CPU takes minutes to draw 7.6B random numbers (bf16 normal_: one thread)
+        with torch.device(settings.device):
+            model_dir = build_random_model(model_cfg.random_init, words, workdir / "model")
+    finally:
+        torch.set_default_dtype(default_dtype)
     # Plain-text prompts for both frameworks: no chat template that they could apply differently.
     (model_dir / "chat_template.jinja").unlink(missing_ok=True)
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -56,7 +80,7 @@ def prepare(settings: Settings, workdir: Path) -> tuple[Path, Path]:
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
     assert not tokenizer.chat_template, "the bench's prompts are plain text"
 
-    rows, rng, needed = [], random.Random(settings.seed), settings.prompts_per_step * settings.steps
+    rows, rng = [], random.Random(settings.seed)
     for _ in range(100 * needed):
         if len(rows) == needed:
             break
@@ -70,20 +94,29 @@ def prepare(settings: Settings, workdir: Path) -> tuple[Path, Path]:
         raise RuntimeError(
             f"found {len(rows)} of {needed} prompts of exactly {settings.prompt_tokens} tokens: change prompt_tokens"
         )
-    prompts = workdir / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    marker.write_text(json.dumps(recipe))
     return model_dir, prompts
 
 
-def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
-    """Our config for the bench's run: GRPO with TRL's defaults on the shared model and prompts."""
-    _, lora, off_policy = ARMS[arm]
+def the_run(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
+    """What any user's command names to run the bench's step: the model (the real model's config, loading the
+    built one), LoRA, the data, the step's sizes and length, TRL's learning rate, no evaluation."""
+    lora = ARMS[arm][1]
     overrides = [
         "algo=grpo",
-        "model=qwen2_0.5b",
-        f"model.name_or_path={model_dir}",
-        f"hardware={'1gpu' if settings.device == 'cuda' else 'cpu'}",
         f"vllm={'colocate' if settings.use_vllm else 'off'}",
+        f"model={settings.user_model}",
+        f"model.name_or_path={model_dir}",
+    ]
+    if lora:
+        overrides += [
+            "model.lora.enabled=true",
+            f"model.lora.r={settings.lora_r}",
+            f"model.lora.alpha={settings.lora_alpha}",
+            f"model.lora.target_modules=[{','.join(settings.lora_targets)}]",
+        ]
+    return overrides + [
         "logger=none",
         "rewards=[digits]",
         "data.path=json",
@@ -94,7 +127,6 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
         f"data.max_prompt_length={settings.prompt_tokens}",
         f"algo.num_generations={settings.num_generations}",
         f"prompts_per_step={settings.prompts_per_step}",
-        f"micro_batch_size={settings.our_micro_batch_size}",
         f"sampling.max_completion_length={settings.completion_tokens}",
         f"max_steps={settings.steps}",
         f"optim.lr={settings.lr}",
@@ -102,9 +134,26 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
         "optim.lr_scheduler=constant",
         "eval_every=0",
         f"seed={settings.seed}",
+        f"output_dir={workdir / arm}",
+    ]
+
+
+def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
+    """Our config for the bench's run: GRPO with TRL's defaults on the shared model and prompts; ours_default*
+    as a user types it (the_run alone: hardware=auto, every speed setting our default), the other arms with the
+    bench's speed settings."""
+    overrides = the_run(settings, arm, model_dir, prompts, workdir)
+    if arm.startswith("ours_default"):
+        # (the smoke's step of 4 completions: our default micro-batch of 32 does not divide it)
+        if settings.prompts_per_step * settings.num_generations % compose_config(overrides).micro_batch_size:
+            overrides.append(f"micro_batch_size={settings.our_micro_batch_size}")
+        return overrides
+    _, lora, off_policy = ARMS[arm]
+    overrides += [
+        f"hardware={'1gpu' if settings.device == 'cuda' else 'cpu'}",
+        f"micro_batch_size={settings.our_micro_batch_size}",
         f"model.compile={settings.compile_model}",
         f"off_policy_steps={int(off_policy)}",
-        f"output_dir={workdir / arm}",
     ]
     separate_process = settings.separate_process or off_policy or settings.engine_processes > 1
     # the trainer's MPS cap only pays where training runs beside generation; on-policy, it would only slow the
@@ -125,16 +174,8 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
             # the step's sequences decode at once; vLLM captures CUDA graphs only up to this batch size
             f"vllm.max_num_seqs={settings.prompts_per_step * settings.num_generations}",
         ]
-    if lora:
-        targets = ",".join(settings.lora_targets)
-        overrides += [
-            "model.lora.enabled=true",
-            f"model.lora.r={settings.lora_r}",
-            f"model.lora.alpha={settings.lora_alpha}",
-            f"model.lora.target_modules=[{targets}]",
-        ]
-        if settings.lora_base_dtype:
-            overrides.append(f"model.lora.base_dtype={settings.lora_base_dtype}")
+    if lora and settings.lora_base_dtype:
+        overrides.append(f"model.lora.base_dtype={settings.lora_base_dtype}")
     return overrides
 
 
@@ -144,10 +185,11 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
     run_dir = workdir / arm
     shutil.rmtree(run_dir, ignore_errors=True)  # an earlier command's run there: its metrics.jsonl would grow
     overrides = [*our_overrides(settings, arm, model_dir, prompts, workdir), "logger.lab_metrics=true"]
+    overrides.append(f"hydra.run.dir={run_dir}")
     log_path = workdir / f"{arm}-train.log"
     with log_path.open("w") as log:
         done = subprocess.run(
-            [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+            [sys.executable, str(REPO / "train.py"), *overrides],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -177,6 +219,23 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         "generate_steal_s": [m.get("time/generate_steal_s") for m in steps],
         "reward_mean": [m["reward/total_mean"] for m in history],
         "logp_gap_mean": [m.get("sync/logp_gap_mean") for m in steps],
+        # torch's peaks in the trainer's process, read after each rollout (so up to the last step's training)
+        **{
+            f"peak_{kind}_gib": max(
+                (m.get(f"memory/torch_peak_{kind}_gib") or 0.0 for m in history), default=None
+            )
+            or None
+            for kind in ("allocated", "reserved")
+        },
+        # the whole device after each rollout: vLLM awake (before it sleeps), then asleep (the trainer's share)
+        **{
+            f"device_used_{state}_gib": max(
+                (m.get(f"memory/device_used_{state}_gib") or 0.0 for m in steps), default=0.0
+            )
+            or None
+            for state in ("awake", "asleep")
+        },
+        "arm_command": shlex.join(["python", "train.py", *overrides]),
     }
 
 
@@ -243,78 +302,14 @@ def run_floor(settings: Settings, arm: str, model_dir: Path, prompts: Path, work
 
 
 def run_trl(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
-    """TRL's GRPOTrainer with vLLM colocate, the anchor's arguments, everything else its defaults."""
-    import datasets
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    # TRL calls it as we do, by keyword (completions=, prompts=, ...): the same function scores both arms
-    from online_rl.rewards.digits import digit_fraction
-
+    """TRL's GRPOTrainer with vLLM colocate, the anchor's arguments, everything else its defaults (trl_full,
+    trl_lora); or TRL at its best (trl_tuned, trl_tuned_lora): its anchor and its candidates in this process."""
     lora = ARMS[arm][1]
-
-    class StepEnds(TrainerCallback):
-        def __init__(self):
-            self.ends = [time.perf_counter()]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-    gradient_accumulation = settings.prompts_per_step * settings.num_generations // settings.micro_batch_size
-    args = GRPOConfig(
-        output_dir=str(workdir / arm),
-        learning_rate=settings.lr,
-        per_device_train_batch_size=settings.micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation,
-        num_generations=settings.num_generations,
-        max_completion_length=settings.completion_tokens,
-        max_steps=settings.steps,
-        use_vllm=settings.use_vllm,
-        vllm_mode="colocate",
-        vllm_gpu_memory_utilization=settings.gpu_memory_utilization,
-        vllm_max_model_length=settings.prompt_tokens + settings.completion_tokens,
-        bf16=settings.device == "cuda",
-        use_cpu=settings.device == "cpu",
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=settings.seed,
-    )
-    peft_config = None
-    if lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=settings.lora_r,
-            lora_alpha=settings.lora_alpha,
-            target_modules=list(settings.lora_targets),
-            task_type="CAUSAL_LM",
-        )
-    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
-    # our loop appends "\n" to a question when there is no chat template; TRL gets the same text
-    dataset = datasets.Dataset.from_list([{"prompt": row["prompt"] + "\n"} for row in rows])
-    timer = StepEnds()
-    grpo = GRPOTrainer(
-        model=str(model_dir),
-        reward_funcs=[digit_fraction],
-        args=args,
-        train_dataset=dataset,
-        peft_config=peft_config,
-        callbacks=[timer],
-    )
-    grpo.train()
-    seconds = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
-    lengths = [
-        entry["completions/mean_length"]
-        for entry in grpo.state.log_history
-        if "completions/mean_length" in entry
-    ]
-    completions = settings.prompts_per_step * settings.num_generations
-    return {
-        "step_s": seconds[settings.warmup_steps :],
-        "completion_tokens": [length * completions for length in lengths[settings.warmup_steps :]],
-        "reward_mean": [entry["reward"] for entry in grpo.state.log_history if "reward" in entry],
-    }
+    if arm.startswith("trl_tuned"):
+        return run_trl_tuned(settings, lora, model_dir, prompts, workdir / arm)
+    anchor = Candidate(settings.micro_batch_size, gradient_checkpointing=True)  # (TRL's default: on)
+    run = train_trl(settings, lora, model_dir, prompts, workdir / arm, anchor, settings.steps)
+    return measured_part(run, settings.warmup_steps)
 
 
 def run_arm(arm: str, settings: Settings, workdir: Path) -> None:

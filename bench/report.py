@@ -135,7 +135,7 @@ def report(
             f"| {row['completion_tokens_per_s']:,.0f} | {f'{pair:.2f}x' if pair else ''} | {fmt(row, 'peak_gpu_gib', '.1f')} "
             f"| {fmt(row, 'sync_sleep_share', '.1%')} | {fmt(row, 'train_mfu', '.1%')} |"
         )
-    phased = [row for row in stepped if "phases_s" in row]
+    phased = [row for row in stepped if "reward" in row.get("phases_s", {})]  # ours (TRL's: sweep_lines)
     if phased:
         lines += [
             "",
@@ -168,6 +168,7 @@ def report(
             "|---|---|",
             *rollouts,
         ]
+    lines += sweep_lines(rows)
     lines += host_cpu_lines(rows)
     bounds = floor_bounds(rows)
     for row in rows:
@@ -195,6 +196,49 @@ def report(
     for arm, error in failures.items():
         lines += ["", f"**{arm} failed**: {error}"]
     return "\n".join(lines) + "\n"
+
+
+def sweep_lines(rows: list[dict]) -> list[str]:
+    """TRL's runs with their phases: trl_full/trl_lora, and each candidate of a trl_tuned sweep (its anchor
+    first, over the bench's steps; the others over the sweep's), the fastest marked."""
+
+    def line(arm: str, name: str, fields: dict, mark: str) -> str:
+        if fields.get("median_step_s") is None:
+            return f"| {arm} | {name} | {fields.get('error', 'did not run')} | | | | |"
+        peak = fields.get("peak_reserved_gib")
+        mfu = fields.get("train_mfu")
+        return (
+            f"| {arm} | {name}{mark} | {fields['median_step_s']:.2f} ({len(fields['step_s'])} steps) "
+            f"| {fields['generate_s']:.2f} | {fields['train_s']:.2f} | {fields['sync_s']:.3f} "
+            f"| {'' if peak is None else f'{peak:.1f}'} | {'' if mfu is None else f'{mfu:.1%}'} |"
+        )
+
+    lines = []
+    for row in rows:
+        if "sweep" in row:
+            lines += [
+                line(row["arm"], r["name"], r, " (fastest)" if r["name"] == row["tuned"] else "")
+                for r in row["sweep"]
+            ]
+        elif row["arm"].startswith("trl_") and "phases_s" in row:
+            phases = row["phases_s"]
+            fields = {**{f"{key}_s": value for key, value in phases.items()}, "step_s": row["steps_s"]}
+            fields.update(
+                median_step_s=row["s_per_step_median"], peak_reserved_gib=row.get("peak_reserved_gib")
+            )
+            lines.append(line(row["arm"], "anchor", {**fields, "train_mfu": row.get("train_mfu")}, ""))
+    if not lines:
+        return []
+    return [
+        "",
+        "TRL's runs: per-device batch[:flags] (gc: gradient checkpointing), median s/step, of it generation, "
+        "training (the rest) and weight sync, torch's peak reserved GiB in its process (vLLM's engine included), "
+        "train MFU.",
+        "",
+        "| arm | candidate | s/step | generate | train | sync | peak GiB | train MFU |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def rollout_lines(rows: list[dict]) -> list[str]:

@@ -55,11 +55,29 @@ class Settings:
     # GPU's multiprocessors while the engine process generates beside them with all of them; 0: no cap
     trainer_sm_percent: int = 0
     model: str = "qwen2_0.5b_random"  # a conf/model entry with random_init: the shape to build
+    # the conf/model entry a user of the real model names (our runs load the built model through it: its
+    # gradient_checkpointing and the like are the user's defaults)
+    user_model: str = "qwen2_0.5b"
+    # the built model's weights on disk: bfloat16 halves what every arm reads at 7B (random weights either way;
+    # both frameworks still train fp32 master weights)
+    model_dtype: str = "float32"
+    # --shape: the row of the shapes file (bench/results/<date>-shapes.json) these arms fill; "": none
+    shape: str = ""
     device: str = "cuda"
     use_vllm: bool = True
     seed: int = 0
     # floor arms: torch.profiler over one more training step (not timed) -> <out>/<stem>-<arm>-train-profile.txt
     profile: bool = False
+    # trl_tuned: TRL's candidates after its anchor, each `BATCH[:FLAG...]` (bench.trl_sweep): the per-device batch
+    # (accumulation keeps the step's completions) or `best` (the fastest so far); flags gc (gradient
+    # checkpointing on; without it, off, and on again after running out of memory), compile (torch_compile),
+    # liger (use_liger_kernel), bf16base (LoRA: the frozen base loaded in bfloat16)
+    # (issue 27: 32 x 4 and 64 x 2, with TRL's default gradient checkpointing, beat the anchor's 8 x 16 by 1.5x)
+    trl_sweep: tuple[str, ...] = ("16", "32", "32:gc", "64:gc")
+    sweep_warmup_steps: int = (
+        2  # each candidate's steps after the anchor (which runs warmup + measured steps)
+    )
+    sweep_measured_steps: int = 2
 
     @property
     def steps(self) -> int:
@@ -80,7 +98,54 @@ SMOKE = Settings(
     use_vllm=False,
     sleep_level=0,
     compile_model=False,  # a compile takes longer than the whole smoke run (tests/test_train.py covers it)
+    trl_sweep=("1", "best:gc"),
+    sweep_warmup_steps=1,
+    sweep_measured_steps=1,
 )
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LONG_STEP = {"prompt_tokens": 256, "completion_tokens": 1024}  # issue 27's step beyond the anchor
+# --shape NAME: the settings it changes (the rest are the anchor's), and whether its arms train LoRA adapters.
+# Steps: at 1.5B and 7B a step takes 10-30 s, so fewer of them keep one command under 9 minutes (bench/shapes.sh).
+SHAPES = {
+    # the anchor: the seed notebook's step (TRL's batch 16 left out: issue 27 measured 32 and 64 fastest)
+    "0.5b": ({"trl_sweep": ("32", "32:gc", "64:gc")}, False),
+    # r 8 on q_proj, v_proj, as the anchor's LoRA arms; the fastest also with torch_compile (its first steps compile)
+    "0.5b_lora": ({"trl_sweep": ("16", "32", "32:gc", "64:gc", "best:compile")}, True),
+    "1.5b": (
+        {
+            **LONG_STEP,
+            "model": "qwen2.5_1.5b_random",
+            "user_model": "qwen2.5_1.5b",
+            "model_dtype": "bfloat16",
+            "warmup_steps": 2,
+            "measured_steps": 3,
+            # without gradient checkpointing only a small batch's activations fit beside vLLM at 1280 tokens
+            "trl_sweep": ("4", "16:gc", "32:gc"),
+            "sweep_warmup_steps": 1,
+        },
+        False,
+    ),
+    "7b_lora": (
+        {
+            **LONG_STEP,
+            "model": "qwen2.5_7b_random",
+            "user_model": "qwen2.5_7b",
+            "model_dtype": "bfloat16",
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_targets": ALL_LINEAR,
+            "warmup_steps": 1,
+            "measured_steps": 2,
+            # its activations need gradient checkpointing (TRL's default) beside vLLM; a bf16 base halves TRL's
+            # 30 GiB of frozen fp32 weights (our default keeps fp32: model.lora.base_dtype)
+            "trl_sweep": ("16:gc:bf16base",),
+            "sweep_warmup_steps": 1,
+            "sweep_measured_steps": 1,
+        },
+        True,
+    ),
+}
 
 # arm -> (framework, LoRA, one step off-policy); floor: our generation alone and our training alone
 ARMS = {
@@ -91,7 +156,16 @@ ARMS = {
     "trl_lora": ("trl", True, False),
     "ours_lora": ("ours", True, False),
     "floor_lora": ("floor", True, False),
+    # issue 27: our train.py as a user types it (only the shape's model, data and lengths), and TRL at its best
+    # (its anchor, then the candidates of trl_sweep, in one process)
+    "ours_default": ("ours", False, False),
+    "trl_tuned": ("trl", False, False),
+    "ours_default_lora": ("ours", True, False),
+    "trl_tuned_lora": ("trl", True, False),
 }
+# what a command runs without --arms: the anchor's arms, or a shape's (their ratios need them in one command)
+ANCHOR_ARMS = ("trl_full", "ours_full", "floor", "ours_offpolicy", "trl_lora", "ours_lora", "floor_lora")
+SHAPE_ARMS = {False: ("ours_default", "trl_tuned"), True: ("ours_default_lora", "trl_tuned_lora")}
 # each floor and the on-policy arms it bounds (TRL's twin: the most a step that generates, then trains, can
 # gain on it)
 FLOOR_OF = {"floor": ("ours_full", "trl_full"), "floor_lora": ("ours_lora", "trl_lora")}
@@ -101,7 +175,18 @@ def settings_from_json(fields: dict) -> Settings:
     """Settings as a results file (or an arm's command line) holds them. A setting the bench no longer has
     (results from before it was removed) is left out."""
     known = {key: value for key, value in fields.items() if key in Settings.__dataclass_fields__}
-    return Settings(**{**known, "lora_targets": tuple(known["lora_targets"])})
+    tuples = {key: tuple(known[key]) for key in ("lora_targets", "trl_sweep") if key in known}
+    return Settings(**{**known, **tuples})
+
+
+def shape_settings(base: Settings, shape: str | None, resize: bool = True) -> Settings:
+    """The settings of --shape NAME over base (its LoRA flag picks the arms: SHAPE_ARMS); resize=False (the
+    smoke's tiny step on a CPU) keeps base's sizes, steps and TRL candidates and takes only the shape's name."""
+    if shape is None:
+        return base
+    if shape not in SHAPES:
+        raise SystemExit(f"--shape {shape}: choose from {', '.join(SHAPES)}")
+    return replace(base, **(SHAPES[shape][0] if resize else {}), shape=shape)
 
 
 def parse_settings(base: Settings, assignments: list[str]) -> Settings:

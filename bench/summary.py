@@ -7,25 +7,36 @@ import statistics
 from pathlib import Path
 
 from bench.settings import ARMS, FLOOR_OF, Settings
+from bench.shapes import mfu, trl_phases, vllm_awake_gib
+from bench.trl_sweep import trl_command
 
-H200_BF16_DENSE_FLOPS = 989e12  # the H200's dense bf16 tensor-core peak (NVIDIA's data sheet)
 
-
-def train_mfu(train_s: float, settings: Settings, flops_per_token: float) -> float | None:
-    """The share of the H200's bf16 peak that an optimizer step over one rollout's tokens (prompts and
-    completions) reaches in train_s seconds; None off a GPU."""
-    if settings.device != "cuda":
-        return None
+def train_flops(settings: Settings, flops_per_token: float) -> float:
+    """An optimizer step's FLOPs over one rollout's tokens (prompts and completions, every completion at its
+    length limit: random weights never stop early)."""
     tokens_per_step = (
         settings.prompts_per_step
         * settings.num_generations
         * (settings.prompt_tokens + settings.completion_tokens)
     )
-    return flops_per_token * tokens_per_step / train_s / H200_BF16_DENSE_FLOPS
+    return flops_per_token * tokens_per_step
 
 
-def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -> dict:
-    """One arm's row of the results: medians and spreads over the measured steps."""
+def train_mfu(
+    train_s: float, settings: Settings, flops_per_token: float, peak_flops: float | None
+) -> float | None:
+    """The share of the GPU's bf16 peak (shapes.peak_bf16_flops) that an optimizer step over one rollout's
+    tokens reaches in train_s seconds; None off a GPU."""
+    if settings.device != "cuda":
+        return None
+    return mfu(train_flops(settings, flops_per_token), train_s, peak_flops)
+
+
+def summarize(
+    arm: str, raw: dict, settings: Settings, flops_per_token: float, peak_flops: float | None = None
+) -> dict:
+    """One arm's row of the results: medians and spreads over the measured steps (train MFU against
+    peak_flops, the GPU's bf16 peak)."""
     if arm in FLOOR_OF:
         generate, train = statistics.median(raw["generate_s"]), statistics.median(raw["train_s"])
         return {
@@ -33,7 +44,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
             "generate_alone_s": generate,
             "train_alone_s": train,
             "floor_s": generate + train,
-            "train_mfu": train_mfu(train, settings, flops_per_token),
+            "train_mfu": train_mfu(train, settings, flops_per_token, peak_flops),
             "generate_alone_steps_s": raw["generate_s"],
             "train_alone_steps_s": raw["train_s"],
             "generate_alone_gc_s": raw["generate_gc_s"],  # of it, in Python's garbage collector
@@ -51,7 +62,39 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
         ),
         "peak_gpu_gib": raw["peak_gpu_gib"],
         "steps_s": seconds,
+        # torch's peaks in the trainer's process (TRL's: vLLM's engine included, allocated through torch)
+        "peak_allocated_gib": raw.get("peak_allocated_gib"),
+        "peak_reserved_gib": raw.get("peak_reserved_gib"),
+        # vLLM's share of the device: TRL's engine's fraction; ours, what waking it adds to the trainer's use
+        "vllm_gib": raw.get("vllm_gib")
+        or vllm_awake_gib(raw.get("device_used_awake_gib"), raw.get("device_used_asleep_gib")),
+        "arm_command": raw.get("arm_command"),
     }
+    if ARMS[arm][0] == "trl" and "generate_s" in raw:
+        flops = train_flops(settings, flops_per_token) if settings.device == "cuda" else 0.0
+        phases = trl_phases(raw, flops, peak_flops)
+        row["phases_s"] = {key.removesuffix("_s"): phases[key] for key in ("generate_s", "train_s", "sync_s")}
+        row["phases_s"]["sleep_wake"] = 0.0
+        row["sync_sleep_share"], row["train_mfu"] = phases["sync_sleep_share"], phases["train_mfu"]
+        row["generate_steps_s"], row["sync_steps_s"] = raw["generate_s"], raw["sync_s"]
+        lora = ARMS[arm][1]
+        row["arm_command"] = trl_command(raw["arguments"], settings, lora)
+        if "sweep" in raw:  # trl_tuned: every candidate with its fields, the fastest named
+            row["tuned"] = raw["tuned"]
+            if raw.get("stopped"):  # (the sweep cut short: the candidates it measured)
+                row["sweep_stopped"] = raw["stopped"]
+            row["sweep"] = [
+                {
+                    **record,
+                    **(trl_phases(record, flops, peak_flops) if "step_s" in record else {}),
+                    **(
+                        {"arm_command": trl_command(record["arguments"], settings, lora)}
+                        if "arguments" in record
+                        else {}
+                    ),
+                }
+                for record in raw["sweep"]
+            ]
     phases = raw.get("phases")
     if phases:
         row.update(
@@ -66,7 +109,7 @@ def summarize(arm: str, raw: dict, settings: Settings, flops_per_token: float) -
                 "generate_cpu_steps_s": raw["generate_cpu_s"],
                 "generate_steal_steps_s": raw["generate_steal_s"],
                 "sync_sleep_share": (phases["sync"] + phases["sleep_wake"]) / row["s_per_step_median"],
-                "train_mfu": train_mfu(phases["train"], settings, flops_per_token),
+                "train_mfu": train_mfu(phases["train"], settings, flops_per_token, peak_flops),
             }
         )
     return row
@@ -143,13 +186,20 @@ def floor_bounds(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def flops_per_token(model_dir: Path, lora: bool) -> float:
     """Forward + backward FLOPs per trained token: 6 N (full) or 4 N (LoRA: no weight gradients of the
-    frozen base), N counting the tied embedding once as the output projection; attention scores left out."""
+    frozen base), N the parameters that multiply (an untied input embedding is a lookup: left out; a tied one
+    counts once, as the output projection); attention scores left out."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with __import__("torch").device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    params = sum(p.numel() for p in model.parameters())
-    return (4 if lora else 6) * params
+    return (4 if lora else 6) * multiplying_parameters(model)
+
+
+def multiplying_parameters(model) -> int:
+    """The model's parameters less an input embedding of its own (untied from the output projection)."""
+    params = sum(p.numel() for p in model.parameters())  # (a tied weight is one parameter)
+    embedding, output = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return params - (embedding.numel() if embedding is not output else 0)
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:

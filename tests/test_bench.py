@@ -411,3 +411,348 @@ def test_cpu_speeds_probe_every_allowed_cpu_and_leave_the_affinity_as_it_was():
         "median": 4.0,
         "slowest": 4.5,
     }
+
+
+# issue 27: TRL at its best, our default command, and the shapes beyond the 0.5B anchor
+
+
+def test_shape_fields_are_the_sums_of_hand_numbers():
+    from bench.shapes import median, mfu, peak_bf16_flops, ratio, share, vllm_awake_gib
+
+    assert median([3.0, 9.0, 4.0]) == 4.0 and median([2.0, 4.0]) == 3.0 and median([]) is None
+    # nvidia-smi's names, as machine() records them ("name, driver, max SM clock")
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3, 570.133.20, 1980 MHz") == 989e12
+    assert peak_bf16_flops("NVIDIA H200, 570.133.20, 1980 MHz") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe, 550.54, 1755 MHz") == 756e12
+    assert peak_bf16_flops("Tesla T4, 535.0, 1590 MHz") is None and peak_bf16_flops(None) is None
+    # 6 N x tokens: a 1.5e9-parameter model over 163,840 tokens in 4 s on an H100
+    assert mfu(6 * 1.5e9 * 163_840, 4.0, 989e12) == pytest.approx(0.3727, abs=1e-4)
+    assert mfu(1e15, 4.0, None) is None and mfu(1e15, 0.0, 989e12) is None
+    assert share(0.09, 4.5) == pytest.approx(0.02) and share(None, 4.5) is None
+    assert ratio(6.08, 4.38) == pytest.approx(1.388, abs=1e-3)  # issue 27's command: TRL 64 x 2 over ours
+    assert ratio(None, 4.38) is None and ratio(6.08, None) is None
+    assert vllm_awake_gib(55.6, 41.2) == pytest.approx(14.4) and vllm_awake_gib(None, 41.2) is None
+
+
+def test_trl_phases_split_its_steps_into_generation_sync_and_training():
+    from bench.shapes import trl_phases
+
+    record = {"step_s": [10.0, 12.0, 11.0], "generate_s": [6.0, 7.0, 6.5], "sync_s": [0.5, 0.5, 0.4]}
+    fields = trl_phases(record, train_flops=2e15, peak_flops=1e15)
+    assert fields["median_step_s"] == 11.0 and fields["generate_s"] == 6.5 and fields["sync_s"] == 0.5
+    assert fields["train_s"] == pytest.approx(4.1)  # median of 3.5, 4.5, 4.1
+    assert fields["sync_sleep_share"] == pytest.approx(0.5 / 11.0)
+    assert fields["train_mfu"] == pytest.approx(2 / 4.1)
+    assert trl_phases(record, 2e15, None)["train_mfu"] is None  # a GPU without a known peak (or a CPU)
+
+
+def bench_row(arm: str, seconds: float, command: int, **fields) -> dict:
+    return {
+        "arm": arm,
+        "s_per_step_median": seconds,
+        "command": command,
+        "arm_command": f"run {arm}",
+        **fields,
+    }
+
+
+def test_shape_entries_compare_our_arms_with_trl_of_their_own_command():
+    """Ratios are TRL's median over ours, each with TRL of the same command; TRL's anchor comes from trl_tuned's
+    sweep where no trl_full ran with it; one object per arm (ours_default's command first)."""
+    from bench.shapes import shape_entries
+
+    sweep = [
+        {"name": "8:gc", "anchor": True, "median_step_s": 9.0, "step_s": [9.0], "arm_command": "anchor"},
+        {"name": "32", "anchor": False, "median_step_s": 6.0, "step_s": [6.0]},
+        {"name": "64", "anchor": False, "error": "OutOfMemoryError: ..."},
+    ]
+    rows = [
+        bench_row(
+            "ours_default", 4.0, 1, phases_s={"generate": 2.5, "train": 1.3, "sync": 0.05, "sleep_wake": 0.1}
+        ),
+        bench_row("trl_tuned", 6.0, 1, sweep=sweep, tuned="32", peak_gpu_gib=40.0),
+        bench_row("ours_offpolicy", 3.0, 2),
+        bench_row("trl_full", 8.0, 2),
+        bench_row("floor", 3.5, 1),
+    ]
+    entries = shape_entries(rows, "1.5b", {"commit": "abc1234"})
+    by_arm = {e["arm"]: e for e in entries}
+    assert [e["arm"] for e in entries] == ["ours_default", "ours_off_policy", "trl_anchor", "trl_tuned"]
+    assert all(e["shape"] == "1.5b" and e["commit"] == "abc1234" for e in entries)
+    ours = by_arm["ours_default"]
+    assert ours["ratio_vs_trl_tuned"] == 1.5 and ours["ratio_vs_trl_anchor"] == 2.25  # 6 / 4, 9 / 4
+    assert ours["command"] == "run ours_default" and ours["generate_s"] == 2.5 and ours["sleep_wake_s"] == 0.1
+    assert ours["ratio_same_command"] == {"trl_tuned": True, "trl_anchor": True}
+    # the off-policy arm ran beside trl_full (8 s), not beside trl_tuned: that ratio is across commands
+    off_policy = by_arm["ours_off_policy"]
+    assert off_policy["ratio_vs_trl_tuned"] == 2.0 and off_policy["ratio_vs_trl_anchor"] == pytest.approx(
+        8.0 / 3.0
+    )
+    assert off_policy["ratio_same_command"] == {"trl_tuned": False, "trl_anchor": True}
+    (alone,) = shape_entries([bench_row("ours_default", 4.0, 1)], "1.5b", {})
+    assert alone["ratio_vs_trl_tuned"] is None and alone["ratio_same_command"]["trl_tuned"] is None
+    # the anchor kept is the sweep's, measured with ours_default; trl_full's (command 2) gave only its ratio
+    anchor = by_arm["trl_anchor"]
+    assert (anchor["from_sweep"], anchor["median_step_s"], anchor["measured_in_command"]) == ("8:gc", 9.0, 1)
+    tuned = by_arm["trl_tuned"]
+    assert tuned["tuned"] == "32" and [r["name"] for r in tuned["sweep"]] == ["8:gc", "32", "64"]
+    assert tuned["sweep"][2]["error"].startswith("OutOfMemoryError") and tuned["peak_mem_gib"] == 40.0
+
+
+def test_the_shapes_file_keeps_other_shapes_and_replaces_its_own(tmp_path):
+    from bench.shapes import write_shapes
+
+    path = tmp_path / "2026-12-08-shapes.json"
+    write_shapes(path, "1.5b", [{"shape": "1.5b", "arm": "ours_default", "median_step_s": 9.0}])
+    write_shapes(path, "7b_lora", [{"shape": "7b_lora", "arm": "ours_default", "median_step_s": 30.0}])
+    write_shapes(path, "1.5b", [{"shape": "1.5b", "arm": "ours_default", "median_step_s": 8.0}])
+    assert [(e["shape"], e["median_step_s"]) for e in json.loads(path.read_text())] == [
+        ("7b_lora", 30.0),
+        ("1.5b", 8.0),
+    ]
+
+
+def test_trl_candidates_keep_the_step_and_name_their_settings(tmp_path):
+    """Each candidate trains the step's completions per optimizer step (batch x accumulation); `best` takes the
+    fastest so far with the spec's flags; a batch that does not divide the step, or an unknown flag, is refused."""
+    from bench.settings import SHAPES, Settings, shape_settings
+    from bench.trl_sweep import Candidate, grpo_arguments, parse_candidate
+
+    settings = Settings()
+    candidate = parse_candidate("32:gc:compile", [])
+    assert (
+        candidate == Candidate(32, gradient_checkpointing=True, compile=True)
+        and candidate.name == "32:gc:compile"
+    )
+    arguments = grpo_arguments(settings, candidate, 4, tmp_path)
+    assert (arguments["per_device_train_batch_size"], arguments["gradient_accumulation_steps"]) == (32, 4)
+    assert arguments["gradient_checkpointing"] and arguments["torch_compile"] and arguments["max_steps"] == 4
+    assert "model_init_kwargs" not in arguments
+    assert grpo_arguments(settings, parse_candidate("16:bf16base", []), 4, tmp_path)["model_init_kwargs"] == {
+        "dtype": "bfloat16"
+    }
+    measured = [
+        {"candidate": Candidate(8, True), "median_step_s": 9.0},
+        {"candidate": Candidate(64, True), "median_step_s": 5.5},
+        {"candidate": Candidate(32, False), "error": "OutOfMemoryError"},
+    ]
+    assert parse_candidate("best:compile", measured) == Candidate(64, True, compile=True)
+    with pytest.raises(ValueError, match="unknown flags"):
+        parse_candidate("32:fast", [])
+    with pytest.raises(ValueError, match="does not divide the step's 128 completions"):
+        grpo_arguments(settings, parse_candidate("48", []), 4, tmp_path)
+    for name in SHAPES:  # every shape's candidates keep 128 completions a step
+        shaped = shape_settings(settings, name)
+        for spec in shaped.trl_sweep:
+            if not spec.startswith("best"):
+                arguments = grpo_arguments(shaped, parse_candidate(spec, []), 4, tmp_path)
+                batch, steps = (
+                    arguments["per_device_train_batch_size"],
+                    arguments["gradient_accumulation_steps"],
+                )
+                assert batch * steps == 128, (name, spec)
+
+
+def test_a_sweep_stopped_midway_keeps_the_fastest_it_measured():
+    """The records as the sweep writes them after each candidate (<arm>.sweep.json): what a stopped trl_tuned
+    arm reports."""
+    from bench.trl_sweep import tuned_result
+
+    records = [
+        {"name": "8:gc", "anchor": True, "median_step_s": 9.0, "step_s": [9.1, 8.9]},
+        {"name": "32", "anchor": False, "error": "OutOfMemoryError: ..."},
+        {"name": "32:gc", "anchor": False, "median_step_s": 6.0, "step_s": [6.0, 6.0]},
+    ]
+    tuned = tuned_result(records)
+    assert (tuned["tuned"], tuned["step_s"], tuned["sweep"]) == ("32:gc", [6.0, 6.0], records)
+    assert tuned_result(records[1:2]) is None
+
+
+def test_ours_default_is_the_command_a_user_types_and_the_shapes_their_models(tmp_path):
+    """ours_default names only the run (model, LoRA, data, lengths): hardware, the engine's memory, compile and
+    the micro-batch are our defaults; the other arms keep the bench's speed settings. The 7B shape's LoRA is
+    r 16 on every linear layer, its model config the real one's (gradient checkpointing on)."""
+    from bench.arms import compose_config, our_overrides
+    from bench.settings import ALL_LINEAR, SMOKE, Settings, shape_settings
+
+    paths = (tmp_path / "model", tmp_path / "prompts.jsonl", tmp_path)
+    defaults = compose_config(["algo=grpo", "vllm=colocate"])
+    seven = shape_settings(Settings(), "7b_lora")
+    overrides = our_overrides(seven, "ours_default_lora", *paths)
+    assert not [o for o in overrides if o.split("=")[0] in ("hardware", "micro_batch_size", "model.compile")]
+    assert not [o for o in overrides if o.startswith(("vllm.", "off_policy_steps"))]
+    cfg = compose_config(overrides)
+    assert cfg.model.gradient_checkpointing and cfg.model.lora.enabled and cfg.model.lora.r == 16
+    assert tuple(cfg.model.lora.target_modules) == ALL_LINEAR
+    assert cfg.sampling.max_completion_length == 1024 and cfg.data.max_prompt_length == 256
+    assert cfg.micro_batch_size == defaults.micro_batch_size and cfg.model.compile == defaults.model.compile
+    assert cfg.vllm == defaults.vllm and cfg.hardware == defaults.hardware
+    # --smoke --shape: the tiny step on the CPU, in the shape's rows
+    smoke = shape_settings(SMOKE, "7b_lora", resize=False)
+    assert (smoke.model, smoke.trl_sweep, smoke.lora_r, smoke.shape) == (
+        "tiny",
+        SMOKE.trl_sweep,
+        SMOKE.lora_r,
+        "7b_lora",
+    )
+    tuned = compose_config(our_overrides(shape_settings(Settings(), "1.5b"), "ours_full", *paths))
+    assert tuned.model.compile and tuned.vllm.kv_cache_memory_gib == 4.0 and tuned.micro_batch_size == 16
+    assert tuned.sampling.max_completion_length == 1024 and not tuned.model.lora.enabled
+
+
+@pytest.mark.parametrize(
+    ("model", "parameters", "multiplying"),
+    [
+        # Qwen2.5-1.5B: tied embeddings, 1.54B parameters; Qwen2.5-7B: untied, 7.62B, of them the input
+        # embedding (152064 x 3584) a lookup, not a matrix product
+        ("qwen2.5_1.5b_random", 1_543_714_304, 1_543_714_304),
+        ("qwen2.5_7b_random", 7_615_616_512, 7_615_616_512 - 152064 * 3584),
+    ],
+)
+def test_the_random_shapes_have_the_real_models_sizes(model, parameters, multiplying):
+    """The configs compose and build (on the meta device, nothing allocated) to the real models' sizes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.arms import compose_config
+    from bench.summary import multiplying_parameters
+    from online_rl.models import random_model_config, train_byte_level_tokenizer
+
+    spec = compose_config([f"model={model}"]).model.random_init
+    tokenizer = train_byte_level_tokenizer([f"{i} plus {i} is" for i in range(50)], 300)
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(random_model_config(spec, tokenizer))
+    assert sum(p.numel() for p in built.parameters()) == parameters
+    assert multiplying_parameters(built) == multiplying
+
+
+def test_a_shape_runs_only_arms_of_its_kind(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--shape",
+            "7b_lora",
+            "--arms",
+            "ours_default",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--shape 7b_lora trains LoRA; ['ours_default'] do not" in result.stderr
+
+
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
+def test_a_shape_command_measures_our_default_against_trl_tuned(tmp_path):
+    """--shape: ours_default (train.py as typed) and trl_tuned (TRL's anchor, then its candidates, in one
+    process) in one command; the shapes file holds their objects with the ratios of that command; an --append
+    of trl_full keeps one object per arm."""
+    out, work = tmp_path / "results", tmp_path / "work"
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--smoke",
+        "--shape",
+        "0.5b",
+        "--arms",
+        "ours_default,trl_tuned",
+    ]
+    command += ["--workdir", str(work), "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (results_file,) = out.glob("*-smoke-0.5b.json")
+    settings = json.loads(results_file.read_text())["settings"]
+    (shapes_file,) = out.glob("????-??-??-shapes.json")
+    assert shapes_file.name[:10] == results_file.name[:10]
+    entries = {e["arm"]: e for e in json.loads(shapes_file.read_text())}
+    assert set(entries) == {"ours_default", "trl_anchor", "trl_tuned"}
+    for e in entries.values():
+        assert e["shape"] == "0.5b" and e["measured_in_command"] == 1 and e["median_step_s"] > 0
+        for key in ("command", "peak_mem_gib", "train_mfu", "sync_sleep_share", "generate_s", "train_s"):
+            assert key in e
+        assert 0 < e["generate_s"] < e["median_step_s"] and 0 <= e["sync_sleep_share"] < 1
+    ours, anchor, tuned = entries["ours_default"], entries["trl_anchor"], entries["trl_tuned"]
+    assert ours["command"].startswith(
+        "python train.py algo=grpo vllm=off model=qwen2_0.5b model.name_or_path="
+    )
+    assert "hardware=" not in ours["command"] and "model.compile" not in ours["command"]
+    assert ours["ratio_vs_trl_tuned"] == pytest.approx(tuned["median_step_s"] / ours["median_step_s"])
+    assert ours["ratio_vs_trl_anchor"] == pytest.approx(anchor["median_step_s"] / ours["median_step_s"])
+
+    # the sweep: TRL's anchor (batch 2 with its default gradient checkpointing) over the bench's measured
+    # steps, then each candidate over the sweep's; the tuned row is the fastest of them
+    sweep = tuned["sweep"]
+    assert (sweep[0]["name"], sweep[0]["anchor"], anchor["from_sweep"]) == ("2:gc", True, "2:gc")
+    assert len(sweep[0]["step_s"]) == settings["measured_steps"] == len(anchor["steps_s"])
+    assert sweep[1]["name"] == "1" and len(sweep[1]["step_s"]) == settings["sweep_measured_steps"]
+    assert len(sweep[1]["warmup_s"]) == settings["sweep_warmup_steps"]
+    fastest = min(sweep, key=lambda record: record["median_step_s"])
+    assert (tuned["tuned"], tuned["median_step_s"]) == (fastest["name"], fastest["median_step_s"])
+    # `best:gc`: the fastest of the two with gradient checkpointing (already measured, if that was the anchor)
+    assert [r["name"] for r in sweep[2:]] == ([] if fastest["name"] == "2:gc" else ["1:gc"])
+    batch = int(tuned["tuned"].split(":")[0])
+    assert (
+        f'"per_device_train_batch_size": {batch}, "gradient_accumulation_steps": {4 // batch}'
+        in tuned["command"]
+    )
+    assert "| trl_tuned | 2:gc" in results_file.with_suffix(".md").read_text()
+
+    # TRL's anchor in a process of its own, appended: the file keeps one anchor, the one beside ours_default
+    appended = subprocess.run(
+        [*command[:7], "trl_full", *command[8:], "--append"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert appended.returncode == 0, (appended.stdout + appended.stderr)[-3000:]
+    entries = json.loads(shapes_file.read_text())
+    assert sorted(e["arm"] for e in entries) == ["ours_default", "trl_anchor", "trl_tuned"]
+    assert next(e for e in entries if e["arm"] == "trl_anchor")["measured_in_command"] == 1
+    assert "the model and prompts of an earlier command" in appended.stdout
+
+
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-slow` (and CI) runs it
+def test_trl_candidates_share_one_vllm_engine_and_train_on_one_rank(tmp_path, monkeypatch):
+    """The sweep on vLLM's CPU build: TRL's anchor and a candidate, two GRPOTrainers in one process, with one
+    vLLM engine between them; the rank variables TRL's engine sets are gone before the next trainer (with
+    them, its arguments turned on DistributedDataParallel); a candidate that fails is recorded, not fatal."""
+    from dataclasses import replace
+
+    import trl.generation.vllm_generation as generation
+
+    from bench.arms import prepare
+    from bench.settings import SMOKE
+    from bench.trl_sweep import sweep
+
+    monkeypatch.setenv(
+        "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
+    )  # (vLLM's engine in this process, as TRL's on GPUs)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    built = []
+    real_llm = generation.LLM
+
+    def counted(**kwargs):
+        built.append(kwargs)
+        return real_llm(**kwargs)
+
+    monkeypatch.setattr(generation, "LLM", counted)
+    # a batch of 3 does not divide the step's 4 completions: that candidate fails alone, the sweep goes on
+    settings = replace(SMOKE, use_vllm=True, trl_sweep=("3", "1"), warmup_steps=1, measured_steps=1)
+    model_dir, prompts = prepare(settings, tmp_path / "work")
+    records = sweep(settings, False, (model_dir, prompts, tmp_path / "trl"), tmp_path / "sweep.json")
+    assert [r["name"] for r in records] == ["2:gc", "3", "1"]
+    assert records[1]["error"].startswith("ValueError: a per-device batch of 3 does not divide")
+    records = [records[0], records[2]]
+    assert [len(r["step_s"]) for r in records] == [1, 1]
+    assert all(r["sync_s"][0] > 0 and r["generate_s"][0] > 0 for r in records)  # weights pushed to vLLM
+    assert len(built) == 1 and built[0]["max_num_seqs"] == 4  # (batch x accumulation: the step's completions)
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE"} & set(os.environ)
+    assert [r["name"] for r in json.loads((tmp_path / "sweep.json").read_text())] == ["2:gc", "3", "1"]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.envs.calculator import MAX_EXPRESSION_CHARS, Calculator, CalculatorError, calculate
-from online_rl.envs.guess_number import GuessNumber
 from online_rl.algorithms.sampler_correction import logp_gap
 from online_rl.engines.transformers_engine import TransformersEngine, eos_token_ids
+from online_rl.envs.calculator import MAX_EXPRESSION_CHARS, Calculator, CalculatorError, calculate
+from online_rl.envs.guess_number import GuessNumber
 from online_rl.logprobs import completion_logprobs, pack
 from online_rl.loop import run
 from online_rl.multiturn import EnvironmentFailure, Episodes, reply_text
@@ -273,7 +273,9 @@ def test_bad_env_settings_fail_before_anything_loads(make_config, overrides, mes
 
 def test_an_unknown_environment_class_is_named(tokenizer):
     cfg = compose_config(["env=calculator", "env.cls=online_rl.envs.calculator.Abacus"]).env
-    with pytest.raises(ValueError, match="env.cls='online_rl.envs.calculator.Abacus' is not an importable class"):
+    with pytest.raises(
+        ValueError, match="env.cls='online_rl.envs.calculator.Abacus' is not an importable class"
+    ):
         Episodes(cfg, tokenizer, None, 64)
 
 

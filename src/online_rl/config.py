@@ -225,7 +225,9 @@ class EnvConfig:
     name: str = (
         "none"  # none = single-turn: one completion per sample; else its reward's name (reward/<name>_mean)
     )
-    cls: str | None = None  # import path of the environment's class, e.g. online_rl.envs.calculator.Calculator
+    cls: str | None = (
+        None  # import path of the environment's class, e.g. online_rl.envs.calculator.Calculator
+    )
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its constructor
     weight: float = 1.0  # weight of the environment's reward in the total (beside any reward functions)
     max_turns: int = 4  # model turns per sample; an episode still going then ends (env/max_turns_reached)

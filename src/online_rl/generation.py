@@ -166,4 +166,7 @@ def gpu_memory_metrics(device: torch.device) -> dict[str, float]:
     return {
         "memory/device_used_asleep_gib": (total - free) / 2**30,
         "memory/torch_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+        # the highest since the process started: the trainer's peak over the steps so far
+        "memory/torch_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "memory/torch_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
     }

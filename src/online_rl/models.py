@@ -52,12 +52,27 @@ def train_byte_level_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrai
 def build_random_model(spec: Any, texts: Iterable[str], directory: Path) -> Path:
     """Write a Qwen2-architecture model with random weights and a tokenizer trained on `texts` to `directory`."""
     tokenizer = train_byte_level_tokenizer(texts, spec.tokenizer_vocab_size)
+    config = random_model_config(spec, tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config)
+    # A random model must not stop on hub generation defaults, only on EOS and max_new_tokens.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def random_model_config(spec: Any, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    """The Qwen2 config of a random_init spec with its tokenizer (build it on the meta device to count it)."""
     vocab_size = spec.model_vocab_size or -(-len(tokenizer) // 64) * 64
     if vocab_size < len(tokenizer):
         raise ValueError(
             f"model_vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)"
         )
-    config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -70,16 +85,6 @@ def build_random_model(spec: Any, texts: Iterable[str], directory: Path) -> Path
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config)
-    # A random model must not stop on hub generation defaults, only on EOS and max_new_tokens.
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 class ModelUnavailable(ValueError):

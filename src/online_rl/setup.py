@@ -395,7 +395,9 @@ def rewards_and_environment(cfg: DictConfig, dataset_columns: list[str]) -> list
     reward as one more, named env.name."""
     if cfg.env.name == "none":
         return load_reward_functions(cfg.rewards, cfg.on_reward_error.value, dataset_columns)
-    functions = load_reward_functions(cfg.rewards, cfg.on_reward_error.value, dataset_columns) if cfg.rewards else []
+    functions = (
+        load_reward_functions(cfg.rewards, cfg.on_reward_error.value, dataset_columns) if cfg.rewards else []
+    )
     return [
         *functions,
         RewardFunction(cfg.env.name, environment_reward, cfg.env.weight, cfg.on_reward_error.value),
