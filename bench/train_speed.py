@@ -28,6 +28,7 @@ from bench import speed_variants
 from bench.arms import compose_config, our_overrides
 from bench.halves import profile_step, rollout_micro_batches, step_prompts, train_step
 from bench.settings import SMOKE, Settings
+from bench.shapes import peak_bf16_flops
 from bench.summary import flops_per_token, train_mfu
 
 MODULE = "bench.train_speed"  # what `python -m` runs: each variant's process
@@ -49,6 +50,13 @@ VARIANTS = {
         {},
     ),
 }
+
+
+def peak_of_this_gpu() -> float | None:
+    """This machine's GPU's dense bf16 peak (None without CUDA, or for a GPU bench.shapes does not know)."""
+    import torch
+
+    return peak_bf16_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def measure(
@@ -129,7 +137,7 @@ def measure(
         "warmup_s": seconds[: settings.warmup_steps],
         "step_s": measured,
         "train_s": train_s,
-        "mfu": train_mfu(train_s, settings, flops_per_token(workdir / "model", lora)),
+        "mfu": train_mfu(train_s, settings, flops_per_token(workdir / "model", lora), peak_of_this_gpu()),
         "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
         else None,

@@ -1,15 +1,14 @@
-"""Environments for multi-turn rollouts. Each is a plain class a user can copy (it imports nothing of the
-library), one instance per sample:
+"""Your own environments for multi-turn rollouts: a module here is found by its import path when you run from
+a clone's root, e.g.
 
-    reset(row: dict) -> str | list[dict]        the conversation's opening: a user message, or messages
-                                                ({"role": ..., "content": ...}); `row` is the dataset row
-    step(assistant_text: str) -> (reply, reward, done)
-        reply:  None, a user message (str) or messages (e.g. {"role": "tool", "content": "42"})
-        reward: None (no opinion yet) or a number; a sample's reward is the sum of those it got
-        done:   True ends the episode
+    # envs/echo.py: a class with reset(row) -> opening message(s) and step(text) -> (reply, reward, done)
+    # src/online_rl/conf/env/echo.yaml
+    name: echo
+    cls: envs.echo.Echo
+    max_turns: 3
 
-Picked with `env=<name>` (src/online_rl/conf/env/<name>.yaml names the class); `env.max_turns` caps the
-model's turns. The built-in ones (calculator, guess_number) live in online_rl/envs/; this folder is a clone's
-place for its own (`cls: envs.my_module.MyEnv`, run with `python train.py` from the clone's root), as rewards/
-is for rewards. It is not part of the installed package.
+    python train.py env=echo
+
+The interface, and the built-in environments to copy from (calculator, guess_number), are in
+src/online_rl/envs/; docs/environments.md walks through one. This folder is not part of the installed package.
 """

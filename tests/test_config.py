@@ -110,6 +110,7 @@ def test_command_line_error_is_readable():
     assert "full_key: algo.epsilon" in result.stderr
 
 
+@pytest.mark.slow  # 35 s on 2 cores: two jobs, each a process of its own
 def test_multirun_sweep_runs_every_job(tmp_path):
     result = subprocess.run(
         [

@@ -210,6 +210,12 @@ def test_unreachable_server_fails_within_the_timeout_naming_make_serve():
     assert time.monotonic() - started < 15
 
 
+def test_server_continues_conversations_the_trainer_scores_alike(server, tiny_model_dir):
+    from .test_env_vllm_cpu import play_and_check_the_gap
+
+    play_and_check_the_gap(make_engine(server.url), tiny_model_dir)
+
+
 def test_server_killed_mid_run_gives_retries_then_a_clear_error_and_a_checkpoint(
     server, tokenizer, trainer, tmp_path
 ):
@@ -249,9 +255,3 @@ def test_server_killed_mid_run_gives_retries_then_a_clear_error_and_a_checkpoint
             httpx.get(f"{server.url}/health", timeout=2)
     finally:
         engine.close()
-
-
-def test_server_continues_conversations_the_trainer_scores_alike(server, tiny_model_dir):
-    from .test_env_vllm_cpu import play_and_check_the_gap
-
-    play_and_check_the_gap(make_engine(server.url), tiny_model_dir)

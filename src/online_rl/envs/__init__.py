@@ -8,5 +8,6 @@ library), one instance per sample:
         reward: None (no opinion yet) or a number; a sample's reward is the sum of those it got
         done:   True ends the episode
 
-Picked with `env=<name>` (conf/env/<name>.yaml names the class); `env.max_turns` caps the model's turns.
+Picked with `env=<name>` (src/online_rl/conf/env/<name>.yaml names the class); `env.max_turns` caps the
+model's turns. Your own go in a clone's envs/ (`cls: envs.<module>.<Class>`).
 """
