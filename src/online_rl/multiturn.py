@@ -15,6 +15,7 @@ sampling.max_completion_length per model turn.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import numbers
@@ -121,6 +122,15 @@ def checked_step(value: Any, name: str, turn: int) -> tuple[list[dict] | None, f
     return messages, (float(reward) if reward is not None else None), done
 
 
+TURN = [{"role": "user", "content": "?"}, {"role": "assistant", "content": PLACEHOLDER}]
+
+
+@functools.lru_cache(maxsize=4)
+def rendered_turn(tokenizer: Any) -> str:
+    """TURN through the tokenizer's chat template: the same text for every reply of a run, rendered once."""
+    return tokenizer.apply_chat_template(TURN, tokenize=False)
+
+
 def reply_text(tokenizer: Any, messages: list[dict[str, str]], after_eos: bool) -> str:
     """The text that follows the model's turn when `messages` reply to it: the rest of the assistant turn's
     template (less the EOS, when the model wrote it), the messages, and the next assistant turn's header.
@@ -129,9 +139,8 @@ def reply_text(tokenizer: Any, messages: list[dict[str, str]], after_eos: bool) 
     template puts between the turns, whatever the model family's format."""
     if not tokenizer.chat_template:
         return "".join(f"\n{m['content']}\n" for m in messages)
-    base = [{"role": "user", "content": "?"}, {"role": "assistant", "content": PLACEHOLDER}]
-    before = tokenizer.apply_chat_template(base, tokenize=False)
-    after = tokenizer.apply_chat_template(base + messages, tokenize=False, add_generation_prompt=True)
+    before = rendered_turn(tokenizer)
+    after = tokenizer.apply_chat_template(TURN + messages, tokenize=False, add_generation_prompt=True)
     if not after.startswith(before):
         raise ValueError(
             "the tokenizer's chat template renders earlier turns differently once a reply follows, so a "

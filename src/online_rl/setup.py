@@ -173,8 +173,9 @@ def open_tracker(
     """Rank 0's tracker (the others log to the console only), closed with `closing`; logs its dashboard."""
     tracker = make_tracker(logger_cfg, run_name, tracking_dir, config) if is_main else ConsoleOnlyTracker()
     closing.callback(tracker.close)
-    if tracker.dashboard_command():
-        log.info("Dashboard: %s", tracker.dashboard_command())
+    dashboard = tracker.dashboard_command()
+    if dashboard:
+        log.info("Dashboard: %s", dashboard)
     return tracker
 
 
