@@ -27,7 +27,7 @@ from bench.halves import (
     train_step,
 )
 from bench.settings import ARMS, REPO, Settings
-from bench.trl_sweep import Candidate, measured_part, run_trl_tuned, train_trl
+from bench.trl_sweep import anchor_candidate, measured_part, run_trl_tuned, train_trl
 
 
 def compose_config(overrides: list[str]):
@@ -307,8 +307,9 @@ def run_trl(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdi
     lora = ARMS[arm][1]
     if arm.startswith("trl_tuned"):
         return run_trl_tuned(settings, lora, model_dir, prompts, workdir / arm)
-    anchor = Candidate(settings.micro_batch_size, gradient_checkpointing=True)  # (TRL's default: on)
-    run = train_trl(settings, lora, model_dir, prompts, workdir / arm, anchor, settings.steps)
+    run = train_trl(
+        settings, lora, model_dir, prompts, workdir / arm, anchor_candidate(settings), settings.steps
+    )
     return measured_part(run, settings.warmup_steps)
 
 

@@ -54,6 +54,11 @@ class Candidate:
         return ":".join([str(self.batch), *(flag for flag, on in flags if on)])
 
 
+def anchor_candidate(settings: Settings) -> Candidate:
+    """TRL's anchor: the notebook's per-device batch, TRL's defaults (gradient checkpointing on in 1.16)."""
+    return Candidate(settings.micro_batch_size, gradient_checkpointing=True)
+
+
 def parse_candidate(spec: str, measured: list[dict]) -> Candidate:
     """`BATCH[:FLAG...]` as a Candidate; `best` as BATCH is the fastest of `measured` so far (records with
     `candidate` and `median_step_s`), its flags joined by the spec's."""
@@ -339,7 +344,7 @@ def sweep(settings: Settings, lora: bool, paths: tuple, progress: Path | None = 
     """TRL's anchor (the notebook's batch of 8, TRL's defaults) over the bench's warm-up and measured steps, then
     each candidate of settings.trl_sweep over the sweep's steps; a candidate without gradient checkpointing that
     runs out of memory runs again with it. Every record is written to `progress` as it comes."""
-    anchor = Candidate(settings.micro_batch_size, gradient_checkpointing=True)
+    anchor = anchor_candidate(settings)
     records = []
 
     def keep(record: dict) -> None:
