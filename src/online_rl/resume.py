@@ -174,12 +174,12 @@ def is_sharded_checkpoint(checkpoint: Path) -> bool:
 def check_checkpoint_fits_sharding(checkpoint: Path, sharded_run: bool) -> None:
     """An FSDP2 run resumes from an FSDP2 checkpoint and the others from theirs: the optimizer state is
     stored per shard in one and whole in the other."""
-    if is_sharded_checkpoint(checkpoint) != sharded_run:
-        written_by = "an FSDP2 run" if is_sharded_checkpoint(checkpoint) else "a run without FSDP2"
-        use = (
-            "hardware.strategy=fsdp2"
-            if is_sharded_checkpoint(checkpoint)
-            else "hardware.strategy=ddp (or hardware=cpu)"
+    sharded = is_sharded_checkpoint(checkpoint)
+    if sharded != sharded_run:
+        written_by, use = (
+            ("an FSDP2 run", "hardware.strategy=fsdp2")
+            if sharded
+            else ("a run without FSDP2", "hardware.strategy=ddp (or hardware=cpu)")
         )
         raise ValueError(f"{checkpoint} was written by {written_by}: resume it with {use}, as that run was")
 
