@@ -161,3 +161,24 @@ def test_compiled_blocks_are_found_through_subclasses_and_a_model_without_blocks
     assert whole.compiled == [] and whole.whole is not None
     inputs = torch.randn(5, 4)
     torch.testing.assert_close(whole(inputs), plain(inputs))
+
+
+@pytest.mark.parametrize(
+    "setting, device, world_size, expected",
+    [("auto", "cuda", 1, True), ("auto", "cpu", 1, False), ("auto", "cuda", 2, False), (True, "cpu", 1, True),
+     (False, "cuda", 1, False), (True, "cuda", 2, True)],
+)  # fmt: skip
+def test_model_compile_auto_compiles_on_one_cuda_gpu_and_an_explicit_setting_wins(
+    setting, device, world_size, expected
+):
+    from online_rl.models import compiles
+
+    assert compiles(setting, torch.device(device), world_size) is expected
+
+
+@pytest.mark.parametrize("value", ["yes", 1.5])
+def test_a_model_compile_setting_that_is_not_auto_true_or_false_is_refused(make_config, value):
+    from online_rl.checks import check_config
+
+    with pytest.raises(ValueError, match=r"model.compile=.*use auto"):
+        check_config(make_config(f"model.compile={value}"))

@@ -171,6 +171,66 @@ def test_compiled_training_passes_train_as_the_eager_ones(make_config):
         assert ours["train/grad_norm"] == pytest.approx(reference["train/grad_norm"], rel=1e-4)
 
 
+def test_a_micro_batch_out_of_gpu_memory_is_split_and_the_run_trains_as_with_the_smaller_size(
+    make_config, monkeypatch, caplog
+):
+    """torch's out-of-memory error in the second micro-batch of 8 rows (a GPU with room for 4 and a first
+    micro-batch that just fit, raised where the real error would be: the policy's forward): the step runs
+    again with micro-batches of 4, without the first one's gradients, and so does every later step; the run
+    equals one started at micro_batch_size=4."""
+    from online_rl import update
+
+    straight = run(make_config("max_steps=3", *SMALL[:-1], "micro_batch_size=4")).history
+    real_pass, passes_of_eight = update.completion_logprobs, []
+
+    def room_for_four_rows(model, batch, *args, **kwargs):
+        if batch.input_ids.shape[0] > 4:
+            passes_of_eight.append(batch.input_ids.shape[0])
+            if len(passes_of_eight) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_pass(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(update, "completion_logprobs", room_for_four_rows)
+    with caplog.at_level("WARNING", logger="online_rl.update"):
+        backed_off = run(make_config("max_steps=3", *SMALL)).history  # micro_batch_size=8
+    assert passes_of_eight == [
+        8,
+        8,
+    ]  # the first micro-batch trained (its gradients accumulated), the second failed
+    assert [m["train/micro_batch_rows"] for m in backed_off] == [4, 4, 4]
+    warnings = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
+    assert len(warnings) == 1 and "micro-batches of 8 rows" in warnings[0]
+    assert "set micro_batch_size=4" in warnings[0]
+    for ours, reference in zip(backed_off, straight):
+        assert ours["reward/total_mean"] == reference["reward/total_mean"]
+        assert ours["train/loss"] == pytest.approx(reference["train/loss"], rel=1e-5, abs=1e-7)
+        assert ours["train/grad_norm"] == pytest.approx(reference["train/grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows, rollout_rows, unit, expected",
+    [(32, 128, 1, 16), (16, 48, 1, 8), (12, 36, 1, 6), (6, 36, 1, 3), (20, 40, 1, 10), (10, 40, 1, 5),
+     (5, 40, 1, 2), (8, 16, 2, 4), (4, 12, 2, 2), (2, 2, 1, 1)],
+)  # fmt: skip
+def test_after_running_out_of_memory_half_the_rows_or_fewer_that_divide_the_rollout(
+    rows, rollout_rows, unit, expected
+):
+    from online_rl.update import fewer_rows_after_oom
+
+    assert fewer_rows_after_oom(rows, rollout_rows, unit, 1, 1280, 1) == expected
+
+
+def test_out_of_memory_with_nothing_left_to_halve_or_several_ranks_names_the_fixes():
+    from online_rl.update import fewer_rows_after_oom
+
+    with pytest.raises(MemoryError, match="1 row.*gradient_checkpointing=true.*max_completion_length"):
+        fewer_rows_after_oom(1, 128, 1, 1, 1280, 3)
+    with pytest.raises(MemoryError, match="2 row.*the fewest"):
+        fewer_rows_after_oom(2, 128, 2, 1, 1280, 3)  # one preference pair
+    with pytest.raises(MemoryError, match="2 ranks every rank must run as many.*set micro_batch_size=16"):
+        fewer_rows_after_oom(32, 64, 1, 2, 1280, 3)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

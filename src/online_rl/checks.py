@@ -4,6 +4,7 @@ schemas in config.py when Hydra composes the config). Each error names the key a
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -69,6 +70,26 @@ def check_sizes(cfg: DictConfig) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= optim[key] < 1:
             raise ValueError(f"optim.{key}={optim[key]} must be in [0, 1), e.g. optim.{key}=0.9")
+    check_kv_cache_setting(cfg.vllm.get("kv_cache_memory_gib"))
+    if cfg.model.compile not in ("auto", True, False):
+        raise ValueError(
+            f"model.compile={cfg.model.compile!r}: use auto (compile on one CUDA GPU), true or false"
+        )
+
+
+def check_kv_cache_setting(value: Any) -> None:
+    """vllm.kv_cache_memory_gib: auto, null, or a positive number of GiB."""
+    if value is None or value == "auto":
+        return
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        size = float("nan")
+    if isinstance(value, bool) or not size > 0:
+        raise ValueError(
+            f"vllm.kv_cache_memory_gib={value!r}: use auto (sized for one rollout), a number of GiB such as "
+            "vllm.kv_cache_memory_gib=4, or null (vLLM sizes it from vllm.gpu_memory_utilization)"
+        )
 
 
 def check_algorithm(cfg: DictConfig) -> None:

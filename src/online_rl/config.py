@@ -102,11 +102,14 @@ class VLLMCheckConfig:
 @dataclass
 class VLLMColocateConfig(VLLMCheckConfig):
     mode: EngineMode = EngineMode.colocate  # colocate, or auto (colocate with CUDA and vLLM, else off)
-    gpu_memory_utilization: float = 0.3  # share of the GPU vLLM takes for weights + KV cache while awake
-    # KV cache size in GiB instead of what gpu_memory_utilization leaves: a rollout of N sequences of L tokens
-    # needs N x L x layers x 2 x kv_heads x head_dim x 2 bytes (128 x 640 on Qwen2-0.5B: 1 GiB); a small cache
-    # also sleeps and wakes faster. null = from gpu_memory_utilization
-    kv_cache_memory_gib: float | None = None
+    # share of the GPU vLLM takes for weights + KV cache while awake, when it sizes the cache itself
+    # (kv_cache_memory_gib=null); otherwise only checked against the free memory at start
+    gpu_memory_utilization: float = 0.3
+    # KV cache per engine: `auto` (on a GPU) holds one call's sequences at max_model_len, N x L x layers x 2 x
+    # kv_heads x head_dim x 2 bytes x 1.25 (128 x 768 on Qwen2-0.5B: 1.4 GiB; engines/vllm_colocate.py); a
+    # number of GiB; null = what gpu_memory_utilization leaves (~20 GiB of an 80 GiB card at 0.5B). A small cache
+    # leaves the trainer the memory and sleeps and wakes faster.
+    kv_cache_memory_gib: Any = "auto"
     max_model_len: int | None = None  # null = data.max_prompt_length + sampling.max_completion_length
     enable_prefix_caching: bool = True  # the G samples of a prompt share its prefill
     enforce_eager: bool = False  # skip CUDA graphs: faster start, slower decoding
@@ -202,8 +205,9 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust the repo
     gradient_checkpointing: bool = False  # trade compute for activation memory
     # torch.compile the decoder layers for the training passes: fewer, fused kernels after a one-off compile
-    # at the first step (30 s for a 0.5B model on an H200); generation, the reference and checkpoints stay eager
-    compile: bool = False
+    # at the first step (30 s for a 0.5B model on an H200); generation, the reference and checkpoints stay eager.
+    # auto: on one CUDA GPU (models.compiles); true; false
+    compile: Any = "auto"
     disable_dropout: bool = True  # dropout off in every forward, so log-probs match the engine's sampling
     lora: LoraSettings = field(default_factory=LoraSettings)
 

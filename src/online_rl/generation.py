@@ -34,6 +34,11 @@ class Generated:
     memory: dict[str, float]  # GPU memory after generating (a sleeping engine is asleep again)
 
 
+def engine_samples(algorithm) -> int:
+    """Samples of each prompt the engine draws: G; Nash-MD and XPO one (the second from the mixture)."""
+    return 1 if algorithm.second_sample_coef is not None else algorithm.samples_per_prompt
+
+
 class RolloutSource:
     """Each step's prompts and samples, on-policy or one step off-policy (`off_policy`)."""
 
@@ -48,8 +53,7 @@ class RolloutSource:
         self.device, self.autocast_dtype = device, autocast_dtype
         self.episodes = episodes  # env != none: each sample a conversation with an environment (multiturn.py)
         self.second_sample_coef = algorithm.second_sample_coef
-        # Nash-MD and XPO: one sample per prompt from the engine, the second from the mixture
-        self.engine_samples = 1 if self.second_sample_coef is not None else algorithm.samples_per_prompt
+        self.engine_samples = engine_samples(algorithm)
         # the engine is only ever used by one thread at a time (see rollout_ahead.py)
         self.ahead = RolloutAhead(engine.engine, device) if off_policy else None
 

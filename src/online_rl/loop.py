@@ -19,6 +19,7 @@ import math
 import time
 from contextlib import ExitStack
 
+import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -32,7 +33,13 @@ from online_rl.rewarding import reward_error_metrics, score_completions, total_r
 from online_rl.rollout import Samples
 from online_rl.setup import Run, build_eval_only, build_run
 from online_rl.tracking import append_metrics
-from online_rl.update import check_sync, logprob_passes, reference_log_ratios, train_pass
+from online_rl.update import (
+    check_sync,
+    fewer_rows_after_oom,
+    logprob_passes,
+    reference_log_ratios,
+    train_pass,
+)
 
 log = logging.getLogger(__name__)
 register_configs()  # the config groups' schemas, in Hydra's store before train.py's @hydra.main composes
@@ -95,36 +102,58 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
 
             # 5. Micro-batches of rows of similar length (less padding), then the no-grad passes: the rollout
             #    policy's log-probs (num_iterations > 1; RLOO's KL) and the reference's (beta > 0).
+            #    Out of GPU memory before the first optimizer step: 5-6 again with half as many rows in each
+            #    micro-batch, and every later step so (run.micro_batch_rows; one rank).
             phase_started = time.perf_counter()
             run.watchdog.start("train")
-            micro_batches = samples.micro_batches(
-                algorithm.trains_on(samples.from_engine),
-                cfg.micro_batch_size,
-                cfg.micro_batch_by_length,
-                algorithm.rows_per_unit,
-                pad_id=run.tokenizer.pad_token_id,
-                device=run.device,
-                mask_truncated=algorithm.masks_truncated,
-            )
-            logprobs_s = logprob_passes(run, micro_batches, sampling.temperature)
-            samples.ref_log_ratio = reference_log_ratios(micro_batches, len(samples))  # (N,) or None
+            while True:
+                try:
+                    micro_batches = samples.micro_batches(
+                        algorithm.trains_on(samples.from_engine),
+                        run.micro_batch_rows,
+                        cfg.micro_batch_by_length,
+                        algorithm.rows_per_unit,
+                        pad_id=run.tokenizer.pad_token_id,
+                        device=run.device,
+                        mask_truncated=algorithm.masks_truncated,
+                    )
+                    logprobs_s = logprob_passes(run, micro_batches, sampling.temperature)
+                    samples.ref_log_ratio = reference_log_ratios(micro_batches, len(samples))  # (N,) or None
 
-            # 6. What the algorithm learns from (an advantage per row, or each pair's ranking), then
-            #    num_iterations passes over the micro-batches.
-            signal = algorithm.learning_signal(samples, run.step, cfg.max_steps)
-            samples.share_signal(signal.per_row, micro_batches)  # (N,) each, and (B,) to each micro-batch
-            tokens = int(sum(mb.packed.completion_mask.sum() for mb in micro_batches))  # in the loss
-            # DAPO's token mean over the whole rollout: DDP/FSDP2 average over ranks, so divide per rank
-            signal.scalars.update(
-                micro_batches=len(micro_batches),
-                tokens=tokens,
-                rollout_tokens=distributed.mean_over_ranks(tokens),
-            )
-            updates = []
-            for iteration in range(algorithm.passes):
-                totals = train_pass(
-                    run.policy, micro_batches, algorithm, signal, sampling.temperature, run.autocast_dtype
+                    # 6. What the algorithm learns from (an advantage per row, or each pair's ranking), then
+                    #    num_iterations passes over the micro-batches.
+                    signal = algorithm.learning_signal(samples, run.step, cfg.max_steps)
+                    samples.share_signal(signal.per_row, micro_batches)  # (N,) each, (B,) to each micro-batch
+                    tokens = int(sum(mb.packed.completion_mask.sum() for mb in micro_batches))  # in the loss
+                    # DAPO's token mean over the whole rollout: DDP/FSDP2 average over ranks, so divide per rank
+                    signal.scalars.update(
+                        micro_batches=len(micro_batches),
+                        tokens=tokens,
+                        rollout_tokens=distributed.mean_over_ranks(tokens),
+                    )
+                    first_pass = train_pass(
+                        run.policy, micro_batches, algorithm, signal, sampling.temperature, run.autocast_dtype
+                    )
+                    break
+                except torch.OutOfMemoryError:  # (its traceback, which holds the pass's tensors, ends here)
+                    pass
+                micro_batches = []
+                run.optimizer.zero_grad(set_to_none=True)  # the failed pass's partial gradients
+                torch.cuda.empty_cache()
+                run.micro_batch_rows = fewer_rows_after_oom(
+                    run.micro_batch_rows,
+                    len(samples),
+                    algorithm.rows_per_unit,
+                    distributed.world_size(),
+                    samples.longest_row(),
+                    run.step + 1,
                 )
+            updates, totals = [], first_pass
+            for iteration in range(algorithm.passes):
+                if iteration > 0:
+                    totals = train_pass(
+                        run.policy, micro_batches, algorithm, signal, sampling.temperature, run.autocast_dtype
+                    )
                 # 7. The sync check: the engine sampled with the weights the trainer had (off-policy: logged)
                 if iteration == 0 and generated.on_policy and "engine_tokens" in totals:
                     check_sync(
@@ -207,6 +236,7 @@ def log_step(run: Run, cfg, step: int, samples, generated, micro_batches, signal
     # share of the micro-batches' token positions that are padding (compute spent on nothing)
     positions = sum(mb.positions for mb in micro_batches)
     metrics["train/padding_frac"] = 1 - sum(mb.tokens for mb in micro_batches) / max(positions, 1)
+    metrics["train/micro_batch_rows"] = run.micro_batch_rows  # micro_batch_size, or fewer (out of memory)
     metrics.update(signal.metrics)
     metrics.update(run.algorithm.metrics(totals, signal, tokens))
     if run.collector is not None:  # logger.lab_metrics: Python's garbage collector during the step

@@ -87,6 +87,13 @@ class Samples:
             model_mask=rollout.model_mask,
         )
 
+    def row_lengths(self) -> list[int]:
+        """(N) tokens of each row, prompt and completion."""
+        return [len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids)]
+
+    def longest_row(self) -> int:
+        return max(self.row_lengths(), default=0)
+
     def __len__(self) -> int:
         return len(self.completion_ids)
 
@@ -107,7 +114,7 @@ class Samples:
         its rows' share of `signal` as it stands (see share_signal). mask_truncated: completions cut at
         max_completion_length leave the loss.
         """
-        lengths = [len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids)]
+        lengths = self.row_lengths()
         rows = [i for i in range(len(self)) if trained[i]]
         groups = micro_batch_rows(rows, lengths, rows_per_micro_batch, by_length, rows_per_unit)
         micro_batches = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from online_rl.data import (
 from online_rl.engines import SaveWhenUnavailable, make_engine, resolve_mode, share_gpu_with_engines
 from online_rl.evaluation import Evaluator
 from online_rl.gc_clock import CollectorClock
-from online_rl.generation import RolloutSource
+from online_rl.generation import RolloutSource, engine_samples
 from online_rl.guards import NonFiniteGuard
 from online_rl.interrupts import StopOnSignal
 from online_rl.models import (
@@ -103,6 +104,7 @@ class Run:
     first_step: int = 1  # this process's first step (a resumed run: the one after its checkpoint)
     keep_last: int | None = None  # checkpoint.keep_last: checkpoints kept (null: all)
     resumed_from: Path | None = None  # the checkpoint this run started from: never deleted
+    micro_batch_rows: int = 32  # micro_batch_size; halved whenever a step's passes run out of GPU memory
 
     def checkpoint(self) -> Path:
         """Save the run at its current step (output_dir/checkpoints/step_NNNNNN, written atomically), then
@@ -222,7 +224,10 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
             load_weights(model, checkpoint)
     # DDP: a wrapper of model; FSDP2: model itself, sharded; compiled with model.compile
     policy = compiled_for_training(
-        distributed.wrap_policy(model, cfg.hardware.strategy.value, ranks), cfg.model
+        distributed.wrap_policy(model, cfg.hardware.strategy.value, ranks),
+        cfg.model,
+        device,
+        ranks.world_size,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, cfg.optim, cfg.max_steps, device)
@@ -240,6 +245,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
         seed=cfg.seed + ranks.rank,
         max_model_len=cfg.data.max_prompt_length + completion_budget(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
+        sequences_per_call=sequences_per_call(cfg, algorithm, ranks.world_size),
     )
     # an engine lost mid-run (a server down) stops the run with a checkpoint
     engine = SaveWhenUnavailable(engine, lambda: run.checkpoint())
@@ -304,6 +310,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     )  # fmt: skip
     # Last before the first step: a resume restores the RNG states here, after setup's random draws.
     run.keep_last, run.resumed_from = cfg.checkpoint.keep_last, checkpoint
+    run.micro_batch_rows = cfg.micro_batch_size
     if checkpoint is not None:  # each rank's RNG states as they were (or, from an older checkpoint, reseeded)
         run.step = resume_training(
             checkpoint, optimizer, scheduler, sampler, cfg.max_steps, output_dir, cfg.seed
@@ -365,6 +372,7 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
         seed=cfg.seed,
         max_model_len=cfg.data.max_prompt_length + completion_budget(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
+        sequences_per_call=cfg.eval.batch_size * cfg.eval.num_generations,
     )
     closing.callback(engine.close)
     tracker = open_tracker(cfg.logger, run_name, tracking_dir, redacted_container(cfg), closing)
@@ -384,6 +392,13 @@ def build_eval_only(cfg: DictConfig, closing: ExitStack) -> EvalOnly:
         else Episodes(cfg.env, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_length),
     )
     return EvalOnly(output_dir, model_path, model, evaluator)
+
+
+def sequences_per_call(cfg: DictConfig, algorithm, world_size: int) -> int:
+    """The most sequences one generate call on this rank holds: its share of a rollout (G samples of each
+    prompt; Nash-MD and XPO draw one, the mixture the other), or an evaluation batch's samples."""
+    rollout = math.ceil(cfg.prompts_per_step / world_size) * engine_samples(algorithm)
+    return max(rollout, cfg.eval.batch_size * cfg.eval.num_generations if cfg.eval_every else 0)
 
 
 def completion_budget(cfg: DictConfig) -> int:

@@ -8,6 +8,7 @@ the engine generated with the trainer's weights (`check_sync`).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -16,6 +17,8 @@ from online_rl.algorithms.rloo import sequence_log_ratio
 from online_rl.algorithms.sampler_correction import logp_gap
 from online_rl.logprobs import completion_logprobs
 from online_rl.rollout import MicroBatch
+
+log = logging.getLogger(__name__)
 
 
 def logprob_passes(run, micro_batches: list[MicroBatch], temperature: float) -> float:
@@ -106,6 +109,36 @@ class DeviceSums:
         totals = {key: float(value) for key, value in self.sums.items()}
         totals.update({key: float(torch.stack(values).max()) for key, values in self.peaks.items()})
         return totals
+
+
+def fewer_rows_after_oom(
+    rows: int, rollout_rows: int, rows_per_unit: int, world_size: int, longest_row: int, step: int
+) -> int:
+    """Rows per micro-batch after a pass of `rows` each ran out of GPU memory: at most half as many, whole
+    units (a preference pair stays together) that divide the rollout's rows, kept for the rest of the run.
+    The gradient is the same sum over the rollout in more, equal pieces (exact for every loss_type but bnpo,
+    whose token mean is per micro-batch). Raises when no fewer rows can run, or with several ranks, which
+    must all run as many micro-batches (the others would wait for this one in their gradient all-reduce)."""
+    fewer = next(
+        (n for n in range(rows // 2, 0, -1) if n % rows_per_unit == 0 and rollout_rows % n == 0), 0
+    )
+    if world_size > 1:
+        raise MemoryError(
+            f"step {step}: out of GPU memory with micro-batches of {rows} rows of up to {longest_row} tokens; "
+            f"with {world_size} ranks every rank must run as many micro-batches, so it is not halved on one: "
+            f"set micro_batch_size={max(fewer, rows_per_unit)}"
+        )
+    if fewer < rows_per_unit:
+        raise MemoryError(
+            f"step {step}: out of GPU memory with micro-batches of {rows} row(s) of up to {longest_row} tokens, "
+            "the fewest there can be: set model.gradient_checkpointing=true, train LoRA adapters "
+            "(model.lora.enabled=true), or shorten sampling.max_completion_length"
+        )
+    log.warning(
+        "step %d: out of GPU memory with micro-batches of %d rows of up to %d tokens; the step again with %d "
+        "(and every later step: set micro_batch_size=%d to start there)", step, rows, longest_row, fewer, fewer,
+    )  # fmt: skip
+    return fewer
 
 
 class SyncError(RuntimeError):

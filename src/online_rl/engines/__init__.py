@@ -64,8 +64,10 @@ def make_engine(
     seed: int,
     max_model_len: int,
     trust_remote_code: bool,
+    sequences_per_call: int | None = None,
 ) -> Engine:
-    """The engine for `mode` (already resolved from auto)."""
+    """The engine for `mode` (already resolved from auto). sequences_per_call: the most sequences one
+    generate call holds (colocate sizes its KV cache for them)."""
     if mode == "off":
         from online_rl.engines.transformers_engine import TransformersEngine
 
@@ -80,6 +82,7 @@ def make_engine(
             seed=seed,
             max_model_len=max_model_len,
             trust_remote_code=trust_remote_code,
+            sequences_per_call=sequences_per_call,
         )
     if mode == "server":
         from online_rl import distributed

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -40,6 +41,45 @@ from online_rl.models import torch_dtype
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "online_rl.engines.hosted.shared_weights.SharedWeightsWorker"
+KV_BLOCK_TOKENS = 16  # vLLM's default block size: a sequence's cache is whole blocks
+# Over one call's own need: vLLM keeps a few blocks aside (the null block, blocks freed lazily) and a cache that
+# is short by one sequence makes the scheduler preempt and recompute it, a much dearer miss than 25% of ~1 GiB
+KV_CACHE_HEADROOM = 1.25
+
+
+def rollout_kv_cache_bytes(
+    sequences: int, tokens_per_sequence: int, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int
+) -> int:
+    """A KV cache that holds every sequence of one engine call at its longest, at once:
+
+        bytes = 1.25 x sequences x ceil(tokens / 16) x 16 x layers x 2 (K and V) x kv_heads x head_dim x dtype_bytes
+
+    (Qwen2-0.5B, 128 sequences of 768 tokens in bf16: 1.41 GiB, where vLLM's default share of the GPU,
+    gpu_memory_utilization=0.3, leaves it ~20 GiB on an 80 GiB card.) Prefix sharing between a prompt's G
+    samples is not counted: the bound holds without it.
+    """
+    blocks = sequences * math.ceil(tokens_per_sequence / KV_BLOCK_TOKENS)
+    per_token = layers * 2 * kv_heads * head_dim * dtype_bytes
+    return math.ceil(KV_CACHE_HEADROOM * blocks * KV_BLOCK_TOKENS * per_token)
+
+
+def kv_cache_bytes_for(
+    model_config: Any, dtype: torch.dtype, sequences: int, tokens_per_sequence: int, tensor_parallel_size: int
+) -> int | None:
+    """`rollout_kv_cache_bytes` for a transformers config, per GPU of a tensor-parallel engine; None for a
+    model whose cache the formula does not describe (no key/value heads: multi-latent attention, state-space
+    layers), which vLLM then sizes from gpu_memory_utilization."""
+    config = getattr(model_config, "text_config", model_config)  # a multimodal model's language half
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not (kv_heads and head_dim and layers) or getattr(config, "kv_lora_rank", None):
+        return None
+    kv_heads_per_gpu = max(1, kv_heads // tensor_parallel_size)  # (fewer heads than GPUs: each GPU keeps one)
+    return rollout_kv_cache_bytes(
+        sequences, tokens_per_sequence, layers, kv_heads_per_gpu, head_dim, dtype.itemsize
+    )
 
 
 def external_launcher() -> dict[str, str]:
@@ -77,7 +117,10 @@ class VLLMColocateEngine:
         seed: int,
         max_model_len: int,
         trust_remote_code: bool = False,
+        sequences_per_call: int | None = None,
     ):
+        """sequences_per_call: the most sequences one generate call holds (a rollout's, an evaluation
+        batch's), which `vllm.kv_cache_memory_gib=auto` sizes the KV cache for."""
         if cfg.tensor_parallel_size > 1 and external_launcher():
             raise ValueError(
                 "vllm.tensor_parallel_size > 1 with several training ranks is not supported yet: the ranks of a "
@@ -105,16 +148,17 @@ class VLLMColocateEngine:
         if device.type == "cpu":  # (read where the engine runs: this process or its own, which inherits it)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
         self.cfg, self.sleep_level = cfg, cfg.sleep_level
+        max_model_len = cfg.max_model_len or max_model_len
+        kv_cache_bytes = self.kv_cache_size(
+            model_path, device, sequences_per_call, max_model_len, trust_remote_code
+        )
         optional = {
             key: value
             for key, value in (
                 ("max_num_seqs", cfg.max_num_seqs),
                 ("max_num_batched_tokens", cfg.max_num_batched_tokens),
                 ("async_scheduling", cfg.async_scheduling),
-                (
-                    "kv_cache_memory_bytes",
-                    int(cfg.kv_cache_memory_gib * 2**30) if cfg.kv_cache_memory_gib else None,
-                ),
+                ("kv_cache_memory_bytes", kv_cache_bytes),
             )
             if value is not None
         }
@@ -122,7 +166,7 @@ class VLLMColocateEngine:
             model=model_path,
             dtype=cfg.dtype,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_model_len or max_model_len,
+            max_model_len=max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching,
             enforce_eager=cfg.enforce_eager,
             enable_sleep_mode=cfg.sleep_level > 0,
@@ -141,7 +185,7 @@ class VLLMColocateEngine:
             # vLLM sizes a KV cache from gpu_memory_utilization by how much the device's memory grew while it
             # profiled, so engines that start together count each other's weights and caches as their own and
             # find no room left ("No available memory for the cache blocks"): then they start one by one
-            together = cfg.kv_cache_memory_gib is not None or device.type != "cuda"
+            together = kv_cache_bytes is not None or device.type != "cuda"
             self.llms = []
             with engines_without_trainer_settings():  # (the trainer's MPS cap and priority are its own)
                 for index in range(cfg.engine_processes):
@@ -174,6 +218,41 @@ class VLLMColocateEngine:
         used_awake = self.device_used_bytes()
         self.sleep()  # give the GPU to the trainer until the first rollout
         self.wake_bytes = used_awake - self.device_used_bytes()  # what waking takes back from the device
+
+    def kv_cache_size(
+        self,
+        model_path: str,
+        device: torch.device,
+        sequences: int | None,
+        max_model_len: int,
+        trust_remote_code,
+    ) -> int | None:
+        """Bytes of KV cache per engine (vllm.kv_cache_memory_gib): a number of GiB as given; `auto` on a GPU,
+        one call's sequences at max_model_len (`rollout_kv_cache_bytes`); None: vLLM sizes it, from
+        gpu_memory_utilization (on a CPU: cpu_kv_cache_gib)."""
+        setting = self.cfg.kv_cache_memory_gib
+        if setting != "auto":
+            return None if setting is None else int(float(setting) * 2**30)
+        if device.type != "cuda" or not sequences:
+            return None
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        per_engine = math.ceil(sequences / self.cfg.engine_processes)  # each engine generates its share
+        size = kv_cache_bytes_for(
+            model_config,
+            torch_dtype(self.cfg.dtype),
+            per_engine,
+            max_model_len,
+            self.cfg.tensor_parallel_size,
+        )
+        if size is None:
+            log.info("vllm.kv_cache_memory_gib=auto: %s's cache is not plain K/V heads; vLLM sizes it from "
+                     "gpu_memory_utilization=%s", type(model_config).__name__, self.cfg.gpu_memory_utilization)  # fmt: skip
+        else:
+            log.info("vllm.kv_cache_memory_gib=auto: %.2f GiB per engine (%d sequences of up to %d tokens)",
+                     size / 2**30, per_engine, max_model_len)  # fmt: skip
+        return size
 
     def sleep(self) -> None:
         if self.sleep_level == 0:
