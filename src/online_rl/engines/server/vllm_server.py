@@ -29,6 +29,7 @@ a half-received push is not repeatable), then EngineUnavailable ends the run (th
 from __future__ import annotations
 
 import base64
+import importlib
 import importlib.util
 import itertools
 import logging
@@ -147,8 +148,9 @@ def check_server_config(url: str, info: dict, needs_weight_transfer: bool) -> No
     if backend not in ("nccl", "ipc"):
         raise ValueError(
             f"the vLLM server at {url} has {'no' if backend is None else repr(backend)} weight-transfer engine, so "
-            "the trainer cannot push weights: restart it with make serve (TRANSFER=nccl on GPUs of its own, "
-            "TRANSFER=ipc on the trainer's GPU), or set vllm.sync_weights=false for generation only"
+            "the trainer cannot push weights: restart it with make serve, which sets --weight-transfer-config "
+            "(TRANSFER=nccl on GPUs of its own, TRANSFER=ipc on the trainer's GPU), or set "
+            "vllm.sync_weights=false for generation only"
         )
     env_vars = info.get("system_env", {}).get("env_vars") or ""
     if backend == "ipc" and gpu_guard.reported_env_var(env_vars, "VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
@@ -194,7 +196,7 @@ def ipc_update_body(update: Any) -> dict:
 def import_ipc_engine() -> Any:
     """vLLM's IPC weight-transfer module, whose `import ray` at the top (vLLM 0.26) needs ray installed."""
     try:
-        from vllm.distributed.weight_transfer import ipc_engine
+        return importlib.import_module("vllm.distributed.weight_transfer.ipc_engine")
     except ModuleNotFoundError as error:
         if error.name != "ray":
             raise
@@ -202,7 +204,6 @@ def import_ipc_engine() -> Any:
             "vLLM 0.26's CUDA IPC weight transfer imports ray, which vLLM does not install: "
             "pip install -e '.[server]' (or pip install ray) where the trainer runs, as where the server runs"
         ) from error
-    return ipc_engine
 
 
 def wait_all(tasks: list[Background], timeout: float) -> list[Any]:
