@@ -25,7 +25,7 @@ class EngineMode(str, Enum):
     off = "off"  # transformers `generate` on the trainer's own model
     auto = "auto"  # colocate when CUDA and vLLM are present, else off
     colocate = "colocate"  # vllm.LLM in the trainer process, asleep while the trainer trains
-    server = "server"  # the stock vLLM OpenAI server on other GPUs (`make serve`), weights pushed over NCCL
+    server = "server"  # the stock vLLM OpenAI server (`make serve`); weights by NCCL or CUDA IPC
 
 
 class ModelImpl(str, Enum):
