@@ -111,6 +111,7 @@ def test_serve_hint_names_the_port_and_servers():
         == "make serve MODEL=Qwen/Qwen2-0.5B GPUS=0 PORT=8100"
     )
     assert serve_hint("m", ["http://h:9000", "http://h:9001"]).endswith("PORT=9000 DP=2")
+    assert serve_hint("m", ["http://h:8000"], "ipc").endswith("PORT=8000 MEM=0.3 TRANSFER=ipc")
 
 
 def test_wait_all_raises_the_first_error_without_waiting_for_a_hung_task():

@@ -52,10 +52,12 @@ HEALTH_POLL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0  # opening a TCP connection; the read timeouts are the config's
 
 
-def serve_hint(model_path: str, urls: list[str]) -> str:
-    """The command that starts servers the trainer can use."""
+def serve_hint(model_path: str, urls: list[str], transfer: str | None = None) -> str:
+    """The command that starts servers the trainer can use (once known, with the transfer they take)."""
     port = httpx.URL(urls[0]).port or 8000
     extra = f" DP={len(urls)}" if len(urls) > 1 else ""
+    if transfer == "ipc":
+        extra += " MEM=0.3 TRANSFER=ipc"
     return f"make serve MODEL={model_path} GPUS=0 PORT={port}{extra}"
 
 
@@ -329,6 +331,9 @@ class VLLMServerEngine:
             self.world_sizes = [self.check_server(server) for server in self.servers]
             if cfg.sync_weights:
                 self.transfer = self.pick_transfer()
+                self.hint = serve_hint(model_path, urls, self.transfer)
+                for server in self.servers:  # a dead server's error names the command that restarts it
+                    server.hint = self.hint
             if self.transfer == "nccl":
                 self.init_weight_transfer()
             elif self.transfer == "ipc":
