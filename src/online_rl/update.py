@@ -119,9 +119,7 @@ def fewer_rows_after_oom(
     The gradient is the same sum over the rollout in more, equal pieces (exact for every loss_type but bnpo,
     whose token mean is per micro-batch). Raises when no fewer rows can run, or with several ranks, which
     must all run as many micro-batches (the others would wait for this one in their gradient all-reduce)."""
-    fewer = next(
-        (n for n in range(rows // 2, 0, -1) if n % rows_per_unit == 0 and rollout_rows % n == 0), 0
-    )
+    fewer = next((n for n in range(rows // 2, 0, -1) if n % rows_per_unit == 0 and rollout_rows % n == 0), 0)
     if world_size > 1:
         raise MemoryError(
             f"step {step}: out of GPU memory with micro-batches of {rows} rows of up to {longest_row} tokens; "
