@@ -46,13 +46,14 @@ TP = 1
 DP = 1
 PORT = 8000
 HOST = 127.0.0.1
-MEM = 0.9
+MEM =
 MAX_LEN =
 EXTRA =
+TRANSFER = auto
 
-serve:  ## vLLM's OpenAI server for vllm=server: make serve MODEL=... [GPUS=0 TP=1 DP=1 PORT=8000 HOST MEM MAX_LEN EXTRA]
+serve:  ## vLLM's OpenAI server for vllm=server: make serve MODEL=... [GPUS=0 TP=1 DP=1 PORT=8000 HOST MEM MAX_LEN EXTRA TRANSFER=auto|nccl|ipc]
 	@MODEL="$(MODEL)" GPUS="$(GPUS)" TP="$(TP)" DP="$(DP)" PORT="$(PORT)" HOST="$(HOST)" MEM="$(MEM)" \
-	MAX_LEN="$(MAX_LEN)" EXTRA="$(EXTRA)" PYTHON="$(PYTHON)" bash scripts/serve.sh
+	MAX_LEN="$(MAX_LEN)" EXTRA="$(EXTRA)" TRANSFER="$(TRANSFER)" PYTHON="$(PYTHON)" bash scripts/serve.sh
 
 bench:  ## GPU: our GRPO loop vs TRL's GRPOTrainer on one run, side by side; ARGS="--arms ours_full,trl_full"
 	$(PYTHON) -m bench $(ARGS)

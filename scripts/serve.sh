@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The stock vLLM OpenAI server with vLLM's RL routes and NCCL weight transfer, for `python train.py vllm=server`.
+# The stock vLLM OpenAI server with vLLM's RL routes and weight transfer, for `python train.py vllm=server`.
 #
 #   make serve MODEL=Qwen/Qwen2-0.5B-Instruct                     # one server on GPU 0, port 8000
 #   make serve MODEL=Qwen/Qwen2.5-7B GPUS=0,1,2,3 TP=2 DP=2       # two servers (GPUs 0,1 and 2,3), ports 8000, 8001
+#   make serve MODEL=Qwen/Qwen2-0.5B-Instruct GPUS=0 MEM=0.3 TRANSFER=ipc   # on the trainer's GPU, beside it
 #   MODEL=... GPUS=0 PORT=8000 bash scripts/serve.sh               # the same without make
 #
-# Settings (environment): MODEL (required), GPUS=0, TP=1, DP=1, PORT=8000, HOST=127.0.0.1, MEM=0.9 (GPU
-# memory share), MAX_LEN= (max model length; empty = the model's), EXTRA= (more server flags, e.g.
-# "--enforce-eager"), DP_MODE=processes|native, DRY_RUN=1 (print the commands, start nothing).
+# Settings (environment): MODEL (required), GPUS=0, TP=1, DP=1, PORT=8000, HOST=127.0.0.1, MEM= (GPU memory
+# share; empty = 0.9, or 0.3 with IPC to leave the trainer the rest), MAX_LEN= (max model length; empty = the
+# model's), EXTRA= (more server flags, e.g. "--enforce-eager"), DP_MODE=processes|native,
+# TRANSFER=auto|nccl|ipc (below), DRY_RUN=1 (print the commands, start nothing).
+#
+# TRANSFER: how the trainer's weights reach the server; vLLM 0.26 takes one per server. nccl: a broadcast from
+# the trainer's GPU, which must be another one. ipc: the server reads the trainer's buffers in place (CUDA IPC),
+# so it must run on the trainer's GPU, alone (TP=DP=1), bound to this host (the handles arrive pickled, which
+# needs VLLM_ALLOW_INSECURE_SERIALIZATION=1), with ray installed on both sides (vLLM's IPC module imports it).
+# auto: ipc when the server takes every GPU of this host (the trainer can only share it), else nccl.
 #
 # DP > 1: DP_MODE=processes (the default) starts DP servers on disjoint GPU sets and consecutive ports; the
 # trainer splits each rollout across their URLs. DP_MODE=native starts one server with vLLM's own
@@ -23,10 +31,11 @@ TP=${TP:-1}
 DP=${DP:-1}
 PORT=${PORT:-8000}
 HOST=${HOST:-127.0.0.1}
-MEM=${MEM:-0.9}
+MEM=${MEM:-}
 MAX_LEN=${MAX_LEN:-}
 EXTRA=${EXTRA:-}
 DP_MODE=${DP_MODE:-processes}
+TRANSFER=${TRANSFER:-auto}
 DRY_RUN=${DRY_RUN:-0}
 PYTHON=${PYTHON:-python}
 
@@ -39,10 +48,33 @@ needed=$((TP * DP))
 (( ${#gpu_list[@]} == needed )) \
   || fail "GPUS=$GPUS lists ${#gpu_list[@]} GPU(s), but TP x DP = $TP x $DP needs $needed, e.g. GPUS=$(seq -s, 0 $((needed - 1)))"
 
-# What the servers share: vLLM's RL routes (dev mode), the NCCL weight-transfer engine, and log-probs of
-# the distribution that sampled (after temperature, top-k, top-p), which the trainer compares with its own.
+[[ $TRANSFER == auto || $TRANSFER == nccl || $TRANSFER == ipc ]] || fail "TRANSFER must be auto, nccl or ipc, not '$TRANSFER'"
+host_gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l || true)
+if [[ $TRANSFER == auto ]]; then
+  if (( needed == 1 && host_gpus == 1 )); then
+    TRANSFER=ipc
+    echo "serve: TRANSFER=ipc: GPU $GPUS is this host's only GPU, so the trainer shares it (TRANSFER=nccl to refuse)"
+  else
+    TRANSFER=nccl
+  fi
+fi
+if [[ $TRANSFER == ipc ]]; then
+  (( needed == 1 )) || fail "TRANSFER=ipc serves on the trainer's one GPU: TP and DP must be 1 (TP=$TP DP=$DP); use TRANSFER=nccl on GPUs of their own"
+  [[ $HOST == 127.0.0.1 || $HOST == localhost || $HOST == ::1 ]] \
+    || fail "TRANSFER=ipc reaches a trainer on this host only, and its pickled handles must not be taken from the network: leave HOST at 127.0.0.1 (HOST=$HOST)"
+  if ! "$PYTHON" -c 'import ray' 2>/dev/null; then
+    message="TRANSFER=ipc: vLLM 0.26's IPC weight transfer imports ray, which vLLM does not install: pip install -e '.[server]' (or pip install ray), here and where the trainer runs"
+    [[ $DRY_RUN == 1 ]] && echo "serve: note: $message" >&2 || fail "$message"
+  fi
+fi
+[[ -n $MEM ]] || { [[ $TRANSFER == ipc ]] && MEM=0.3 || MEM=0.9; }
+
+# What the servers share: vLLM's RL routes (dev mode), the weight-transfer engine, and log-probs of the
+# distribution that sampled (after temperature, top-k, top-p), which the trainer compares with its own.
 common=(--model "$MODEL" --host "$HOST" --gpu-memory-utilization "$MEM"
-        --weight-transfer-config '{"backend":"nccl"}' --logprobs-mode processed_logprobs)
+        --weight-transfer-config "{\"backend\":\"$TRANSFER\"}" --logprobs-mode processed_logprobs)
+environment=(VLLM_SERVER_DEV_MODE=1)
+[[ $TRANSFER == ipc ]] && environment+=(VLLM_ALLOW_INSECURE_SERIALIZATION=1)
 [[ -n $MAX_LEN ]] && common+=(--max-model-len "$MAX_LEN")
 read -r -a extra <<< "$EXTRA"
 
@@ -90,7 +122,7 @@ trap 'stop_all $?' EXIT
 for entry in "${plan[@]}"; do
   read -r devices port flags <<< "$entry"
   read -r -a flags <<< "$flags"
-  command=(env CUDA_VISIBLE_DEVICES="$devices" VLLM_SERVER_DEV_MODE=1
+  command=(env CUDA_VISIBLE_DEVICES="$devices" "${environment[@]}"
            "$PYTHON" -m vllm.entrypoints.openai.api_server "${common[@]}" --port "$port" "${flags[@]}" "${extra[@]}")
   echo "serve: $(printf '%q ' "${command[@]}")"
   if [[ $DRY_RUN != 1 ]]; then
@@ -101,9 +133,12 @@ done
 
 list=$(IFS=,; echo "${urls[*]}")
 echo "serve: URLs: ${urls[*]} (ready when /health answers; the trainer waits for it)"
-# The trainer's GPUs: this host's others (NVML order, as CUDA_VISIBLE_DEVICES counts them for vLLM).
-others=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -vxF -f <(tr , '\n' <<< "$GPUS") | paste -sd, || true)
-echo "serve: train with: ${others:+CUDA_VISIBLE_DEVICES=$others }python train.py vllm=server 'vllm.base_urls=[$list]'"
+if [[ $TRANSFER == ipc ]]; then  # the trainer on the server's GPU
+  echo "serve: train on the same GPU with: CUDA_VISIBLE_DEVICES=$GPUS python train.py vllm=server hardware=1gpu 'vllm.base_urls=[$list]'"
+else  # the trainer's GPUs: this host's others (NVML order, as CUDA_VISIBLE_DEVICES counts them for vLLM)
+  others=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | grep -vxF -f <(tr , '\n' <<< "$GPUS") | paste -sd, || true)
+  echo "serve: train with: ${others:+CUDA_VISIBLE_DEVICES=$others }python train.py vllm=server 'vllm.base_urls=[$list]'"
+fi
 [[ $DRY_RUN == 1 ]] && exit 0
 status=0
 wait -n || status=$?  # one server gone (crashed or stopped): stop the others too

@@ -25,7 +25,7 @@ class EngineMode(str, Enum):
     off = "off"  # transformers `generate` on the trainer's own model
     auto = "auto"  # colocate when CUDA and vLLM are present, else off
     colocate = "colocate"  # vllm.LLM in the trainer process, asleep while the trainer trains
-    server = "server"  # the stock vLLM OpenAI server on other GPUs (`make serve`), weights pushed over NCCL
+    server = "server"  # the stock vLLM OpenAI server (`make serve`); weights by NCCL or CUDA IPC
 
 
 class ModelImpl(str, Enum):
@@ -158,13 +158,15 @@ class VLLMServerConfig(VLLMCheckConfig):
     request_timeout_s: float = 600.0  # one generation request: a server's whole share of a rollout
     retries: int = 3  # extra attempts of a request that failed to connect, timed out or got a 5xx answer
     retry_backoff_s: float = 1.0  # wait before the first retry; doubled before each further one
-    # push the trainer's weights over NCCL before every rollout (needs the trainer on a CUDA GPU); false = the
-    # servers keep the weights they loaded (evaluation, generation only): the logp-gap check stops training
-    # once the trainer has moved away from them
+    # push the trainer's weights before every rollout, as the servers take them (make serve TRANSFER=): NCCL
+    # to servers on other GPUs, CUDA IPC to one on the trainer's GPU; needs the trainer on a CUDA GPU. false =
+    # the servers keep the weights they loaded (evaluation, generation only): the logp-gap check stops
+    # training once the trainer has moved away from them
     sync_weights: bool = True
     nccl_host: str | None = None  # the servers reach the trainer here; null = 127.0.0.1 if they are all local
     nccl_port: int | None = None  # the trainer's NCCL rendezvous port; null = a free port
-    nccl_timeout_s: float = 300.0  # bound on the NCCL rendezvous and on each weight broadcast
+    nccl_timeout_s: float = 300.0  # bound on the NCCL rendezvous, each weight broadcast and each IPC bucket
+    ipc_bucket_mib: int = 512  # IPC pushes: the bucket (one trainer buffer), raised to the largest tensor
     transfer_dtype: str | None = None  # weights travel in this dtype (bfloat16 halves fp32); null = as held
     regex: str | None = None  # structured generation: every completion matches this regex
 

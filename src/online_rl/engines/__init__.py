@@ -4,7 +4,7 @@
                  vllm=colocate: `vllm.LLM` in the trainer's process, asleep while it trains (vllm_colocate.py)
     hosted       vllm=colocate vllm.separate_process=true: the same engine in a process of its own on the
                  trainer's GPU, weights through shared GPU memory, optionally under MPS (hosted/)
-    server       vllm=server: the stock vLLM server, weights pushed over NCCL (server/)
+    server       vllm=server: the stock vLLM server, weights pushed over NCCL or CUDA IPC (server/)
 
 The rest of the library reaches them through this module's names alone (__all__).
 """
