@@ -41,7 +41,9 @@ class Settings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lora_base_dtype: str = ""  # ours: model.lora.base_dtype, e.g. bfloat16 as peft and TRL keep it; "": fp32
+    # ours (not ours_default*): model.lora.base_dtype; float32 as TRL's anchor loads it, and as every anchor LoRA
+    # row since 2026-11-23 ran (the default on a GPU became bf16 at issue 27); "": the default
+    lora_base_dtype: str = "float32"
     # ours, on-policy: vllm.separate_process, vLLM's engine in a process of its own (ours_offpolicy always
     # runs it so: in the trainer's, generating beside training took 2x as long as alone)
     separate_process: bool = False
@@ -138,7 +140,7 @@ SHAPES = {
             "warmup_steps": 1,
             "measured_steps": 2,
             # its activations need gradient checkpointing (TRL's default) beside vLLM; a bf16 base halves TRL's
-            # 30 GiB of frozen fp32 weights (our default keeps fp32: model.lora.base_dtype)
+            # 30 GiB of frozen fp32 weights (our default on a GPU is a bf16 base: models.frozen_base_dtype)
             "trl_sweep": ("16:gc:bf16base",),
             "sweep_warmup_steps": 1,
             "sweep_measured_steps": 1,

@@ -88,6 +88,24 @@ def test_lora_base_in_bf16_keeps_the_adapters_in_the_trained_dtype(tiny_model_di
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize(
+    "base_dtype, autocast, expected",
+    [(None, torch.bfloat16, torch.bfloat16), (None, None, torch.float32), ("float32", torch.bfloat16, torch.float32),
+     ("bfloat16", None, torch.bfloat16)],
+)  # fmt: skip
+def test_the_frozen_base_follows_autocast_unless_model_lora_base_dtype_says(
+    tiny_model_dir, base_dtype, autocast, expected
+):
+    """Unset, the LoRA base is in the autocast dtype (bf16 on a GPU, where every product runs in it anyway),
+    else in the trained dtype; model.lora.base_dtype wins. The adapters stay fp32 in every case."""
+    overrides = ["model.lora.enabled=true"] + ([f"model.lora.base_dtype={base_dtype}"] if base_dtype else [])
+    model = load_policy(
+        str(tiny_model_dir), compose_config(overrides).model, torch.float32, torch.device("cpu"), autocast
+    )
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {expected}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
 def test_build_random_model_script(tmp_path):
     import subprocess
     import sys

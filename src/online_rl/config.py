@@ -194,8 +194,9 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # dtype of the frozen base (bfloat16: half its memory, as peft and TRL keep it; the residual stream is then
-    # bf16 too); null = hardware.param_dtype. The adapters stay in hardware.param_dtype either way.
+    # dtype of the frozen base; null = hardware.autocast_dtype if set (bf16 on a GPU: half the memory, and no
+    # cast of each frozen weight at every forward; models.frozen_base_dtype), else hardware.param_dtype. The
+    # adapters stay in hardware.param_dtype either way.
     base_dtype: str | None = None
 
 

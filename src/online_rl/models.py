@@ -147,14 +147,19 @@ def load_tokenizer(path: str, trust_remote_code: bool, key: str = "model.name_or
     return tokenizer
 
 
-def load_policy(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_policy(
+    path: str,
+    model_cfg: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """The trainable model: all weights, or LoRA adapters on a frozen base when model.lora.enabled. `dtype`
-    is the trained weights' (the adapters' under LoRA); the frozen base is in model.lora.base_dtype if set."""
+    is the trained weights' (the adapters' under LoRA); the frozen base's is `frozen_base_dtype`."""
     lora = model_cfg.lora
-    base_dtype = torch_dtype(lora.base_dtype) if lora.enabled and lora.base_dtype else dtype
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=base_dtype,
+        dtype=frozen_base_dtype(lora, dtype, autocast_dtype) if lora.enabled else dtype,
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
     ).to(device)
@@ -170,6 +175,17 @@ def load_policy(path: str, model_cfg: Any, dtype: torch.dtype, device: torch.dev
     if model_cfg.disable_dropout:
         disable_dropout(model)
     return model
+
+
+def frozen_base_dtype(lora: Any, dtype: torch.dtype, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """The frozen base's dtype under LoRA: model.lora.base_dtype; unset, the autocast dtype (bf16 on a GPU),
+    else `dtype`. Under autocast every matrix product runs in the autocast dtype anyway, and a frozen fp32
+    weight is cast again at each forward (autocast caches only weights that train) with the copy kept for the
+    backward: at 7B the fp32 base (28 GiB) plus those copies (14 GiB) against 14 GiB in bf16. The residual
+    stream and norms then run in bf16, as in the engine that samples."""
+    if lora.base_dtype:
+        return torch_dtype(lora.base_dtype)
+    return autocast_dtype or dtype
 
 
 def compiled_for_training(

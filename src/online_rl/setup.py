@@ -212,7 +212,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     check_prompt_budget(tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_length)
     sampler = PromptSampler(training_rows, cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    model = load_policy(model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device)
+    model = load_policy(model_path, cfg.model, torch_dtype(cfg.hardware.param_dtype), device, autocast_dtype)
     model.train()
     # beta = 0 needs no reference; under LoRA the reference is the same model with its adapters off.
     reference = frozen_copy(model) if algorithm.needs_ref_logp and not is_lora(model) else None
