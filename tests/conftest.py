@@ -167,7 +167,7 @@ def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature, model_tokens
         tokenizer.pad_token_id,
         rollout.sampler_logprobs,
         rollout.model_mask if model_tokens_only else None,
-    )
+    ).to(next(model.parameters()).device)
     with torch.no_grad():
         logp, _ = completion_logprobs(model, batch, temperature)
     total, peak, _ = logp_gap(logp, batch.sampler_logp, batch.completion_mask)

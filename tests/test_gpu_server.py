@@ -14,11 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.algorithms.sampler_correction import logp_gap
 from online_rl.engines.server.gpu_guard import SameDeviceError
-from online_rl.logprobs import completion_logprobs, pack
 
-from .conftest import ROOT, ServeScript, compose_config
+from .conftest import ROOT, ServeScript, compose_config, trainer_gap
 
 pytestmark = pytest.mark.gpu
 
@@ -77,18 +75,9 @@ def prompts(tokenizer):
     return [tokenizer(q)["input_ids"] for q in ("What is 1 + 2?", "What is 40 - 3?", "What is 7 * 6?")]
 
 
-def gap(model, tokenizer, prompt_ids, rollout, n=G):
-    """Mean |trainer - server| log-prob over the sampled tokens."""
-    batch = pack(
-        [p for p in prompt_ids for _ in range(n)],
-        rollout.completion_ids,
-        tokenizer.pad_token_id,
-        rollout.sampler_logprobs,
-    ).to(TRAINER)
-    with torch.no_grad():
-        logp, _ = completion_logprobs(model, batch, 1.0)
-    total, _, _ = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
-    return float(total) / float(batch.completion_mask.sum())
+def gap(model, tokenizer, prompt_ids, rollout):
+    """Mean |trainer - server| log-prob over the tokens the server sampled (temperature 1)."""
+    return trainer_gap(model, tokenizer, prompt_ids, rollout, 1.0)[0]
 
 
 def test_pushed_weights_drive_the_servers_samples_and_logprobs(server, trainer, tokenizer):

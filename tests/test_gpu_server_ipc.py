@@ -14,10 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from online_rl.algorithms.sampler_correction import logp_gap
-from online_rl.logprobs import completion_logprobs, pack
-
-from .conftest import ServeScript, compose_config
+from .conftest import ServeScript, compose_config, trainer_gap
 
 pytestmark = pytest.mark.gpu
 
@@ -73,16 +70,7 @@ def prompts(tokenizer):
 
 def gap(model, tokenizer, prompt_ids, rollout):
     """Mean |trainer - server| log-prob over the tokens the server sampled (temperature 1)."""
-    batch = pack(
-        [p for p in prompt_ids for _ in range(G)],
-        rollout.completion_ids,
-        tokenizer.pad_token_id,
-        rollout.sampler_logprobs,
-    ).to(TRAINER)
-    with torch.no_grad():
-        logp, _ = completion_logprobs(model, batch, 1.0)
-    total, _, _ = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
-    return float(total) / float(batch.completion_mask.sum())
+    return trainer_gap(model, tokenizer, prompt_ids, rollout, 1.0)[0]
 
 
 def test_one_optimizer_step_reaches_the_server_over_ipc_without_growing_the_trainer(
