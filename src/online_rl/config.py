@@ -366,8 +366,9 @@ class TrainConfig:
     # rows of similar length share a micro-batch (the rollout sorted, longest first), so less of it is padding;
     # false: the rollout's order. Changes no loss but bnpo's (a token mean per micro-batch)
     micro_batch_by_length: bool = True
-    # 0 = on-policy; 1 = the next rollout generates (vllm=colocate or server) while this one trains, and trains
-    # one update later, corrected by vllm.importance_sampling_correction
+    # 0 = on-policy; k >= 1 = the engine (vllm=colocate or server) keeps generating while the trainer trains,
+    # each rollout sampled with weights at most k updates older than the trainer's, corrected by
+    # vllm.importance_sampling_correction (rollout_ahead.py)
     off_policy_steps: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # retention
