@@ -155,9 +155,10 @@ def prompts(tokenizer, count):
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_rollouts_sample_whole_versions_at_most_k_updates_behind(trainer_and_engine, k):
-    """The loop's pattern by hand: take the oldest rollout, draw the next, update. Every rollout is sampled
-    with one whole version of the weights (never a push mid-update), the one it reports, at most k behind
-    the trainer; the interpreter switches often only while the engine generates."""
+    """The loop's pattern by hand: take the oldest rollout, draw the next, train (0.3 s, several times a
+    rollout's generation), update. Every rollout is sampled with one whole version of the weights (never a
+    push mid-update), the one it reports, as far behind as the faster generator of `simulate` gets: k
+    updates; the interpreter switches often only while the engine generates."""
     model, tokenizer, engine = trainer_and_engine
     default = sys.getswitchinterval()
     ahead = RolloutsAhead(engine, model, CPU, k, 2, SAMPLING)
@@ -172,10 +173,11 @@ def test_rollouts_sample_whole_versions_at_most_k_updates_behind(trainer_and_eng
                 assert len(sampled.rollout.completion_ids) == 2 * len(pending.prompt_ids)
             for first_update in first_updates_to_draw(step, ahead.queued, k, 1, 6):
                 ahead.add(PendingRollout([], prompts(tokenizer, 2), {"drawn": first_update}, first_update))
+            time.sleep(0.3)
             an_update(ahead, model, step + 1)
     finally:
         ahead.close()
-    assert all(0 <= s <= k for s in staleness), staleness
+    assert staleness == simulate(k, 1, 6, 6)[1:], staleness
     assert all(len(versions) == 1 for _, versions in engine.calls), engine.calls  # whole versions only
     assert engine.switch_intervals and set(engine.switch_intervals) == {SWITCH_INTERVAL_S}
     assert sys.getswitchinterval() == default
@@ -269,3 +271,42 @@ def test_close_never_hangs_on_a_rollout_that_does_not_end(trainer_and_engine):
     release.set()
     ahead.thread.join(10)
     assert not ahead.thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["off_policy_steps=-1"], "off_policy_steps=-1: use 0 .* e.g. off_policy_steps=1"),
+        (["off_policy_steps=2", "vllm=off"], "off_policy_steps=2 needs vllm=colocate or vllm=server"),
+        (
+            ["off_policy_steps=2", "algo=dpo", "vllm=colocate"],
+            "off_policy_steps=2 is for grpo.*use off_policy_steps=0",
+        ),
+        (
+            ["off_policy_steps=3", "vllm=colocate", "vllm.sleep_level=1"],
+            r"off_policy_steps=3 with vllm=colocate needs vllm.sleep_level=0 \(not 1\)",
+        ),
+        (
+            ["off_policy_steps=2", "vllm=server", "vllm.importance_sampling_correction=false"],
+            "up to 2 update.*set vllm.importance_sampling_correction=true",
+        ),
+        (
+            ["off_policy_steps=2", "vllm=server", "hardware.num_processes=2"],
+            "off_policy_steps=2 runs on one process for now.*hardware=1gpu",
+        ),
+    ],
+    ids=["negative", "no-vllm", "preference", "asleep", "uncorrected", "ranks"],
+)
+def test_off_policy_settings_it_cannot_run_name_the_key_and_a_value_that_works(overrides, message):
+    from online_rl.checks import check_off_policy
+
+    with pytest.raises(ValueError, match=message):
+        check_off_policy(compose_config(overrides))
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "gspo", "cispo"])
+def test_off_policy_steps_of_two_pass_the_checks_for_each_policy_gradient_algorithm(algo):
+    from online_rl.checks import check_off_policy
+
+    for mode in (["vllm=server"], ["vllm=colocate", "vllm.sleep_level=0"]):
+        check_off_policy(compose_config(["off_policy_steps=2", f"algo={algo}", *mode]))
