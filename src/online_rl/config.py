@@ -129,7 +129,7 @@ class VLLMColocateConfig(VLLMCheckConfig):
     # vLLM's whole engine in a process of its own on the trainer's device, one message per call
     # (engines/hosted/engine_host.py); each sync copies the weights into memory both processes map (CUDA IPC on a
     # GPU). Generating then takes none of the trainer's interpreter, which it otherwise shares with training
-    # when the two overlap (off_policy_steps=1). One training rank, one GPU.
+    # when the two overlap (off_policy_steps >= 1). One training rank, one GPU.
     separate_process: bool = False
     weight_bucket_mib: int = 1024  # separate_process: the shared block's size (a larger weight gets its own)
     # separate_process: engines on the device, each in a process of its own, each generating a share of every
@@ -142,7 +142,7 @@ class VLLMColocateConfig(VLLMCheckConfig):
     engine_processes: int = 1
     # separate_process under CUDA's MPS daemon (`nvidia-cuda-mps-control -d`): the most of the GPU's
     # multiprocessors the trainer's kernels take, in percent; the engines keep all of them. Beside training
-    # (off_policy_steps=1) a decoding step's small kernels then find room instead of waiting for the trainer's
+    # (off_policy_steps >= 1) a decoding step's small kernels then find room instead of waiting for the trainer's
     # (engines/hosted/mps.py). null: no cap.
     trainer_sm_percent: int | None = None
 
