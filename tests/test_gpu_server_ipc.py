@@ -162,7 +162,9 @@ def test_grpo_beside_the_server_on_one_gpu_on_policy_and_k_updates_behind(server
     if k:
         assert max(staleness) >= 1, staleness
         assert any(m["time/sync_s"] > 0 for m in history[1:]), history  # pushed by the engine's thread
-    print(f"off_policy_steps={k}: staleness {staleness}, step s {[round(m['time/step_s'], 2) for m in history]}")
+    print(
+        f"off_policy_steps={k}: staleness {staleness}, step s {[round(m['time/step_s'], 2) for m in history]}"
+    )
 
 
 def test_server_killed_mid_push_gives_a_clear_error_and_a_checkpoint(server, model_dir, tokenizer, tmp_path):
