@@ -125,7 +125,9 @@ class RolloutsAhead:
         self.engine_version: int | None = None  # the version the engine holds (None: unknown, push first)
         self.paused = self.closing = self.stopped = self.generating = False
         self.changed = threading.Condition()  # guards the fields above; notified whenever one changes
-        self.weights = threading.Lock()  # held by optimizer.step (trainer) and by a push (this thread)
+        # held by optimizer.step (trainer) and by a push (this thread); taken before `changed` when both are
+        self.weights = threading.Lock()
+        self.stream = None  # the generating thread's CUDA stream (GPU only), made by that thread
         self.updated = None  # a CUDA event after the last optimizer step's kernels (GPU only)
         self.default_switch_interval = sys.getswitchinterval()
         self.thread = threading.Thread(target=self._run, name="rollouts-ahead", daemon=True)
@@ -163,9 +165,11 @@ class RolloutsAhead:
             if self.device.type == "cuda":  # a push reads the weights on its own stream: after these kernels
                 self.updated = torch.cuda.Event()
                 self.updated.record(torch.cuda.current_stream(self.device))
-        with self.changed:
-            self.trainer_version = version
-            self.changed.notify_all()
+            with (
+                self.changed
+            ):  # (still holding the weights: a push never reads new weights as the old version)
+                self.trainer_version = version
+                self.changed.notify_all()
 
     def engine_holds(self, version: int) -> None:
         """The trainer pushed its weights at `version` updates itself (nothing was queued)."""
@@ -207,10 +211,6 @@ class RolloutsAhead:
         return pending
 
     def _run(self) -> None:
-        # A high-priority stream: the GPU schedules a waiting decoding kernel before the trainer's next one.
-        # Generation is the longer half of an overlapped step (2.3 s against 1.1 s of training alone on the
-        # H200), so its kernels are the ones not to keep waiting.
-        stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         while True:
             with self.changed:
                 while not self.closing and (pending := self.next_to_start()) is None:
@@ -219,7 +219,7 @@ class RolloutsAhead:
                     return
                 pending.started, self.generating = True, True
             try:
-                sampled = self.sample(pending, stream)
+                sampled = self.sample(pending)
             except BaseException as error:  # the trainer raises it when it takes this rollout
                 with self.changed:
                     self.generating, self.stopped = False, True  # the engine failed: generate nothing more
@@ -231,8 +231,14 @@ class RolloutsAhead:
                 pending.result.set_result(sampled)
                 self.changed.notify_all()
 
-    def sample(self, pending: PendingRollout, stream: torch.cuda.Stream | None) -> Sampled:
+    def sample(self, pending: PendingRollout) -> Sampled:
         """Push the trainer's newest weights (if the engine lacks them), then generate with them."""
+        if self.device.type == "cuda" and self.stream is None:
+            # A high-priority stream: the GPU schedules a waiting decoding kernel before the trainer's next one.
+            # Generation is the longer half of an overlapped step (2.3 s against 1.1 s of training alone on the
+            # H200), so its kernels are the ones not to keep waiting.
+            self.stream = torch.cuda.Stream(self.device, priority=-1)
+        stream = self.stream
 
         def on_stream():
             return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
