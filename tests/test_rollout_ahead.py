@@ -155,7 +155,7 @@ def prompts(tokenizer, count):
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_rollouts_sample_whole_versions_at_most_k_updates_behind(trainer_and_engine, k):
-    """The loop's pattern by hand: take the oldest rollout, draw the next, train (0.3 s, several times a
+    """The loop's pattern by hand: take the oldest rollout, draw the next, train (0.5 s, ten times a
     rollout's generation), update. Every rollout is sampled with one whole version of the weights (never a
     push mid-update), the one it reports, as far behind as the faster generator of `simulate` gets: k
     updates; the interpreter switches often only while the engine generates."""
@@ -173,7 +173,7 @@ def test_rollouts_sample_whole_versions_at_most_k_updates_behind(trainer_and_eng
                 assert len(sampled.rollout.completion_ids) == 2 * len(pending.prompt_ids)
             for first_update in first_updates_to_draw(step, ahead.queued, k, 1, 6):
                 ahead.add(PendingRollout([], prompts(tokenizer, 2), {"drawn": first_update}, first_update))
-            time.sleep(0.3)
+            time.sleep(0.5)
             an_update(ahead, model, step + 1)
     finally:
         ahead.close()
