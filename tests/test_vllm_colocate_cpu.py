@@ -343,12 +343,14 @@ def test_one_step_off_policy_learns(make_config, engine):
     assert last - first > 0.5 and last > 0.4, rewards
 
 
+@pytest.mark.parametrize("k", [1, 2])
 def test_off_policy_engine_lost_in_the_background_saves_from_the_training_thread(
-    make_config, engine, tmp_path, monkeypatch
+    make_config, engine, tmp_path, monkeypatch, k
 ):
-    """The engine fails while generating the next rollout in the background (the third rollout: a fault
-    injected into the real engine). The loop notices when it takes that rollout, on its own thread between
-    updates: a checkpoint of step 2 whose data position is before the lost rollout's prompts, then the error."""
+    """The engine fails while generating a rollout in the background (the third rollout: a fault injected
+    into the real engine). The loop notices when it takes that rollout, on its own thread between updates: a
+    checkpoint of step 2 whose data position is before the lost rollout's prompts (with k=2, the fourth
+    rollout's prompts are drawn too, and come again as well), then the error."""
     from online_rl.data import PromptSampler, load_prompts
     from online_rl.engines import EngineUnavailable
     from online_rl.engines.vllm_colocate import VLLMColocateEngine
@@ -366,7 +368,7 @@ def test_off_policy_engine_lost_in_the_background_saves_from_the_training_thread
     monkeypatch.setattr(VLLMColocateEngine, "generate", generate_then_fail)
     cfg = make_config(
         "max_steps=6",
-        "off_policy_steps=1",
+        f"off_policy_steps={k}",
         "data.synthetic_rows=64",
         "prompts_per_step=4",
         "algo.num_generations=4",
