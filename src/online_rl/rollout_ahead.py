@@ -5,6 +5,9 @@ the trainer has when it starts training on the rollout.
     trainer:    take r1 -> train -> w2 ------------> take r2 -> train -> w3 -> take r3 ...
     generator:  r2 (w1) -> r3 (w1) -> waits for w2 -> push w2 -> r4 (w2) -> ...        (k = 2, one pass each)
 
+    (r_u: the rollout the trainer starts on after u updates; w_v: the weights after v updates. r3, sampled
+    with w1, trains w3: staleness 2. r4 may not start before w2 exists: with w1 it would be 3 behind.)
+
 Versions count the trainer's optimizer updates. The rollout whose first update is u (the trainer has made u
 updates when it starts on it) may start generating once the trainer has made u - k (`may_start`); it samples
 with the newest weights then, v >= u - k, so its staleness u - v is at most k (logged as `rollout/staleness`;
