@@ -67,20 +67,23 @@ def test_lora_colocate(tmp_path):
     [
         ["vllm.sleep_level=2"],
         ["vllm.sleep_level=0", "off_policy_steps=1"],
+        ["vllm.sleep_level=0", "off_policy_steps=2"],
         ["vllm.sleep_level=2", "vllm.engine_processes=2"],  # each engine sampling its share with them
     ],
-    ids=["asleep", "off_policy", "two_engines"],
+    ids=["asleep", "off_policy", "two_off_policy", "two_engines"],
 )
 def test_separate_process_engine_samples_with_the_pushed_weights(tmp_path, overrides):
     """vllm.separate_process=true on the GPU: the weights reach vLLM's engine process through CUDA IPC, in
-    sleep mode and one step off-policy. The first rollout samples with the weights just pushed, on- and
-    off-policy; on-policy, so do all the others (the run itself stops above the threshold). Off-policy the
-    later rollouts run one update behind (at this lr a gap of ~0.3), which
+    sleep mode and one or two steps off-policy. The first rollout samples with the weights just pushed, on-
+    and off-policy; on-policy, so do all the others (the run itself stops above the threshold). Off-policy
+    the later rollouts run up to k updates behind (at this lr a gap of ~0.3 for one), which
     test_off_policy_rollouts_sample_with_the_weights_pushed_before_they_start checks exactly."""
     history = train(tmp_path, "vllm.separate_process=true", "optim.warmup_steps=0", *overrides)
     assert [m["step"] for m in history] == [1, 2, 3]
-    on_policy = history if "off_policy_steps=1" not in overrides else history[:1]
-    for metrics in on_policy:
+    assert history[0]["rollout/staleness"] == 0
+    k = next((int(o.split("=")[1]) for o in overrides if o.startswith("off_policy_steps=")), 0)
+    assert all(m["rollout/staleness"] <= k for m in history), history
+    for metrics in (m for m in history if m["rollout/staleness"] == 0):
         assert metrics["sync/logp_gap_mean"] < 0.1, metrics  # 0.1: the sync check's threshold
     assert history[-1]["train/grad_norm"] > 0
     final_evaluation(tmp_path)
@@ -120,26 +123,30 @@ except RuntimeError as error:
 
 @pytest.mark.parametrize("separate_process", [False, True], ids=["in_process", "separate_process"])
 def test_off_policy_rollouts_sample_with_the_weights_pushed_before_they_start(tmp_path, separate_process):
-    """One step off-policy on the GPU: weights pushed on the trainer's stream, then a rollout started on the
-    generating thread's own stream. Each rollout must sample with the pushed weights: its log-probs equal
-    the trainer's under them, and differ from those under the weights the engine held before the push (a
-    large perturbation each round, so that sampling with some of the old weights would show). With
+    """Off-policy on the GPU: the trainer's update (on its stream, under the weights lock), then the
+    generating thread pushes the new weights and samples on its own stream. Each rollout must sample with the
+    pushed weights: its log-probs equal the trainer's under them, and differ from those under the weights the
+    engine held before the push (a large perturbation each round, so that sampling with some of the old
+    weights, or a push that read them before the update's kernels ran, would show). With
     vllm.separate_process the push goes through the block both processes map, to vLLM's engine process."""
     body = """
 from online_rl.logprobs import completion_logprobs, pack
-from online_rl.rollout_ahead import RolloutAhead
-ahead = RolloutAhead(engine, device)
+from online_rl.rollout_ahead import PendingRollout, RolloutsAhead
+ahead = RolloutsAhead(engine, model, device, 1, 4, cfg.sampling)
+engine.sync_weights(model)
+ahead.engine_holds(0)
 prompts = [[5, 6, 7, 8], [9, 10, 11]]
 torch.manual_seed(0)
 for r in range(3):
     held = {name: p.detach().clone() for name, p in model.named_parameters()}  # what the engine holds
-    with torch.no_grad():
+    with ahead.updating_weights(r + 1), torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     pushed = {name: p.detach().clone() for name, p in model.named_parameters()}
-    engine.sync_weights(model)
-    ahead.start(None, prompts, 4, cfg.sampling, {})
-    _, rollout, _ = ahead.take()
+    ahead.add(PendingRollout([], prompts, {}, first_update=r + 2))  # may start at update r + 1: now
+    _, sampled = ahead.take()
+    assert sampled.weights_version == r + 1 and sampled.push_s > 0
+    rollout = sampled.rollout
     batch = pack([p for p in prompts for _ in range(4)], rollout.completion_ids, 0, rollout.sampler_logprobs)
     batch = batch.to(device)
     mask = batch.completion_mask.float()

@@ -7,6 +7,9 @@ vLLM's packed sender, left to cut buckets itself, kept one buffer per push in th
 """
 
 import importlib.util
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .conftest import ServeScript, compose_config, trainer_gap
+from .conftest import ROOT, ServeScript, compose_config, trainer_gap
 
 pytestmark = pytest.mark.gpu
 
@@ -111,6 +114,57 @@ def test_one_optimizer_step_reaches_the_server_over_ipc_without_growing_the_trai
         assert allocated[-1] - allocated[0] < 64 * 2**20, [a / 2**20 for a in allocated]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_grpo_beside_the_server_on_one_gpu_on_policy_and_k_updates_behind(server, model_dir, tmp_path, k):
+    """`python train.py vllm=server hardware=1gpu` beside the server on its GPU, float32 on both sides.
+    off_policy_steps=0: every rollout pushed over IPC and checked. off_policy_steps=k: the engine's thread
+    pushes between its rollouts while the trainer trains; each step's rollout at most k updates behind, the
+    first (and any of staleness 0) under the gap threshold, the stale ones visibly apart; the final evaluation
+    waits for the background thread and uses the server after it."""
+    command = [
+        sys.executable,
+        "train.py",
+        "hardware=1gpu",
+        "hardware.autocast_dtype=null",
+        "logger=none",
+        "max_steps=5",
+        "eval_every=5",
+        "eval.holdout_size=8",
+        "data.synthetic_rows=128",
+        "prompts_per_step=8",
+        "algo.num_generations=4",
+        "micro_batch_size=16",
+        "sampling.max_completion_length=64",
+        "model.random_init=null",
+        f"model.name_or_path={model_dir}",
+        "vllm=server",
+        f"vllm.base_urls=[{server.url}]",
+        "optim.lr=1e-4",
+        "optim.warmup_steps=0",
+        f"off_policy_steps={k}",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    history = [m for m in lines if "train/loss" in m]
+    assert len(history) == 5 and any("eval/reward_mean" in m for m in lines)
+    staleness = [m["rollout/staleness"] for m in history]
+    assert staleness[0] == 0 and all(0 <= s <= k for s in staleness), staleness
+    first_gap = history[0]["sync/logp_gap_mean"]
+    for metrics in history:
+        if metrics["rollout/staleness"] == 0:
+            assert metrics["sync/logp_gap_mean"] < 0.1, metrics  # the threshold the run itself enforces
+        else:
+            assert metrics["sync/logp_gap_mean"] > first_gap, metrics
+    if k:
+        assert max(staleness) >= 1, staleness
+        assert any(m["time/sync_s"] > 0 for m in history[1:]), history  # pushed by the engine's thread
+    print(
+        f"off_policy_steps={k}: staleness {staleness}, step s {[round(m['time/step_s'], 2) for m in history]}"
+    )
 
 
 def test_server_killed_mid_push_gives_a_clear_error_and_a_checkpoint(server, model_dir, tokenizer, tmp_path):

@@ -240,9 +240,93 @@ def test_one_step_off_policy_run_with_colocate(make_config, engine, tmp_path):
     assert state["sampler"] == two_batches.state_dict()
 
 
+SMALL_ROLLOUTS = [
+    "data.synthetic_rows=64",
+    "prompts_per_step=4",
+    "algo.num_generations=4",
+    "micro_batch_size=8",
+]
+
+
+def test_two_steps_off_policy_run_with_colocate(make_config, engine):
+    """off_policy_steps=2: the engine keeps generating while the trainer trains, each rollout sampled with
+    weights at most two updates older than the trainer's (rollout/staleness). The first rollout is on-policy
+    and checked; the gap between engine and trainer follows the staleness: float noise at 0, a real gap
+    (lr 3e-3) behind. (Short completions and small micro-batches: generating is faster than training, so
+    the engine gets ahead; on 2 cores the staleness went 0, 1, 2, 2, 2.)"""
+    engine.close()
+    summary = run(
+        make_config(
+            "max_steps=5",
+            "off_policy_steps=2",
+            "optim.warmup_steps=0",
+            *SMALL_ROLLOUTS,
+            "micro_batch_size=2",
+            "sampling.max_completion_length=16",
+            *CPU_COLOCATE,
+        )
+    )
+    staleness = [m["rollout/staleness"] for m in summary.history]
+    assert len(staleness) == 5 and staleness[0] == 0, staleness
+    assert all(s in (0, 1, 2) for s in staleness) and max(staleness) >= 1, staleness
+    for metrics in summary.history:
+        if metrics["rollout/staleness"] == 0:  # checked by the run itself too (vllm.max_logp_gap)
+            assert metrics["sync/logp_gap_mean"] < 1e-4, metrics
+        else:
+            assert metrics["sync/logp_gap_mean"] > 1e-3, metrics
+            assert metrics["sync/is_weight_deviation_mean"] > 1e-4, metrics
+
+
+TRAINED_PROMPTS: list[list[str]] = []
+
+
+def digits_remembering_prompts(prompts, completions, **kwargs):
+    """The quickstart's digits reward, which also notes each step's prompts: the rows the step trains on."""
+    from online_rl.rewards.digits import digit_fraction
+
+    TRAINED_PROMPTS.append(list(prompts))
+    return digit_fraction(prompts=prompts, completions=completions, **kwargs)
+
+
+def test_two_steps_off_policy_resume_trains_the_straight_runs_prompts(make_config, engine, tmp_path):
+    """off_policy_steps=2 with a checkpoint after step 2, when the prompts of rollouts 3 and 4 are drawn
+    already: the checkpoint keeps the data position before them, and a run resumed from it trains on exactly
+    the rows the straight run trained on at steps 3-6, in the same order: none lost, none twice."""
+    from online_rl.data import PromptSampler, load_prompts
+    from online_rl.resume import TRAINER_STATE
+
+    engine.close()
+    common = [
+        "max_steps=6",
+        "off_policy_steps=2",
+        *SMALL_ROLLOUTS,
+        *CPU_COLOCATE,
+        "rewards.digits.fn=tests.test_vllm_colocate_cpu.digits_remembering_prompts",
+    ]
+    TRAINED_PROMPTS.clear()
+    run(make_config(f"output_dir={tmp_path / 'straight'}", "checkpoint_every=2", *common))
+    straight = list(TRAINED_PROMPTS)
+    middle = tmp_path / "straight" / "checkpoints" / "step_000002"
+    cfg = make_config(f"output_dir={tmp_path / 'resumed'}", f"resume={middle}", *common)
+    state = torch.load(middle / TRAINER_STATE, weights_only=False)
+    two_batches = PromptSampler(
+        load_prompts(cfg.data), cfg.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle
+    )
+    two_batches.next_batch(), two_batches.next_batch()
+    assert state["sampler"] == two_batches.state_dict()
+
+    TRAINED_PROMPTS.clear()
+    resumed = run(cfg)
+    assert len(resumed.history) == 4  # steps 3-6
+    assert len(straight) == 6 and len({tuple(p) for p in straight}) == 6  # six different batches
+    assert TRAINED_PROMPTS == straight[2:]
+
+
 def test_off_policy_needs_a_separate_engine(make_config):
     with pytest.raises(ValueError, match="off_policy_steps=1 needs vllm=colocate or vllm=server"):
         run(make_config("off_policy_steps=1", "vllm=off"))
+    with pytest.raises(ValueError, match="off_policy_steps=2 needs vllm=colocate or vllm=server"):
+        run(make_config("off_policy_steps=2", "vllm=off"))
     with pytest.raises(ValueError, match="importance_sampling_correction=true"):
         run(make_config("off_policy_steps=1", *CPU_COLOCATE, "vllm.importance_sampling_correction=false"))
     with pytest.raises(ValueError, match="needs vllm.sleep_level=0 \\(not 2\\)"):  # awake beside training
@@ -259,12 +343,14 @@ def test_one_step_off_policy_learns(make_config, engine):
     assert last - first > 0.5 and last > 0.4, rewards
 
 
+@pytest.mark.parametrize("k", [1, 2])
 def test_off_policy_engine_lost_in_the_background_saves_from_the_training_thread(
-    make_config, engine, tmp_path, monkeypatch
+    make_config, engine, tmp_path, monkeypatch, k
 ):
-    """The engine fails while generating the next rollout in the background (the third rollout: a fault
-    injected into the real engine). The loop notices when it takes that rollout, on its own thread between
-    updates: a checkpoint of step 2 whose data position is before the lost rollout's prompts, then the error."""
+    """The engine fails while generating a rollout in the background (the third rollout: a fault injected
+    into the real engine). The loop notices when it takes that rollout, on its own thread between updates: a
+    checkpoint of step 2 whose data position is before the lost rollout's prompts (with k=2, the fourth
+    rollout's prompts are drawn too, and come again as well), then the error."""
     from online_rl.data import PromptSampler, load_prompts
     from online_rl.engines import EngineUnavailable
     from online_rl.engines.vllm_colocate import VLLMColocateEngine
@@ -282,7 +368,7 @@ def test_off_policy_engine_lost_in_the_background_saves_from_the_training_thread
     monkeypatch.setattr(VLLMColocateEngine, "generate", generate_then_fail)
     cfg = make_config(
         "max_steps=6",
-        "off_policy_steps=1",
+        f"off_policy_steps={k}",
         "data.synthetic_rows=64",
         "prompts_per_step=4",
         "algo.num_generations=4",

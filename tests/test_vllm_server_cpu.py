@@ -150,10 +150,12 @@ def test_generation_only_train_run(server, make_config, tiny_model_dir):
     assert summary.history[0]["rollout/server_retries"] == 0
 
 
-def test_off_policy_run_generates_over_http_in_the_background(server, make_config, tiny_model_dir):
-    """off_policy_steps=1 with the server engine: each rollout after the first comes from a request made
-    by the background thread while the trainer trained. Generation only (no NCCL on a CPU), so the
-    server keeps the starting weights and the gap grows with every update (lr 1e-3): logged, not checked."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_off_policy_run_generates_over_http_in_the_background(server, make_config, tiny_model_dir, k):
+    """off_policy_steps=k with the server engine: each rollout after the first comes from a request made
+    by the background thread while the trainer trained, at most k updates behind it. Generation only (no
+    weight transfer on a CPU), so the server keeps the starting weights and the gap grows with every update
+    (lr 1e-3): logged, not checked."""
     summary = run(
         make_config(
             "max_steps=4",
@@ -163,13 +165,14 @@ def test_off_policy_run_generates_over_http_in_the_background(server, make_confi
             "vllm=server",
             f"vllm.base_urls=[{server.url}]",
             "vllm.sync_weights=false",
-            "off_policy_steps=1",
+            f"off_policy_steps={k}",
             "optim.warmup_steps=0",
             "optim.lr=1e-3",
         )
     )
     first, *later = summary.history
     assert first["sync/logp_gap_mean"] < 1e-4 and "time/wait_generate_s" not in first
+    assert first["rollout/staleness"] == 0 and all(0 <= m["rollout/staleness"] <= k for m in later)
     assert all(metrics["time/wait_generate_s"] >= 0 for metrics in later) and len(later) == 3
     gaps = [metrics["sync/logp_gap_mean"] for metrics in later]
     assert gaps[-1] > gaps[0] > 1e-4, gaps  # the trainer moves away from the served weights

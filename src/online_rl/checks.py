@@ -196,36 +196,44 @@ def check_model_and_sampling(cfg: DictConfig) -> None:
 
 
 def check_off_policy(cfg: DictConfig) -> None:
-    """off_policy_steps=1 needs an engine that generates apart from the trainer's model, and the correction."""
-    if cfg.off_policy_steps not in (0, 1):
+    """off_policy_steps=k >= 1 needs an engine that generates apart from the trainer's model, and the
+    correction; a policy-gradient algorithm and one training rank."""
+    k = cfg.off_policy_steps
+    if k < 0:
         raise ValueError(
-            f"off_policy_steps={cfg.off_policy_steps}: use 0 (on-policy) or 1 (the next rollout generates while this one trains)"
+            f"off_policy_steps={k}: use 0 (on-policy) or k >= 1 (the engine generates while the trainer trains, "
+            "with weights at most k updates old), e.g. off_policy_steps=1"
         )
-    if not cfg.off_policy_steps:
+    if not k:
         return
     if cfg.algo.name not in POLICY_GRADIENT:
         raise ValueError(
-            f"off_policy_steps=1 is for {' and '.join(POLICY_GRADIENT)}: algo={cfg.algo.name} samples with the policy itself"
+            f"off_policy_steps={k} is for {', '.join(POLICY_GRADIENT)}: algo={cfg.algo.name} samples with the "
+            "policy itself; use off_policy_steps=0"
         )
     if cfg.vllm.mode.value not in ("colocate", "server"):
         raise ValueError(
-            f"off_policy_steps=1 needs vllm=colocate or vllm=server (vllm={cfg.vllm.mode.value} generates with the "
-            "model being trained, so the two cannot overlap)"
+            f"off_policy_steps={k} needs vllm=colocate or vllm=server (vllm={cfg.vllm.mode.value} generates with "
+            "the model being trained, so the two cannot overlap)"
         )
     if cfg.vllm.mode.value == "colocate" and cfg.vllm.sleep_level:
         # The engine generates while the trainer trains, so sleeping frees nothing for training. On the H200
         # (2026-11-30) the second rollout generated beside training with sleep mode on never finished.
         raise ValueError(
-            f"off_policy_steps=1 with vllm=colocate needs vllm.sleep_level=0 (not {cfg.vllm.sleep_level}): the "
+            f"off_policy_steps={k} with vllm=colocate needs vllm.sleep_level=0 (not {cfg.vllm.sleep_level}): the "
             "engine generates while the trainer trains, so it stays awake; size its memory with "
             "vllm.kv_cache_memory_gib"
         )
     if not cfg.vllm.importance_sampling_correction:
         raise ValueError(
-            "off_policy_steps=1 trains on samples one update old: set vllm.importance_sampling_correction=true to correct for it"
+            f"off_policy_steps={k} trains on samples up to {k} update(s) old: set "
+            "vllm.importance_sampling_correction=true to correct for it"
         )
     if cfg.hardware.num_processes > 1:
-        raise ValueError("off_policy_steps=1 runs on one process for now: use hardware with num_processes: 1")
+        raise ValueError(
+            f"off_policy_steps={k} runs on one process for now: use hardware with num_processes: 1 "
+            "(e.g. hardware=1gpu), or off_policy_steps=0"
+        )
 
 
 def check_importance_sampling(vllm: DictConfig) -> None:

@@ -129,7 +129,7 @@ class VLLMColocateConfig(VLLMCheckConfig):
     # vLLM's whole engine in a process of its own on the trainer's device, one message per call
     # (engines/hosted/engine_host.py); each sync copies the weights into memory both processes map (CUDA IPC on a
     # GPU). Generating then takes none of the trainer's interpreter, which it otherwise shares with training
-    # when the two overlap (off_policy_steps=1). One training rank, one GPU.
+    # when the two overlap (off_policy_steps >= 1). One training rank, one GPU.
     separate_process: bool = False
     weight_bucket_mib: int = 1024  # separate_process: the shared block's size (a larger weight gets its own)
     # separate_process: engines on the device, each in a process of its own, each generating a share of every
@@ -142,7 +142,7 @@ class VLLMColocateConfig(VLLMCheckConfig):
     engine_processes: int = 1
     # separate_process under CUDA's MPS daemon (`nvidia-cuda-mps-control -d`): the most of the GPU's
     # multiprocessors the trainer's kernels take, in percent; the engines keep all of them. Beside training
-    # (off_policy_steps=1) a decoding step's small kernels then find room instead of waiting for the trainer's
+    # (off_policy_steps >= 1) a decoding step's small kernels then find room instead of waiting for the trainer's
     # (engines/hosted/mps.py). null: no cap.
     trainer_sm_percent: int | None = None
 
@@ -366,8 +366,9 @@ class TrainConfig:
     # rows of similar length share a micro-batch (the rollout sorted, longest first), so less of it is padding;
     # false: the rollout's order. Changes no loss but bnpo's (a token mean per micro-batch)
     micro_batch_by_length: bool = True
-    # 0 = on-policy; 1 = the next rollout generates (vllm=colocate or server) while this one trains, and trains
-    # one update later, corrected by vllm.importance_sampling_correction
+    # 0 = on-policy; k >= 1 = the engine (vllm=colocate or server) keeps generating while the trainer trains,
+    # each rollout sampled with weights at most k updates older than the trainer's, corrected by
+    # vllm.importance_sampling_correction (rollout_ahead.py)
     off_policy_steps: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # retention

@@ -1,8 +1,10 @@
 """Where each step's rollout comes from: prompts drawn, the trainer's weights pushed to the engine, samples.
 
-On-policy (off_policy_steps=0) a step pushes the current weights, then generates. One step off-policy the
-rollout was generated in the background while the previous step trained (rollout_ahead.py), and this step
-starts the next one. Nash-MD and XPO draw the second sample of each pair from the policy/reference mixture.
+On-policy (off_policy_steps=0) a step pushes the current weights, then generates. With off_policy_steps=k the
+engine keeps generating in the background while the trainer trains (rollout_ahead.py): each step takes the
+oldest rollout generated, sampled with weights at most k updates older than the trainer's, and draws the
+prompts of the ones to come. Nash-MD and XPO draw the second sample of each pair from the policy/reference
+mixture.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from online_rl.cpu_clock import CpuUse
 from online_rl.data import tokenize_prompts
 from online_rl.engines import Rollout, eos_token_ids, sample_geometric_mixture
 from online_rl.multiturn import Episodes
-from online_rl.rollout_ahead import RolloutAhead
+from online_rl.rollout_ahead import PendingRollout, RolloutsAhead, first_updates_to_draw
 
 
 @dataclass
@@ -30,8 +32,13 @@ class Generated:
     from_engine: list[bool]  # rows the engine sampled (its log-probs are in the rollout)
     generate_s: float
     sync_s: float
-    on_policy: bool  # sampled with the trainer's current weights: the sync check applies
+    # the trainer's updates minus those of the weights that sampled it (0: on-policy, the sync check applies)
+    staleness: int
     memory: dict[str, float]  # GPU memory after generating (a sleeping engine is asleep again)
+
+    @property
+    def on_policy(self) -> bool:
+        return self.staleness == 0
 
 
 def engine_samples(algorithm) -> int:
@@ -40,11 +47,11 @@ def engine_samples(algorithm) -> int:
 
 
 class RolloutSource:
-    """Each step's prompts and samples, on-policy or one step off-policy (`off_policy`)."""
+    """Each step's prompts and samples, on-policy or up to `off_policy_steps` updates behind the trainer."""
 
     def __init__(
         self, engine, sampler, tokenizer, model, reference, watchdog, algorithm, data_cfg, sampling,
-        *, off_policy: bool, lab_metrics: bool, device: torch.device, autocast_dtype: torch.dtype | None,
+        *, off_policy_steps: int, lab_metrics: bool, device: torch.device, autocast_dtype: torch.dtype | None,
         episodes: Episodes | None = None,
     ):  # fmt: skip
         self.engine, self.sampler, self.tokenizer = engine, sampler, tokenizer
@@ -54,8 +61,13 @@ class RolloutSource:
         self.episodes = episodes  # env != none: each sample a conversation with an environment (multiturn.py)
         self.second_sample_coef = algorithm.second_sample_coef
         self.engine_samples = engine_samples(algorithm)
+        self.updates_per_rollout = algorithm.passes
         # the engine is only ever used by one thread at a time (see rollout_ahead.py)
-        self.ahead = RolloutAhead(engine.engine, device) if off_policy else None
+        self.ahead = (
+            RolloutsAhead(engine.engine, model, device, off_policy_steps, self.engine_samples, sampling)
+            if off_policy_steps
+            else None
+        )
 
     def draw_prompts(self) -> tuple[list[dict], list[list[int]]]:
         """The next batch's rows (this rank's share of the same global batch on every rank) and token ids."""
@@ -66,38 +78,44 @@ class RolloutSource:
         )
 
     def next(self, step: int, max_steps: int) -> Generated:
-        if self.ahead is not None and self.ahead.pending is not None:  # generated while the last step trained
+        """This step's rollout (the trainer has made `step` updates); off-policy, also the prompts of those
+        to come, drawn now so that the generating thread can start on them."""
+        if self.ahead is not None and self.ahead.queued:  # generated while the trainer trained
             self.watchdog.start("generate")
             started = time.perf_counter()
-            pending, rollout, generate_s = self.engine.guarded(self.ahead.take)
-            rows, prompt_ids = pending.rows, pending.prompt_ids
+            pending, sampled = self.engine.guarded(self.ahead.take)
+            rows, prompt_ids, rollout = pending.rows, pending.prompt_ids, sampled.rollout
             rollout.stats["time/wait_generate_s"] = time.perf_counter() - started
-            sync_s, on_policy = 0.0, False  # its weights were pushed (and timed) in the step before
-        else:
+            generate_s, sync_s, sampled_with = sampled.generate_s, sampled.push_s, sampled.weights_version
+        else:  # on-policy; off-policy, the first rollout (nothing in flight yet)
             rows, prompt_ids = self.draw_prompts()
             sync_s = self.push_weights()
             self.watchdog.start("generate")
             started = time.perf_counter()
             with CpuUse() if self.lab_metrics else contextlib.nullcontext() as cpu:
                 rollout, prompt_ids = self.generate(rows, prompt_ids)
-            generate_s, on_policy = time.perf_counter() - started, True
+            generate_s, sampled_with = time.perf_counter() - started, step
             if (
                 cpu is not None
             ):  # this thread's CPU seconds in it, and the host's steal from every CPU meanwhile
                 rollout.stats["time/generate_cpu_s"] = cpu.thread_s
                 if cpu.steal_s is not None:
                     rollout.stats["time/generate_steal_s"] = cpu.steal_s
+            if self.ahead is not None:
+                self.ahead.engine_holds(step)
         memory = gpu_memory_metrics(self.device)
-        if self.ahead is not None and step + 1 < max_steps:  # the next rollout, with the current weights
-            sampler_state = self.sampler.state_dict()
-            next_rows, next_prompt_ids = self.draw_prompts()
-            if not on_policy:  # (an on-policy rollout was just sampled with the current weights)
-                sync_s += self.push_weights()
-            self.ahead.start(next_rows, next_prompt_ids, self.engine_samples, self.sampling, sampler_state)
+        if self.ahead is not None:
+            for first_update in first_updates_to_draw(
+                step, self.ahead.queued, self.ahead.max_staleness, self.updates_per_rollout, max_steps
+            ):
+                sampler_state = self.sampler.state_dict()
+                next_rows, next_prompt_ids = self.draw_prompts()
+                self.ahead.add(PendingRollout(next_rows, next_prompt_ids, sampler_state, first_update))
         from_engine = [True] * len(rollout.completion_ids)
         if self.second_sample_coef is not None:
             rollout, from_engine = self.with_mixture_samples(rollout, prompt_ids)
-        return Generated(rows, prompt_ids, rollout, from_engine, generate_s, sync_s, on_policy, memory)
+        staleness = step - sampled_with
+        return Generated(rows, prompt_ids, rollout, from_engine, generate_s, sync_s, staleness, memory)
 
     def generate(self, rows: list[dict], prompt_ids: list[list[int]]) -> tuple[Rollout, list[list[int]]]:
         """G samples per prompt: single completions, or (env != none) conversations, whose prompts are the
@@ -146,16 +164,21 @@ class RolloutSource:
         return pairs, [i % 2 == 0 for i in range(len(pairs.completion_ids))]
 
     def sampler_state(self) -> dict[str, Any]:
-        """What a checkpoint saves of the prompt order: a rollout in flight has drawn its prompts, and a resume
-        draws them again."""
-        if self.ahead is not None and self.ahead.pending is not None:
-            return self.ahead.pending.sampler_state
-        return self.sampler.state_dict()
+        """What a checkpoint saves of the prompt order: the rollouts drawn ahead have drawn their prompts, and a
+        resume draws them again, from the oldest not trained yet."""
+        drawn_ahead = self.ahead.sampler_state() if self.ahead is not None else None
+        return drawn_ahead if drawn_ahead is not None else self.sampler.state_dict()
+
+    def updating_weights(self, version: int):
+        """Around optimizer.step: off-policy, no push to the engine reads the weights while it writes them;
+        the trainer has made `version` updates after it."""
+        return self.ahead.updating_weights(version) if self.ahead is not None else contextlib.nullcontext()
 
     def wait(self) -> None:
-        """Let a rollout in flight finish, so that the engine is free (for an evaluation)."""
+        """Let a rollout being generated finish and start no other before the next step, so that the engine is
+        free (for an evaluation, or the end of the run)."""
         if self.ahead is not None:
-            self.ahead.wait()
+            self.ahead.pause()
 
     def close(self) -> None:
         if self.ahead is not None:

@@ -72,8 +72,8 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
         while run.step < cfg.max_steps:
             step_started = time.perf_counter()
 
-            # 1-3. Prompts -> token ids -> the trainer's weights pushed -> G completions per prompt (one step
-            #      off-policy: the rollout generated while the last step trained).
+            # 1-3. Prompts -> token ids -> the trainer's weights pushed -> G completions per prompt (off-policy:
+            #      the oldest rollout the engine generated while the trainer trained).
             generated = run.rollouts.next(run.step, cfg.max_steps)
             samples = Samples.from_rollout(  # N = prompts x G rows
                 generated.rows, generated.prompt_ids, generated.rollout, generated.from_engine, run.tokenizer
@@ -219,8 +219,10 @@ def train(run: Run, cfg: DictConfig, started: float) -> RunSummary:
 def optimizer_step(run: Run, totals: dict[str, float], max_grad_norm: float) -> dict:
     """Clip the accumulated gradients, step (unless the loss or the norm is not finite), schedule the LR."""
     grad_norm = distributed.clip_grad_norm(run.trainable, max_grad_norm if max_grad_norm > 0 else math.inf)
-    if run.nonfinite.allows_update(totals["loss"], grad_norm, run.step + 1):  # else the update is dropped
-        run.optimizer.step()
+    # off-policy: the engine's thread pushes the weights between its rollouts, never while they are written
+    with run.rollouts.updating_weights(run.step + 1):
+        if run.nonfinite.allows_update(totals["loss"], grad_norm, run.step + 1):  # else the update is dropped
+            run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1

@@ -50,6 +50,8 @@ def step_metrics(
         "rollout/len_mean": float(lengths.mean()),
         "rollout/len_max": float(lengths.max()),
         "rollout/truncated_frac": 1 - int(samples.finished.sum()) / len(samples),
+        # the trainer's updates minus those of the weights that sampled the rollout (off_policy_steps)
+        "rollout/staleness": float(generated.staleness),
         "train/loss": totals["loss"],
         "train/kl": totals.get("kl", 0.0) / tokens,
         "train/entropy": totals["entropy"] / tokens,

@@ -257,7 +257,7 @@ def build_run(cfg: DictConfig, closing: ExitStack) -> Run:
     )
     rollouts = RolloutSource(
         engine, sampler, tokenizer, model, reference, watchdog, algorithm, cfg.data, cfg.sampling,
-        off_policy=cfg.off_policy_steps == 1, lab_metrics=cfg.logger.lab_metrics,
+        off_policy_steps=cfg.off_policy_steps, lab_metrics=cfg.logger.lab_metrics,
         device=device, autocast_dtype=autocast_dtype, episodes=episodes,
     )  # fmt: skip
     closing.callback(rollouts.close)  # before the engine closes (callbacks run last-in, first-out)
