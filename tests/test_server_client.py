@@ -4,6 +4,7 @@ body, and the IPC push against a dead or hung endpoint. No vLLM server needed (t
 the real one)."""
 
 import base64
+import importlib
 import importlib.util
 import json
 import os
@@ -287,6 +288,9 @@ def test_ipc_update_body_is_what_vllms_route_decodes(ipc_engine_module, monkeypa
     body = ipc_update_body(update)
     json.dumps(body)  # it travels as JSON
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # as make serve TRANSFER=ipc sets it
+    # an engine started earlier in this process made vLLM cache its environment variables: read them afresh
+    # (vLLM's own switch for isolating tests; uncached, every later read just looks the variable up)
+    importlib.import_module("vllm.envs").disable_envs_cache()
     receiver = object.__new__(ipc_engine_module.IPCWeightTransferEngine)  # parsing needs no model or GPU
     parsed = receiver.parse_update_info(dict(body["update_info"]))
     assert parsed.ipc_handles == handle and parsed.packed and parsed.tensor_sizes == [12, 16]
