@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -146,3 +147,104 @@ def test_an_on_policy_step_over_the_threshold_is_not_ok(work, tmp_path):
 
     lines = [step(1, 0.004, 0, 0.1, 9.0), step(2, 0.2, 0, 0.2, 1.0)]
     assert run_summary(lines)["gap_ok"] is False and run_summary([])["steps"] == 0
+
+
+STAND_IN_PYTHON = """\
+#!/usr/bin/env bash
+# `python` for the script on a CPU: the model build, the health probe, the server and train.py stand-ins; the
+# summary runs for real
+case $1 in
+  scripts/build_random_model.py) mkdir -p "${@: -1}" && echo {} > "${@: -1}/config.json" ;;
+  -c) exit 0 ;;  # serve.sh's `import ray`, the script's /health probe
+  -m) echo $$ > "$STAND_IN/server.pid"; exec sleep 600 ;;  # the server: up until stopped
+  train.py)
+    for arg; do case $arg in hydra.run.dir=*) dir=${arg#*=} ;; off_policy_steps=*) k=${arg#*=} ;; esac; done
+    mkdir -p "$dir" && echo "$CUDA_VISIBLE_DEVICES $*" >> "$STAND_IN/trained.txt"
+    for n in 1 2 3; do
+      echo "{\\"step\\": $n, \\"reward/total_mean\\": 0.$n, \\"sync/logp_gap_mean\\": 0.00$n, \\"rollout/staleness\\": $(( n > 1 ? ${k:-0} : 0 )), \\"time/step_s\\": 1.$n, \\"time/sync_s\\": 0.1}" >> "$dir/metrics.jsonl"
+    done ;;
+  *) exec {python} "$@" ;;
+esac
+"""
+
+
+def stand_ins(tmp_path) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(STAND_IN_PYTHON.replace("{python}", sys.executable))
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 1234\n")  # one number per query
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "STAND_IN": str(tmp_path),
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(tmp_path / "work"),
+        "MODEL_DIR": str(tmp_path / "model"),
+        "PORT": "8197",
+    }
+
+
+def test_the_script_runs_its_steps_stops_the_server_and_leaves_its_files(tmp_path):
+    """The script itself with stand-ins for vLLM, the trainer and nvidia-smi: every run against the one server,
+    then colocate; the server stopped at the end; the summary's files in OUT."""
+    env = {**os.environ, **stand_ins(tmp_path)}
+    env.pop("DRY_RUN", None)
+    done = subprocess.run(
+        ["bash", "scripts/gpu_validate_server_ipc.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "logs.txt",
+        "memory.csv",
+        "metrics.jsonl",
+        "summary.json",
+        "summary.md",
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(run["run"], run["status"], run["steps"]) for run in summary["runs"]] == [
+        ("k0", "0", 3),
+        ("k1", "0", 3),
+        ("k2", "0", 3),
+        ("colocate", "0", 3),
+    ]
+    assert [run["staleness"] for run in summary["runs"]] == [[0, 0, 0], [0, 1, 1], [0, 2, 2], [0, 0, 0]]
+    assert summary["server"].startswith("server_up ") and summary["server_alone_mib"] == 1234
+    trained = (tmp_path / "trained.txt").read_text().splitlines()
+    assert len(trained) == 4 and all(line.startswith("0 train.py ") for line in trained)
+    server = int((tmp_path / "server.pid").read_text())
+    for _ in range(100):
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the stand-in server outlived the script")
+    assert "serve: stopping 1 server(s)" in (tmp_path / "work" / "serve.log").read_text()
+
+
+def test_runs_that_cannot_end_before_the_limit_are_skipped_and_still_summarized(tmp_path):
+    env = {**os.environ, **stand_ins(tmp_path), "LIMIT_S": "60", "RUN_S": "100", "RUNS": "k0 colocate"}
+    env.pop("DRY_RUN", None)
+    done = subprocess.run(
+        ["bash", "scripts/gpu_validate_server_ipc.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(run["run"], run["status"]) for run in summary["runs"]] == [
+        ("k0", "skipped"),
+        ("colocate", "skipped"),
+    ]
+    assert not (tmp_path / "trained.txt").exists()
