@@ -101,7 +101,8 @@ start_server() {  # serve.sh in the background until /health answers; 1 if it do
   "${serve[@]}" > "$WORK/serve.log" 2>&1 &
   serve_pid=$!
   pids+=("$serve_pid")
-  for _ in $(seq 1 "$SERVER_START_S"); do
+  local since=$(date +%s)
+  while (( $(date +%s) - since < SERVER_START_S )); do
     if python -c "import urllib.request as u; u.urlopen('$url/health', timeout=2)" 2>/dev/null; then
       echo "server_up $(date +%s) after $(elapsed) s" > "$WORK/server.txt"
       return 0

@@ -234,3 +234,18 @@ with sigterm_exits(), stock_server(Settings(), Path({str(tmp_path)!r}), Path({st
     stop_gently(arm)
     assert arm.returncode not in (0, -9) and time.monotonic() - started < STOP_GRACE_S
     assert gone(server)
+
+
+def test_the_driver_reports_a_server_arm_that_cannot_run_with_its_reason(tmp_path):
+    """python -m bench's arm process (run_arm_process): a server arm on a CPU fails before any server starts,
+    and the row says why."""
+    from bench.__main__ import run_arm_process
+    from bench.processes import MultiProcessService, child_env
+    from bench.settings import SMOKE
+
+    outcome = run_arm_process(
+        "ours_server_k2", SMOKE, tmp_path, 120, child_env(MultiProcessService(False, tmp_path))
+    )
+    assert isinstance(outcome, str) and outcome.startswith("exit 1")
+    assert "ours_server_k2: a stock vLLM server on the trainer's GPU needs a CUDA GPU and vLLM" in outcome
+    assert not (tmp_path / "ours_server_k2-serve.log").exists()
