@@ -155,7 +155,7 @@ STAND_IN_PYTHON = """\
 # summary runs for real
 case $1 in
   scripts/build_random_model.py) mkdir -p "${@: -1}" && echo {} > "${@: -1}/config.json" ;;
-  -c) exit 0 ;;  # serve.sh's `import ray`, the script's /health probe
+  -c) [[ $2 == *urlopen* && -n ${NEVER_HEALTHY:-} ]] && exit 1; exit 0 ;;  # serve.sh's `import ray`, the /health probe
   -m) echo $$ > "$STAND_IN/server.pid"; exec sleep 600 ;;  # the server: up until stopped
   train.py)
     for arg; do case $arg in hydra.run.dir=*) dir=${arg#*=} ;; off_policy_steps=*) k=${arg#*=} ;; esac; done
@@ -166,6 +166,16 @@ case $1 in
   *) exec {python} "$@" ;;
 esac
 """
+
+
+def gone(pid: int) -> bool:
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def stand_ins(tmp_path) -> dict:
@@ -218,15 +228,7 @@ def test_the_script_runs_its_steps_stops_the_server_and_leaves_its_files(tmp_pat
     assert summary["server"].startswith("server_up ") and summary["server_alone_mib"] == 1234
     trained = (tmp_path / "trained.txt").read_text().splitlines()
     assert len(trained) == 4 and all(line.startswith("0 train.py ") for line in trained)
-    server = int((tmp_path / "server.pid").read_text())
-    for _ in range(100):
-        try:
-            os.kill(server, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the stand-in server outlived the script")
+    assert gone(int((tmp_path / "server.pid").read_text())), "the stand-in server outlived the script"
     assert "serve: stopping 1 server(s)" in (tmp_path / "work" / "serve.log").read_text()
 
 
@@ -248,3 +250,26 @@ def test_runs_that_cannot_end_before_the_limit_are_skipped_and_still_summarized(
         ("colocate", "skipped"),
     ]
     assert not (tmp_path / "trained.txt").exists()
+
+
+def test_a_server_that_never_answers_is_stopped_and_colocate_still_runs(tmp_path):
+    env = {**os.environ, **stand_ins(tmp_path), "NEVER_HEALTHY": "1", "SERVER_START_S": "3"}
+    env.pop("DRY_RUN", None)
+    done = subprocess.run(
+        ["bash", "scripts/gpu_validate_server_ipc.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(run["run"], run["status"]) for run in summary["runs"]] == [
+        ("k0", "no server"),
+        ("k1", "no server"),
+        ("k2", "no server"),
+        ("colocate", "0"),
+    ]
+    assert summary["server"].startswith("server_failed")
+    assert gone(int((tmp_path / "server.pid").read_text()))
