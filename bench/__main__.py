@@ -20,6 +20,10 @@ What is measured, per arm, over the steps after the warm-up:
 - completion tokens/s: completion tokens of the step / its seconds;
 - peak GPU memory: the device's used memory over the arm's whole process, polled every 50 ms by nvidia-smi
   from outside it, so vLLM's pool counts for both frameworks;
+- ours_server, ours_server_k1, ours_server_k2 (named with --arms only): our loop against a stock vLLM server
+  on the same GPU (weights over CUDA IPC), on-policy and k = 1, 2 updates behind; each arm starts its server
+  before its run and stops it after (its start is no part of the steps), e.g.
+  `python -m bench --shape 0.5b --arms ours_server_k1,trl_tuned` (bench.server);
 - ours_offpolicy: our loop with off_policy_steps=1 (the next rollout generates while this one trains),
   reported as its own row and compared with TRL's on-policy run, never as our on-policy result;
 - ours only: the phases (generate, reward, train, sync, sleep/wake) from the loop's own metrics, the train
@@ -51,7 +55,7 @@ from pathlib import Path
 
 from bench.arms import prepare, run_arm
 from bench.host import PeakDeviceMemory, cpu_speeds, git_commit, machine, speeds_summary
-from bench.processes import MultiProcessService, child_env, sigterm_exits
+from bench.processes import MultiProcessService, child_env, sigterm_exits, stop_gently
 from bench.report import rewrite, write_results
 from bench.settings import (
     ANCHOR_ARMS,
@@ -139,12 +143,15 @@ def run_arm_process(arm: str, settings: Settings, workdir: Path, timeout_s: floa
     command = [sys.executable, "-m", "bench", "--run-arm", arm, "--settings", json.dumps(asdict(settings))]
     command += ["--workdir", str(workdir)]
     with open(log_path, "w") as log_file, PeakDeviceMemory(settings.device) as memory:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
-            code = subprocess.run(
-                command, stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
-            ).returncode
+            code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             code = f"timed out after {timeout_s:.0f} s"
+            stop_gently(process)
+        except BaseException:  # this command stopped (sigterm_exits, Ctrl-C): the arm with it
+            stop_gently(process)
+            raise
     if code != 0:
         tail = log_path.read_text()[-1500:]
         print(f"bench: {arm} FAILED ({code}); log: {log_path}\n{tail}", flush=True)
@@ -186,7 +193,10 @@ def main() -> None:
     options = parser.parse_args()
 
     if options.run_arm:
-        run_arm(options.run_arm, settings_from_json(json.loads(options.settings)), options.workdir)
+        with (
+            sigterm_exits()
+        ):  # the driver's SIGTERM (the arm's time is up) unwinds it: a server arm stops its server
+            run_arm(options.run_arm, settings_from_json(json.loads(options.settings)), options.workdir)
         return
     if options.report:
         print(rewrite(options.report))

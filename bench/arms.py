@@ -2,6 +2,8 @@
 setup (prepare: one model directory and one prompt file that both frameworks load):
 
 - ours_full, ours_lora, ours_offpolicy: our loop through its config, as a user runs it (run_ours);
+- ours_server, ours_server_k1, ours_server_k2: the same against a stock vLLM server on the trainer's GPU, which
+  the arm starts and stops (run_ours_server, bench.server);
 - trl_full, trl_lora: TRL's GRPOTrainer with vLLM colocate, the anchor's arguments (run_trl);
 - floor, floor_lora: our generation alone plus our training alone, each timed by itself (run_floor).
 """
@@ -26,7 +28,8 @@ from bench.halves import (
     timed_rollout,
     train_step,
 )
-from bench.settings import ARMS, REPO, Settings
+from bench.server import check_server_arm, stock_server
+from bench.settings import ARMS, REPO, SERVER_ARMS, Settings
 from bench.trl_sweep import anchor_candidate, measured_part, run_trl_tuned, train_trl
 
 
@@ -103,9 +106,10 @@ def the_run(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdi
     """What any user's command names to run the bench's step: the model (the real model's config, loading the
     built one), LoRA, the data, the step's sizes and length, TRL's learning rate, no evaluation."""
     lora = ARMS[arm][1]
+    engine = "server" if arm in SERVER_ARMS else "colocate" if settings.use_vllm else "off"
     overrides = [
         "algo=grpo",
-        f"vllm={'colocate' if settings.use_vllm else 'off'}",
+        f"vllm={engine}",
         f"model={settings.user_model}",
         f"model.name_or_path={model_dir}",
     ]
@@ -138,11 +142,26 @@ def the_run(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdi
     ]
 
 
-def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> list[str]:
+def our_overrides(
+    settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path, server_url: str | None = None
+) -> list[str]:
     """Our config for the bench's run: GRPO with TRL's defaults on the shared model and prompts; ours_default*
     as a user types it (the_run alone: hardware=auto, every speed setting our default), the other arms with the
-    bench's speed settings."""
+    bench's speed settings; the server arms with the training ones, against the server at server_url (the
+    engine's settings are the server's: bench.server.serve_env)."""
     overrides = the_run(settings, arm, model_dir, prompts, workdir)
+    if arm in SERVER_ARMS:
+        if server_url is None:
+            raise ValueError(f"{arm} runs against a server: pass its URL")
+        return overrides + [
+            "hardware=1gpu",
+            f"micro_batch_size={settings.our_micro_batch_size}",
+            f"model.compile={settings.compile_model}",
+            f"off_policy_steps={SERVER_ARMS[arm]}",
+            f"vllm.base_urls=[{server_url}]",
+            # the server holds bf16 weights: cast on the trainer's side, half the bytes through the buffers
+            "vllm.transfer_dtype=bfloat16",
+        ]
     if arm.startswith("ours_default"):
         # (the smoke's step of 4 completions: our default micro-batch of 32 does not divide it)
         if settings.prompts_per_step * settings.num_generations % compose_config(overrides).micro_batch_size:
@@ -179,12 +198,15 @@ def our_overrides(settings: Settings, arm: str, model_dir: Path, prompts: Path, 
     return overrides
 
 
-def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+def run_ours(
+    settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path, server_url: str | None = None
+) -> dict:
     """Our loop as a user runs it: `python train.py <overrides>` (with the lab's per-step diagnostics on), its
     steps read back from the run's metrics.jsonl."""
     run_dir = workdir / arm
     shutil.rmtree(run_dir, ignore_errors=True)  # an earlier command's run there: its metrics.jsonl would grow
-    overrides = [*our_overrides(settings, arm, model_dir, prompts, workdir), "logger.lab_metrics=true"]
+    overrides = our_overrides(settings, arm, model_dir, prompts, workdir, server_url)
+    overrides.append("logger.lab_metrics=true")
     overrides.append(f"hydra.run.dir={run_dir}")
     log_path = workdir / f"{arm}-train.log"
     with log_path.open("w") as log:
@@ -219,6 +241,7 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         "generate_steal_s": [m.get("time/generate_steal_s") for m in steps],
         "reward_mean": [m["reward/total_mean"] for m in history],
         "logp_gap_mean": [m.get("sync/logp_gap_mean") for m in steps],
+        "staleness": [m.get("rollout/staleness") for m in steps],  # updates behind the trainer (off-policy)
         # torch's peaks in the trainer's process, read after each rollout (so up to the last step's training)
         **{
             f"peak_{kind}_gib": max(
@@ -237,6 +260,16 @@ def run_ours(settings: Settings, arm: str, model_dir: Path, prompts: Path, workd
         },
         "arm_command": shlex.join(["python", "train.py", *overrides]),
     }
+
+
+def run_ours_server(
+    settings: Settings, arm: str, model_dir: Path, prompts: Path, workdir: Path, python: str = sys.executable
+) -> dict:
+    """run_ours against a stock vLLM server that this arm starts on its GPU first (bench.server) and stops
+    after, whatever happened; `python` runs the server (serve.sh's PYTHON)."""
+    check_server_arm(settings, arm)
+    with stock_server(settings, model_dir, workdir / f"{arm}-serve.log", python) as url:
+        return run_ours(settings, arm, model_dir, prompts, workdir, server_url=url)
 
 
 def phase_breakdown(steps: list[dict]) -> dict[str, float]:
@@ -318,6 +351,10 @@ def run_arm(arm: str, settings: Settings, workdir: Path) -> None:
     in <workdir>/<arm>.json."""
     framework = ARMS[arm][0]
     model_dir, prompts = workdir / "model", workdir / "prompts.jsonl"
-    runner = {"ours": run_ours, "floor": run_floor, "trl": run_trl}[framework]
+    runner = (
+        run_ours_server
+        if arm in SERVER_ARMS
+        else {"ours": run_ours, "floor": run_floor, "trl": run_trl}[framework]
+    )
     result = runner(settings, arm, model_dir, prompts, workdir)
     (workdir / f"{arm}.json").write_text(json.dumps(result, indent=1))

@@ -100,3 +100,15 @@ def child_env(mps: MultiProcessService) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]),
         **mps.env,
     }
+
+
+def stop_gently(process: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL after grace_s: an arm given SIGTERM unwinds (sigterm_exits) and stops what it
+    started (a server arm's vLLM server, which a SIGKILL of the arm alone would leave running)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

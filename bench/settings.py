@@ -80,6 +80,9 @@ class Settings:
         2  # each candidate's steps after the anchor (which runs warmup + measured steps)
     )
     sweep_measured_steps: int = 2
+    # ours_server*: how long the arm waits for its server's /health before it fails (a fresh machine's first
+    # vLLM start took 141-151 s on the H200: compile and CUDA graphs; a warm one's ~55 s)
+    server_start_s: float = 300.0
 
     @property
     def steps(self) -> int:
@@ -149,7 +152,7 @@ SHAPES = {
     ),
 }
 
-# arm -> (framework, LoRA, one step off-policy); floor: our generation alone and our training alone
+# arm -> (framework, LoRA, off-policy); floor: our generation alone and our training alone
 ARMS = {
     "trl_full": ("trl", False, False),
     "ours_full": ("ours", False, False),
@@ -164,7 +167,14 @@ ARMS = {
     "trl_tuned": ("trl", False, False),
     "ours_default_lora": ("ours", True, False),
     "trl_tuned_lora": ("trl", True, False),
+    # issue 28: our loop against a stock vLLM server on the trainer's GPU, weights over CUDA IPC (bench.server),
+    # on-policy and k = 1, 2 updates behind (the off-policy ones compared with trl_full, as ours_offpolicy)
+    "ours_server": ("ours", False, False),
+    "ours_server_k1": ("ours", False, True),
+    "ours_server_k2": ("ours", False, True),
 }
+# the server arms -> their off_policy_steps
+SERVER_ARMS = {"ours_server": 0, "ours_server_k1": 1, "ours_server_k2": 2}
 # what a command runs without --arms: the anchor's arms, or a shape's (their ratios need them in one command)
 ANCHOR_ARMS = ("trl_full", "ours_full", "floor", "ours_offpolicy", "trl_lora", "ours_lora", "floor_lora")
 SHAPE_ARMS = {False: ("ours_default", "trl_tuned"), True: ("ours_default_lora", "trl_tuned_lora")}

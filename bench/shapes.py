@@ -4,7 +4,8 @@
 ratios).
 
 The arms as the file names them: ours_default (train.py as a user types it), ours_tuned (the bench's speed
-settings), ours_off_policy, trl_anchor (TRL with the notebook's settings), trl_tuned (TRL's fastest candidate).
+settings), ours_off_policy, ours_server, ours_server_k1, ours_server_k2 (against a stock vLLM server on the same
+GPU, on-policy and k updates behind: bench.server), trl_anchor (TRL with the notebook's settings), trl_tuned (TRL's fastest candidate).
 Ratios are TRL's median step over ours, measured in one command where both ran in one; else (a shape whose arms
 do not fit one command, joined by --append) against TRL's latest command, `ratio_same_command` saying which.
 """
@@ -34,6 +35,9 @@ SHAPE_ARMS = {
     "trl_lora": "trl_anchor",
     "trl_tuned": "trl_tuned",
     "trl_tuned_lora": "trl_tuned",
+    "ours_server": "ours_server",
+    "ours_server_k1": "ours_server_k1",
+    "ours_server_k2": "ours_server_k2",
 }
 
 
@@ -121,6 +125,9 @@ def entry(row: dict, shape: str, arm: str, context: dict) -> dict:
         "train_s": phases.get("train", row.get("train_s")),
         "sync_s": phases.get("sync", row.get("sync_s")),
         "sleep_wake_s": phases.get("sleep_wake", row.get("sleep_wake_s")),
+        # off-policy arms: how many updates behind the trainer each measured step's rollout was
+        "staleness": row.get("staleness_steps"),
+        "logp_gap_mean": row.get("logp_gap_steps"),
     }
 
 
@@ -175,7 +182,16 @@ def shape_entries(rows: list[dict], shape: str, context: dict) -> list[dict]:
             twin = (same or sorted(twins, key=lambda e: e["measured_in_command"] or 0)[-1:] or [None])[0]
             ours[f"ratio_vs_{trl}"] = ratio(twin["median_step_s"], ours["median_step_s"]) if twin else None
             ours["ratio_same_command"][trl] = bool(same) if twin else None
-    order = ["ours_default", "ours_tuned", "ours_off_policy", "trl_anchor", "trl_tuned"]
+    order = [
+        "ours_default",
+        "ours_tuned",
+        "ours_off_policy",
+        "ours_server",
+        "ours_server_k1",
+        "ours_server_k2",
+        "trl_anchor",
+        "trl_tuned",
+    ]
     return sorted(one_per_arm(entries), key=lambda e: order.index(e["arm"]))
 
 

@@ -69,6 +69,8 @@ def summarize(
         "vllm_gib": raw.get("vllm_gib")
         or vllm_awake_gib(raw.get("device_used_awake_gib"), raw.get("device_used_asleep_gib")),
         "arm_command": raw.get("arm_command"),
+        "staleness_steps": raw.get("staleness"),  # ours: updates behind the trainer, per measured step
+        "logp_gap_steps": raw.get("logp_gap_mean"),  # ours: the engine's log-probs against the trainer's
     }
     if ARMS[arm][0] == "trl" and "generate_s" in raw:
         flops = train_flops(settings, flops_per_token) if settings.device == "cuda" else 0.0
