@@ -172,3 +172,15 @@ def trainer_gap(model, tokenizer, prompt_ids, rollout, temperature, model_tokens
         logp, _ = completion_logprobs(model, batch, temperature)
     total, peak, _ = logp_gap(logp, batch.sampler_logp, batch.completion_mask)
     return float(total) / float(batch.completion_mask.sum()), float(peak)
+
+
+def gone(pid: int, wait_s: float = 5.0) -> bool:
+    """Whether process `pid` has ended (within `wait_s`)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False

@@ -18,6 +18,8 @@ from bench.arms import compose_config, our_overrides, run_ours_server
 from bench.server import STOP_GRACE_S, serve_env, stock_server
 from bench.settings import SERVER_ARMS, Settings, shape_settings
 
+from .conftest import gone
+
 REPO = Path(__file__).resolve().parents[1]
 URL = "http://127.0.0.1:8123"
 
@@ -119,16 +121,6 @@ def fake_vllm(tmp_path: Path) -> str:
     path.write_text(textwrap.dedent(FAKE_VLLM.format(python=sys.executable)))
     path.chmod(0o755)
     return str(path)
-
-
-def gone(pid: int) -> bool:
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def listening(url: str) -> bool:

@@ -6,11 +6,10 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 
 import pytest
 
-from .conftest import ROOT, compose_config
+from .conftest import ROOT, compose_config, gone
 
 
 def plan(**settings) -> subprocess.CompletedProcess:
@@ -168,16 +167,6 @@ esac
 """
 
 
-def gone(pid: int) -> bool:
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def stand_ins(tmp_path) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -195,10 +184,8 @@ def stand_ins(tmp_path) -> dict:
     }
 
 
-def test_the_script_runs_its_steps_stops_the_server_and_leaves_its_files(tmp_path):
-    """The script itself with stand-ins for vLLM, the trainer and nvidia-smi: every run against the one server,
-    then colocate; the server stopped at the end; the summary's files in OUT."""
-    env = {**os.environ, **stand_ins(tmp_path)}
+def run_script(env: dict[str, str]) -> None:
+    """The validation script for real (not a dry run), with the stand-ins of `env`; it must exit 0."""
     env.pop("DRY_RUN", None)
     done = subprocess.run(
         ["bash", "scripts/gpu_validate_server_ipc.sh"],
@@ -209,6 +196,13 @@ def test_the_script_runs_its_steps_stops_the_server_and_leaves_its_files(tmp_pat
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_script_runs_its_steps_stops_the_server_and_leaves_its_files(tmp_path):
+    """The script itself with stand-ins for vLLM, the trainer and nvidia-smi: every run against the one server,
+    then colocate; the server stopped at the end; the summary's files in OUT."""
+    env = {**os.environ, **stand_ins(tmp_path)}
+    run_script(env)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
         "logs.txt",
@@ -234,16 +228,7 @@ def test_the_script_runs_its_steps_stops_the_server_and_leaves_its_files(tmp_pat
 
 def test_runs_that_cannot_end_before_the_limit_are_skipped_and_still_summarized(tmp_path):
     env = {**os.environ, **stand_ins(tmp_path), "LIMIT_S": "60", "RUN_S": "100", "RUNS": "k0 colocate"}
-    env.pop("DRY_RUN", None)
-    done = subprocess.run(
-        ["bash", "scripts/gpu_validate_server_ipc.sh"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_script(env)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [(run["run"], run["status"]) for run in summary["runs"]] == [
         ("k0", "skipped"),
@@ -254,16 +239,7 @@ def test_runs_that_cannot_end_before_the_limit_are_skipped_and_still_summarized(
 
 def test_a_server_that_never_answers_is_stopped_and_colocate_still_runs(tmp_path):
     env = {**os.environ, **stand_ins(tmp_path), "NEVER_HEALTHY": "1", "SERVER_START_S": "3"}
-    env.pop("DRY_RUN", None)
-    done = subprocess.run(
-        ["bash", "scripts/gpu_validate_server_ipc.sh"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_script(env)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [(run["run"], run["status"]) for run in summary["runs"]] == [
         ("k0", "no server"),
