@@ -77,7 +77,10 @@ def test_the_readme_own_data_command_composes():
         ("algo.loss_type=ppo", "Invalid value 'ppo'"),
         ("max_stepz=3", "Key 'max_stepz' not in 'TrainConfig'"),
         ("model.lora.r=eight", "could not be converted to Integer"),
-        ("rewards.digits.wieght=2", "Key 'wieght' not in 'RewardConfig'"),
+        (
+            "rewards.digits.wieght=2",
+            "Key 'wieght' is not in struct.*\n.*\\+rewards.digits.wieght|Could not override",
+        ),
         ("optim.lr_scheduler=exponential", "Invalid value 'exponential'"),
         ("eval.holdout_size=all", "could not be converted to Integer"),
     ],
@@ -91,6 +94,32 @@ def test_bad_override_names_the_key(override, message):
         chain.append(str(error))
         error = error.__cause__
     assert any(re.search(message, text) for text in chain), chain
+
+
+def test_a_reward_added_on_the_command_line_trains_and_a_misspelt_one_is_named(make_config):
+    """+rewards.<name>.fn=... adds a reward (OmegaConf cannot type an entry an override builds, so the
+    entries are read over RewardConfig's defaults when the run starts); a key RewardConfig lacks, or no fn,
+    is refused by check_config, before anything loads, naming the reward and the keys it takes."""
+    from online_rl.checks import check_config
+    from online_rl.loop import run
+
+    added = ["+rewards.mine.fn=online_rl.rewards.digits.digit_fraction", "+rewards.mine.weight=0.5"]
+    history = run(make_config("max_steps=1", "data.synthetic_rows=64", "prompts_per_step=4", *added)).history
+    assert history[0]["reward/mine_mean"] == history[0]["reward/digits_mean"]  # the same function, scored
+    for override, message in [
+        (
+            "+rewards.mine.wieght=0.5",
+            r"rewards.mine: Key 'wieght' not in 'RewardConfig'; a reward takes fn, weight",
+        ),
+        ("+rewards.mine.weight=0.5", r"rewards.mine: Missing mandatory value: fn"),
+        (
+            "rewards.digits.weight=heavy",
+            r"rewards.digits: Value 'heavy' of type 'str' could not be converted",
+        ),
+    ]:
+        cfg = make_config(*(added[:1] if "wieght" in override else []), override)
+        with pytest.raises(ValueError, match=message):
+            check_config(cfg)
 
 
 def test_unknown_option_lists_the_available_ones():

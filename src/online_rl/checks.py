@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from online_rl.algorithms import POLICY_GRADIENT, PREFERENCE
 from online_rl.models import DTYPES, check_model_available
+from online_rl.rewarding import reward_spec
 from online_rl.tracking import PACKAGES, import_tracker_package
 
 FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders of local files
@@ -71,6 +72,8 @@ def check_sizes(cfg: DictConfig) -> None:
         if not 0 <= optim[key] < 1:
             raise ValueError(f"optim.{key}={optim[key]} must be in [0, 1), e.g. optim.{key}=0.9")
     check_kv_cache_setting(cfg.vllm.get("kv_cache_memory_gib"))
+    for name, entry in cfg.rewards.items():  # (the functions are imported later, with the data's columns)
+        reward_spec(name, entry)
     if cfg.model.compile not in ("auto", True, False):
         raise ValueError(
             f"model.compile={cfg.model.compile!r}: use auto (compile on one CUDA GPU), true or false"

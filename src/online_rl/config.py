@@ -350,7 +350,10 @@ class TrainConfig:
         MISSING  # one of the vllm group's schemas (EngineConfig, VLLMColocateConfig, VLLMServerConfig)
     )
     model: ModelConfig = MISSING
-    rewards: dict[str, RewardConfig] = field(default_factory=dict)
+    # name -> a RewardConfig, read over its defaults when the run starts (rewarding.reward_spec: a misspelt key
+    # is an error naming it). Untyped here so that the command line can add one, `+rewards.mine.fn=pkg.fn`:
+    # OmegaConf cannot build a typed entry from an override.
+    rewards: dict[str, Any] = field(default_factory=dict)
     env: EnvConfig = MISSING
     hardware: HardwareConfig = MISSING
     data: DataConfig = MISSING

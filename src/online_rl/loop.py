@@ -29,7 +29,12 @@ from online_rl.checks import check_config
 from online_rl.config import register_configs
 from online_rl.export import export_final_model
 from online_rl.reporting import RunSummary, console_line, report, sample_rows, step_metrics
-from online_rl.rewarding import reward_error_metrics, score_completions, total_reward
+from online_rl.rewarding import (
+    complete_reward_specs,
+    reward_error_metrics,
+    score_completions,
+    total_reward,
+)
 from online_rl.rollout import Samples
 from online_rl.setup import Run, build_eval_only, build_run
 from online_rl.tracking import append_metrics
@@ -49,6 +54,7 @@ def run(cfg: DictConfig) -> RunSummary:
     """Train as `cfg` says (or only evaluate, with eval_only=true). However the run ends (done, interrupted,
     failed), the signal handlers and the watchdog are undone and the engine and tracker closed."""
     check_config(cfg)  # every cross-field rule, before anything loads
+    complete_reward_specs(cfg)  # rewards.<name> with RewardConfig's defaults, as the run records them
     started = time.perf_counter()
     with ExitStack() as closing:
         if cfg.eval_only:  # score a model on eval.split and stop: no optimizer, no training

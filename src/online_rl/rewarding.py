@@ -73,7 +73,8 @@ def load_reward_functions(
         raise ValueError("no reward functions configured: pick some, e.g. rewards=[format,math_accuracy]")
     available = None if dataset_columns is None else call_keywords(dataset_columns)
     loaded = []
-    for name, spec in rewards_cfg.items():
+    for name, entry in rewards_cfg.items():
+        spec = reward_spec(name, entry)
         fn = import_function(spec.fn, name)
         if spec.kwargs:
             fn = functools.partial(fn, **spec.kwargs)
@@ -83,6 +84,37 @@ def load_reward_functions(
         as_messages = getattr(spec, "completions", "text") == "messages"
         loaded.append(RewardFunction(name, fn, float(spec.weight), on_error, 0, accepted, as_messages))
     return loaded
+
+
+def reward_spec(name: str, entry: Any) -> Any:
+    """rewards.<name> over RewardConfig's defaults (weight 1, no kwargs, text completions). A key RewardConfig
+    lacks, a value of the wrong type or no `fn`: an error naming rewards.<name> and what it takes."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from online_rl.config import RewardConfig
+
+    fields = ", ".join(RewardConfig.__dataclass_fields__)
+    try:
+        # resolved where it stands, so that an interpolation (overlong's ${sampling.max_completion_length}) reads
+        # the run's config
+        given = OmegaConf.to_container(entry, resolve=True) if OmegaConf.is_config(entry) else entry
+        spec = OmegaConf.merge(OmegaConf.structured(RewardConfig), given or {})
+        spec.fn  # noqa: B018 (MISSING until set: reading it raises)
+    except OmegaConfBaseException as error:
+        message = str(error).splitlines()[0]
+        raise ValueError(
+            f"rewards.{name}: {message}; a reward takes {fields}, "
+            f"e.g. +rewards.{name}.fn=online_rl.rewards.digits.digit_fraction"
+        ) from None
+    return spec
+
+
+def complete_reward_specs(cfg: Any) -> None:
+    """Each of cfg.rewards over RewardConfig's defaults, in place: what the run records (config_resolved.yaml,
+    the tracker, the model card) is what it uses."""
+    for name in list(cfg.rewards):
+        cfg.rewards[name] = reward_spec(name, cfg.rewards[name])
 
 
 def call_keywords(dataset_columns: Iterable[str]) -> set[str]:
