@@ -32,6 +32,12 @@ AT_LEAST_ONE = {
 def check_config(cfg: DictConfig) -> None:
     """All of the checks below; the run calls this first."""
     check_sizes(cfg)
+    check_kv_cache_setting(cfg.vllm.get("kv_cache_memory_gib"))
+    for (
+        name,
+        entry,
+    ) in cfg.rewards.items():  # each over RewardConfig (imported later, with the data's columns)
+        reward_spec(name, entry)
     check_algorithm(cfg)
     check_env(cfg)
     check_model_and_sampling(cfg)
@@ -71,13 +77,6 @@ def check_sizes(cfg: DictConfig) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= optim[key] < 1:
             raise ValueError(f"optim.{key}={optim[key]} must be in [0, 1), e.g. optim.{key}=0.9")
-    check_kv_cache_setting(cfg.vllm.get("kv_cache_memory_gib"))
-    for name, entry in cfg.rewards.items():  # (the functions are imported later, with the data's columns)
-        reward_spec(name, entry)
-    if cfg.model.compile not in ("auto", True, False):
-        raise ValueError(
-            f"model.compile={cfg.model.compile!r}: use auto (compile on one CUDA GPU), true or false"
-        )
 
 
 def check_kv_cache_setting(value: Any) -> None:
@@ -176,7 +175,11 @@ def check_env(cfg: DictConfig) -> None:
 
 
 def check_model_and_sampling(cfg: DictConfig) -> None:
-    """sampling.temperature, LoRA's base dtype, and a CUDA device that exists."""
+    """model.compile, sampling.temperature, LoRA's base dtype, and a CUDA device that exists."""
+    if cfg.model.compile not in ("auto", True, False):
+        raise ValueError(
+            f"model.compile={cfg.model.compile!r}: use auto (compile on one CUDA GPU), true or false"
+        )
     if cfg.sampling.temperature <= 0:
         raise ValueError(
             "sampling.temperature must be > 0: RL needs samples, and log-probs are taken at this temperature"

@@ -104,7 +104,9 @@ class Run:
     first_step: int = 1  # this process's first step (a resumed run: the one after its checkpoint)
     keep_last: int | None = None  # checkpoint.keep_last: checkpoints kept (null: all)
     resumed_from: Path | None = None  # the checkpoint this run started from: never deleted
-    micro_batch_rows: int = 32  # micro_batch_size; halved whenever a step's passes run out of GPU memory
+    micro_batch_rows: int = (
+        0  # build_run: micro_batch_size; halved whenever a step's passes run out of GPU memory
+    )
 
     def checkpoint(self) -> Path:
         """Save the run at its current step (output_dir/checkpoints/step_NNNNNN, written atomically), then
